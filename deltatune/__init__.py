@@ -1,0 +1,8 @@
+"""deltatune: parameter-efficient fine-tuning with peft-compatible names and adapter files."""
+from deltatune import models  # noqa: F401
+from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
+from deltatune.peft_model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType", "get_peft_model", "models"]

@@ -1,0 +1,1 @@
+"""On-disk formats: atomic file IO, peft's adapter layout, merges on weights."""

@@ -1,0 +1,92 @@
+"""Atomic file writes and checked safetensors reads.
+
+Every file deltatune writes goes through here: the bytes land in a temporary file in the target
+directory, are flushed to disk, and only then renamed over the destination, so a crash leaves
+either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    The caller writes the whole file to the yielded path. If the body raises, the temporary
+    file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` as a safetensors file at ``path`` atomically.
+
+    Tensors are made contiguous and detached first; shared storage is copied so safetensors
+    accepts tied weights.
+    """
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
+            for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata or {"format": "pt"})
+
+
+def _shares_storage(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return sum(1 for v in tensors.values() if v.untyped_storage().data_ptr() == ptr) > 1
+
+
+class CheckpointError(ValueError):
+    """A file on disk is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file fully into CPU memory.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a safetensors file; the message
+            names the file.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises several types for corrupt headers/data
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); "
+                              "it may be truncated or corrupt") from exc

@@ -1,0 +1,267 @@
+"""Adapter configurations, validated on construction, serialised in peft's JSON schema.
+
+Each method's config is a small dataclass. ``to_dict()`` writes every field peft writes to
+``adapter_config.json`` (so peft and serving engines read our files) and ``from_dict()`` reads
+peft's files, refusing fields whose values we cannot honour instead of silently ignoring them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+
+class TaskType(str, enum.Enum):
+    """The kind of head the base model has; same names and values as peft's ``TaskType``."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """Method identifiers as written in ``adapter_config.json`` under ``peft_type``."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    BOTTLENECK = "DELTATUNE_BOTTLENECK"
+
+
+# Task types whose classification head is new and must be trained and saved with the adapter.
+# peft adds these names to ``modules_to_save`` for the same task types.
+TASK_HEADS: dict[str, list[str]] = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+class ConfigError(ValueError):
+    """A configuration field has an invalid value; the message names the field."""
+
+
+@dataclass
+class PeftConfig:
+    """Fields common to every method.
+
+    Attributes:
+        task_type: what the base model does (``TaskType`` or its string), optional.
+        inference_mode: if True, nothing is trainable after wrapping.
+        base_model_name_or_path: where the base came from; written to the file so tools can
+            find the base (deltatune fills it from ``model.config._name_or_path`` when unset).
+        revision: base model revision, for peft compatibility.
+    """
+
+    peft_type: ClassVar[PeftType]
+    # Extra keys peft writes for this method, with the values meaning "feature not used".
+    # They are written so peft sees a complete file, and accepted on read only at these values.
+    peft_extra_defaults: ClassVar[dict[str, Any]] = {}
+
+    task_type: Optional[Union[str, TaskType]] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
+            raise ConfigError(f"task_type={self.task_type!r} is not one of "
+                              f"{sorted(TaskType._value2member_map_)}")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, in peft's schema (all keys peft writes)."""
+        out = dict(self.peft_extra_defaults)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+            out[f.name] = value
+        out["peft_type"] = self.peft_type.value
+        out.setdefault("auto_mapping", None)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "PeftConfig":
+        """Build a config from peft's JSON dict.
+
+        Keys peft writes for features deltatune does not implement are accepted only while they
+        hold their "unused" value; anything else is an error naming the key and ``source``.
+        """
+        data = dict(data)
+        found = data.pop("peft_type", cls.peft_type.value)
+        if found != cls.peft_type.value:
+            raise ConfigError(f"{source}: peft_type is {found!r}, expected {cls.peft_type.value!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in ("auto_mapping", "peft_version"):
+                continue
+            elif _is_unused(value, cls.peft_extra_defaults.get(key, _MISSING)):
+                continue
+            else:
+                raise ConfigError(f"{source}: field {key!r}={value!r} is not supported by deltatune "
+                                  f"for {cls.peft_type.value}")
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``directory`` atomically."""
+        from deltatune.checkpoint.io import atomic_write_json
+
+        atomic_write_json(os.path.join(directory, "adapter_config.json"), self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
+        """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names."""
+        return load_config(directory)
+
+
+_MISSING = object()
+
+
+def _is_unused(value: Any, default: Any) -> bool:
+    if default is not _MISSING and value == default:
+        return True
+    return value in (None, False, {}, [], "")
+
+
+def _validate_pattern_dict(name: str, value: Any, kind: type) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict of module-name pattern -> {kind.__name__}, got {value!r}")
+    for key, v in value.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{name}[{key!r}]={v!r} must be a positive number")
+        if kind is int and int(v) != v:
+            raise ConfigError(f"{name}[{key!r}]={v!r} must be an integer")
+    return value
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al. 2021): ``W' = W + (lora_alpha / r) * B @ A`` on the targeted layers.
+
+    Attributes:
+        r: rank of the update (> 0).
+        lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r``, or by
+            ``lora_alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievic 2023, rsLoRA).
+        lora_dropout: dropout on the adapter's input, in [0, 1).
+        target_modules: list of module-name suffixes, a regex matched against the full module
+            name, or ``"all-linear"`` (every Linear/Conv1D except the output head).
+        exclude_modules: same forms as ``target_modules``; matches are never wrapped.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+        bias: ``"none"``, ``"all"`` (every bias in the model trains) or ``"lora_only"`` (biases of
+            wrapped layers train).
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
+            ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
+            ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
+            base weight keeps the residual).
+        rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the
+            end of the module name.
+        layers_to_transform / layers_pattern: restrict to these layer indices (list-form targets).
+        fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
+            Conv1D by type; the field is kept for file compatibility.
+        use_dora: weight-decomposed LoRA (DoRA); requires the DoRA method to be registered.
+    """
+
+    peft_type: ClassVar[PeftType] = PeftType.LORA
+    peft_extra_defaults: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
+        "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
+        "layer_replication": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
+        "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
+        "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
+        "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    }
+
+    r: int = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r} must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa")
+                or (isinstance(init, str) and init.startswith("pissa_niter_")
+                    and init[len("pissa_niter_"):].isdigit())):
+            raise ConfigError(f"init_lora_weights={init!r} must be True, False, 'gaussian', "
+                              "'pissa' or 'pissa_niter_N'")
+        self.target_modules = _normalise_targets("target_modules", self.target_modules)
+        self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ConfigError("layers_to_transform only works with a list of target_modules, "
+                              "not a regex string")
+        _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
+        _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+
+
+def _normalise_targets(name: str, value):
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a list of module names or a regex string, got {value!r}")
+    if not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f"{name} must contain non-empty strings, got {items!r}")
+    return items
+
+
+def load_config(directory: str | os.PathLike) -> PeftConfig:
+    """Read ``adapter_config.json`` from ``directory`` and build the config its ``peft_type`` names.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in ``directory``.
+        ConfigError: unreadable JSON, unknown ``peft_type``, or an unsupported field (the message
+            names the file and the key).
+    """
+    from deltatune.registry import config_class_for
+
+    path = os.path.join(os.fspath(directory), "adapter_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
+    return config_class_for(data["peft_type"], source=path).from_dict(data, source=path)

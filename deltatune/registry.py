@@ -1,0 +1,172 @@
+"""Small lookup tables: method name -> config class and layer classes; module type -> weight access.
+
+Methods register themselves when their module is imported (``deltatune.methods`` imports them
+all), so adding a method never means editing a dispatch chain elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from deltatune.config import ConfigError
+
+
+@dataclass
+class Method:
+    """One adapter method.
+
+    Attributes:
+        peft_type: the ``peft_type`` string in ``adapter_config.json``.
+        config_cls: its config dataclass.
+        layers: base module type -> adapter layer class wrapping it.
+    """
+
+    peft_type: str
+    config_cls: type
+    layers: dict[type, type] = field(default_factory=dict)
+
+    def layer_class_for(self, module: nn.Module) -> type | None:
+        """The adapter layer class for ``module``'s type (most specific registered base type)."""
+        for klass in type(module).__mro__:
+            if klass in self.layers:
+                return self.layers[klass]
+        return None
+
+
+_METHODS: dict[str, Method] = {}
+# CLI/method name -> (peft_type, fixed config overrides), e.g. "dora" -> ("LORA", {"use_dora": True}).
+_ALIASES: dict[str, tuple[str, dict]] = {}
+
+
+def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...] = (),
+                    overrides: dict | None = None) -> Method:
+    """Register (or fetch) a method; ``cli_names`` are the names ``--method`` accepts."""
+    method = _METHODS.setdefault(peft_type, Method(peft_type, config_cls))
+    for name in cli_names:
+        _ALIASES[name] = (peft_type, dict(overrides or {}))
+    return method
+
+
+def register_layer(peft_type: str, base_type: type, layer_cls: type) -> None:
+    """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type``."""
+    _METHODS[peft_type].layers[base_type] = layer_cls
+
+
+def method_for(peft_type: str) -> Method:
+    """The registered method for ``peft_type``; ConfigError naming it if unknown."""
+    import deltatune.methods  # noqa: F401  (registers the built-in methods)
+
+    if peft_type not in _METHODS:
+        raise ConfigError(f"peft_type {peft_type!r} is not supported; known: {sorted(_METHODS)}")
+    return _METHODS[peft_type]
+
+
+def config_class_for(peft_type: str, source: str = "config") -> type:
+    """The config class for ``peft_type`` (as read from ``source``)."""
+    try:
+        return method_for(peft_type).config_cls
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def method_names() -> list[str]:
+    """Names accepted by ``--method`` (e.g. ``lora``, ``dora``)."""
+    import deltatune.methods  # noqa: F401
+
+    return sorted(_ALIASES)
+
+
+def make_config(method: str, **kwargs):
+    """Build a config from a method name as given on the command line, e.g. ``make_config("dora", r=8)``."""
+    import deltatune.methods  # noqa: F401
+
+    if method not in _ALIASES:
+        raise ConfigError(f"method={method!r} is not one of {method_names()}")
+    peft_type, overrides = _ALIASES[method]
+    return _METHODS[peft_type].config_cls(**{**kwargs, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight access: adapter layers read and write a base layer's dense weight through these, so a
+# quantized base (or a transposed Conv1D) needs one registration here, not code in every method.
+
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class WeightAccess:
+    get: Callable[[nn.Module], torch.Tensor]           # dense float weight, Linear layout (out, in, ...)
+    set: Callable[[nn.Module, torch.Tensor], None]     # write it back (may round, e.g. 4-bit)
+    features: Callable[[nn.Module], tuple[int, int]]   # (in_features, out_features)
+
+
+_WEIGHTS: dict[type, WeightAccess] = {}
+LINEAR_TYPES: set[type] = set()
+
+
+def register_weight_access(module_type: type, get, set, features=None, linear: bool = False) -> None:
+    """Teach deltatune how to read/write ``module_type``'s weight.
+
+    Args:
+        get: ``module -> Tensor`` dense weight in ``nn.Linear`` layout (out, in) (conv: (out, in, kh, kw)).
+        set: ``(module, Tensor) -> None`` store a new dense weight.
+        features: ``module -> (in_features, out_features)``; defaults to those attributes.
+        linear: count the type as a linear layer (``"all-linear"`` targets it; LoRA wraps it).
+    """
+    _WEIGHTS[module_type] = WeightAccess(get, set, features or (lambda m: (m.in_features, m.out_features)))
+    if linear:
+        LINEAR_TYPES.add(module_type)
+
+
+def _access(module: nn.Module) -> WeightAccess:
+    for klass in type(module).__mro__:
+        if klass in _WEIGHTS:
+            return _WEIGHTS[klass]
+    raise TypeError(f"no weight access registered for {type(module).__name__}")
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """Dense weight of ``module`` in Linear layout (see ``register_weight_access``)."""
+    return _access(module).get(module)
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Store ``weight`` (Linear layout) into ``module``."""
+    _access(module).set(module, weight)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module."""
+    return _access(module).features(module)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for nn.Linear, transformers' Conv1D and registered linear-like types (e.g. 4-bit)."""
+    return any(isinstance(module, t) for t in LINEAR_TYPES)
+
+
+def _set_param(module: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def _register_builtin() -> None:
+    register_weight_access(nn.Linear, lambda m: m.weight, _set_param, linear=True)
+    conv1d = _conv1d_type()
+    register_weight_access(
+        conv1d, lambda m: m.weight.T,
+        lambda m, w: _set_param(m, w.T),
+        features=lambda m: (m.weight.shape[0], m.weight.shape[1]), linear=True)
+    register_weight_access(nn.Embedding, lambda m: m.weight, _set_param,
+                           features=lambda m: (m.num_embeddings, m.embedding_dim))
+    register_weight_access(nn.Conv2d, lambda m: m.weight, _set_param,
+                           features=lambda m: (m.in_channels, m.out_channels))
+
+
+_register_builtin()

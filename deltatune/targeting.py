@@ -1,0 +1,170 @@
+"""Which modules a config selects: names in, names out.
+
+The matching rules are peft's, so a config written for peft selects the same modules here:
+- a list of names matches a module whose full name equals an entry or ends with ``"." + entry``;
+- a string is a regex that must match the full module name (``re.fullmatch``);
+- ``"all-linear"`` selects every linear layer except the model's output head;
+- ``exclude_modules`` uses the same forms and wins over ``target_modules``;
+- modules inside a ``modules_to_save`` entry are never targeted;
+- ``layers_to_transform`` keeps only modules under a numbered layer with one of those indices.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+from torch import nn
+
+from deltatune.config import ConfigError
+
+
+def iter_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every module, without descending into adapter layers.
+
+    An adapter layer stands for the module it wraps: its name is the original module's name,
+    and its internals (``base_layer``, ``lora_A.default``, ...) are never targets themselves.
+    """
+    from deltatune.methods.base import AdapterLayer
+
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if not isinstance(child, AdapterLayer):
+            yield from iter_candidates(child, full)
+
+
+def _matches(spec, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for p in patterns:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _under_saved(name: str, modules_to_save) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save or [])
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head (``get_output_embeddings``), excluded from ``"all-linear"``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in iter_candidates(model):
+        base = getattr(module, "base_layer", None) or getattr(module, "original_module", None)
+        if head is not None and (module is head or base is head):
+            names.add(name)
+    return names
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The original module behind an adapter wrapper (or ``module`` itself)."""
+    from deltatune.methods.base import AdapterLayer
+
+    while isinstance(module, AdapterLayer):
+        module = module.get_base_layer()
+    return module
+
+
+def select(model: nn.Module, config, is_supported=None) -> list[str]:
+    """Names of the modules ``config`` targets in ``model``, in model order.
+
+    Args:
+        model: the base model (possibly already holding other adapters).
+        config: a method config with ``target_modules`` and friends.
+        is_supported: ``module -> bool``; a selected module failing it is an error.
+
+    Raises:
+        ConfigError: ``target_modules`` is missing, an entry matches no module, or a selected
+            module has a type the method cannot wrap (the message names the module and type).
+    """
+    from deltatune.registry import is_linear
+
+    spec = config.target_modules
+    if spec is None:
+        raise ConfigError("target_modules is not set; give a list of module names, a regex, "
+                          "or 'all-linear'")
+    candidates = list(iter_candidates(model))
+    if spec == "all-linear":
+        heads = output_head_names(model)
+        spec = [n for n, m in candidates if is_linear(base_of(m)) and n not in heads]
+        if not spec:
+            raise ConfigError("target_modules='all-linear' found no linear layers in the model")
+    saved = getattr(config, "modules_to_save", None)
+    exclude = getattr(config, "exclude_modules", None)
+    layers = getattr(config, "layers_to_transform", None)
+    chosen = []
+    for name, module in candidates:
+        if not _matches(spec, name) or _under_saved(name, saved):
+            continue
+        if exclude and _matches(exclude, name):
+            continue
+        if layers and not isinstance(spec, str) and _layer_index(name, getattr(config, "layers_pattern", None)) not in layers:
+            continue
+        chosen.append(name)
+    _check_all_matched(spec, [n for n, _ in candidates], config.target_modules)
+    if not chosen:
+        raise ConfigError(f"target_modules={config.target_modules!r} selected no module "
+                          "(after exclude_modules / layers_to_transform)")
+    modules = dict(candidates)
+    for name in chosen:
+        if is_supported is not None and not is_supported(base_of(modules[name])):
+            raise ConfigError(
+                f"target_modules selects {name!r}, a {type(base_of(modules[name])).__name__}, which "
+                f"{config.peft_type.value} cannot wrap; target its Linear/Conv/Embedding children instead")
+    return chosen
+
+
+def _check_all_matched(spec, names: list[str], original) -> None:
+    if isinstance(spec, str):
+        if not any(re.fullmatch(spec, n) for n in names):
+            raise ConfigError(f"target_modules regex {spec!r} matches no module name; "
+                              f"examples of names: {_examples(names)}")
+        return
+    missing = [t for t in spec if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"target_modules entries {missing} match no module in the model; "
+                          f"available leaf names include: {_examples(names)}")
+
+
+def _examples(names: Iterable[str], limit: int = 12) -> list[str]:
+    leaves = []
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        if not leaf.isdigit() and leaf not in leaves:
+            leaves.append(leaf)
+    return leaves[:limit]
+
+
+def select_saved(model: nn.Module, modules_to_save) -> list[str]:
+    """Names of the modules ``modules_to_save`` picks (outermost matches only).
+
+    Raises:
+        ConfigError: an entry matches no module.
+    """
+    if not modules_to_save:
+        return []
+    names = [n for n, _ in iter_candidates(model)]
+    chosen = []
+    for entry in modules_to_save:
+        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        chosen.extend(h for h in hits if h not in chosen)
+    return chosen
+
+
+def dry_run(model: nn.Module, config) -> str:
+    """A printable list of the modules ``config`` would wrap, with their types."""
+    modules = dict(iter_candidates(model))
+    lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in select(model, config)]
+    return "\n".join(lines)
