@@ -43,20 +43,22 @@ class TunerModel(nn.Module):
         Returns the names of modules that were plain before (wrapped now), for rollback.
         """
         method = registry.method_for(config.peft_type.value)
-        names = targeting.select(self.model, config, is_supported=lambda m: method.layer_class_for(m) is not None)
+        names = targeting.select(self.model, config,
+                                 is_supported=lambda m: method.layer_class_for(m, config) is not None)
         saved = targeting.select_saved(self.model, getattr(config, "modules_to_save", None))
         wrapped = []
         for name in names:
             module = self.model.get_submodule(name)
             if isinstance(module, AdapterLayer):
-                if type(module) is not method.layer_class_for(module.get_base_layer()):
+                if not isinstance(module, method.layer_class_for(module.get_base_layer(), config)):
                     raise ConfigError(f"{name} already holds a {type(module).__name__} adapter; "
                                       f"cannot add a {config.peft_type.value} adapter to the same layer")
             else:
-                module = method.layer_class_for(module)(module)
+                module = method.layer_class_for(module, config)(module)
                 replace_module(self.model, name, module)
                 wrapped.append(name)
             module.add_adapter(adapter_name, config, name)
+            module.train(module.base_layer.training)  # new dropout follows the model's mode
         for name in saved:
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -267,6 +269,8 @@ class PeftModel(nn.Module):
         except BaseException:
             peft_model.base_model.remove_adapter(adapter_name)
             raise
+        if not is_trainable:
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,

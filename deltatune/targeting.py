@@ -168,3 +168,16 @@ def dry_run(model: nn.Module, config) -> str:
     modules = dict(iter_candidates(model))
     lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in select(model, config)]
     return "\n".join(lines)
+
+
+def parse_target_arg(text: str):
+    """A command-line target spec: ``all-linear``, ``q_proj,v_proj`` (a list), or a regex.
+
+    Text with regex characters (``*.[(|\\``) and no comma is a regex; anything else is split on commas.
+    """
+    text = text.strip()
+    if text == "all-linear":
+        return text
+    if "," not in text and any(c in text for c in "*.[(|\\"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
