@@ -55,8 +55,9 @@ def main() -> None:
     peft_cfg = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, init_lora_weights=False)
 
     wrap = {}
-    t = time.perf_counter(); ours = deltatune.get_peft_model(copy.deepcopy(base), ours_cfg); wrap["deltatune"] = time.perf_counter() - t
-    t = time.perf_counter(); theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg); wrap["peft"] = time.perf_counter() - t
+    ours_base, theirs_base = copy.deepcopy(base), copy.deepcopy(base)
+    t = time.perf_counter(); ours = deltatune.get_peft_model(ours_base, ours_cfg); wrap["deltatune"] = time.perf_counter() - t
+    t = time.perf_counter(); theirs = peft.get_peft_model(theirs_base, peft_cfg); wrap["peft"] = time.perf_counter() - t
     for m in (base, ours, theirs):
         m.eval()
 
