@@ -2,7 +2,9 @@
 from deltatune import models  # noqa: F401
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
 from deltatune.peft_model import PeftModel, get_peft_model
+from deltatune.quant import dequantize_model, prepare_model_for_kbit_training, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType", "get_peft_model", "models"]
+__all__ = ["LoraConfig", "PeftConfig", "PeftModel", "PeftType", "TaskType", "dequantize_model", "get_peft_model",
+           "models", "prepare_model_for_kbit_training", "quantize"]

@@ -95,7 +95,10 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        from deltatune.quant import prepare_4bit_layers
+
         super().__init__()
+        prepare_4bit_layers(model)  # registers weight access for bitsandbytes 4-bit layers, if any
         self.peft_config: dict[str, PeftConfig] = {}
         self.base_model = TunerModel(model)
         self._active = adapter_name
@@ -206,13 +209,25 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+                         adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model (no deltatune inside).
+
+        A 4-bit base is dequantized first, so the result is a full-precision model with the delta
+        added to the dequantized weights. ``requantize=True`` rounds the merged weights back to
+        4-bit NF4 and warns with the error that introduces.
 
         Raises:
             NotImplementedError: an adapter method that cannot merge (the message names it).
         """
-        return self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        from deltatune import quant
+
+        quantized = any(quant.is_4bit(m) for m in self.base_model.model.modules())
+        if quantized:
+            quant.dequantize_model(self.base_model.model)
+        model = self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        if quantized and requantize:
+            quant.requantize(model)
+        return model
 
     def unload(self) -> nn.Module:
         """Return the base model with every adapter removed and nothing merged."""

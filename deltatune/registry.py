@@ -27,12 +27,26 @@ class Method:
     peft_type: str
     config_cls: type
     layers: dict[type, type] = field(default_factory=dict)
+    # config flag (a boolean field, e.g. "use_dora") -> base module type -> layer class used
+    # instead of ``layers`` when the flag is true.
+    variants: dict[str, dict[type, type]] = field(default_factory=dict)
 
-    def layer_class_for(self, module: nn.Module) -> type | None:
-        """The adapter layer class for ``module``'s type (most specific registered base type)."""
+    def layer_class_for(self, module: nn.Module, config=None) -> type | None:
+        """The adapter layer class for ``module``'s type (most specific registered base type).
+
+        A ``config`` with a variant flag set (e.g. ``use_dora=True``) selects that variant's
+        layers; None if the variant has no layer for this type.
+        """
+        table = self.layers
+        for flag, layers in self.variants.items():
+            if getattr(config, flag, False):
+                table = layers
+                break
         for klass in type(module).__mro__:
-            if klass in self.layers:
-                return self.layers[klass]
+            if klass in table:
+                return table[klass]
+        if is_linear(module):  # registered linear-likes (e.g. 4-bit layers) take nn.Linear's layer
+            return table.get(nn.Linear)
         return None
 
 
@@ -50,9 +64,15 @@ def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...]
     return method
 
 
-def register_layer(peft_type: str, base_type: type, layer_cls: type) -> None:
-    """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type``."""
-    _METHODS[peft_type].layers[base_type] = layer_cls
+def register_layer(peft_type: str, base_type: type, layer_cls: type, variant: str | None = None) -> None:
+    """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type``.
+
+    ``variant`` names a boolean config field (e.g. ``"use_dora"``): when it is true the config
+    gets ``layer_cls`` for ``base_type`` instead of the plain layer.
+    """
+    method = _METHODS[peft_type]
+    table = method.variants.setdefault(variant, {}) if variant else method.layers
+    table[base_type] = layer_cls
 
 
 def method_for(peft_type: str) -> Method:
