@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional_verbs(sub) -> None:
     """Verbs defined next to the code they drive (training adds train/eval/generate/chat)."""
+    from deltatune.training import commands
+
+    commands.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

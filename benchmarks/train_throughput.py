@@ -1,0 +1,248 @@
+"""Training throughput: deltatune vs HF peft + transformers ``Trainer`` (its defaults), same job.
+
+Same base (SmolLM2-135M-Instruct, fp32 weights from the same cached directory), same tokenized
+data (the first ``steps * batch`` rows of data/demo_train.jsonl, labels on the assistant turn
+only), same LoRA (r=16, alpha=32, all linear layers), same global batch, steps, lr, schedule
+(linear, no warmup), clipping and seed. Each contender runs in its own subprocess, which reports:
+
+* tokens/s: real (non-pad) tokens consumed by training divided by the training loop's wall time;
+* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child at the end of training;
+* final eval loss: mean per-token cross-entropy on ``--eval-n`` rows spread over the held-out
+  file, computed by the same function for every contender.
+
+Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding), ``deltatune`` with its
+default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32) and
+``deltatune-fp32`` (forced fp32, the like-for-like numeric comparison).
+
+    python benchmarks/train_throughput.py            # ~6 min on 2 idle CPU cores
+    python benchmarks/train_throughput.py --steps 10 --only hf deltatune
+    python benchmarks/train_throughput.py --threads 1   # steadier ratios when the machine is shared
+
+Writes benchmarks/results/train_throughput.json and .png, prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
+LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "deltatune": "deltatune (default dtype)",
+          "deltatune-fp32": "deltatune (fp32)"}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- children ------------------------------------------------------------------------------------
+
+def load_data(args):
+    from deltatune import models
+    from deltatune.training.data import load_dataset
+
+    tok = models.load_default_tokenizer()
+    return tok, load_dataset(args.train_file, tok), load_dataset(args.eval_file, tok)
+
+
+def final_eval_loss(model, eval_ds, autocast=None) -> float:
+    from contextlib import nullcontext
+
+    from deltatune.training.evaluate import eval_loss
+
+    return eval_loss(model, eval_ds, batch_size=16, device="cpu", autocast=autocast or nullcontext)["eval_loss"]
+
+
+def child_hf(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, \
+        TrainingArguments
+
+    from deltatune import models
+
+    tok, train_ds, eval_ds = load_data(args)
+    model = AutoModelForCausalLM.from_pretrained(str(models.default_model_path()), dtype=torch.float32)
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in train_ds]
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    seen = {"tokens": 0, "padded": 0}
+
+    def counting_collator(features):
+        batch = collate(features)
+        seen["tokens"] += int(batch["attention_mask"].sum())
+        seen["padded"] += batch["attention_mask"].numel()
+        return batch
+
+    clock = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock["t0"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            clock["t1"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
+                                  learning_rate=args.lr, seed=args.seed, report_to="none", save_strategy="no",
+                                  logging_steps=1, disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator,
+                          callbacks=[Clock()])
+        trainer.train()
+    rss = peak_rss_mb()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    train_s = clock["t1"] - clock["t0"]
+    return {"tokens": seen["tokens"], "padded_tokens": seen["padded"], "train_s": train_s,
+            "tokens_per_s": seen["tokens"] / train_s, "peak_rss_mb": rss, "losses": losses,
+            "eval_loss": final_eval_loss(model, eval_ds), "dtype": "float32"}
+
+
+def child_deltatune(args, dtype: str) -> dict:
+    import torch
+
+    from deltatune.training import TrainConfig, Trainer
+    from deltatune.training.api import load_model
+    from deltatune.training.precision import autocast_for
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(data=args.train_file, batch_size=args.batch, max_steps=args.steps, lr=args.lr,
+                          schedule="linear", warmup_steps=0, seed=args.seed, dtype=dtype, out=out,
+                          progress=False, r=16, alpha=32, target="all-linear")
+        device = torch.device("cpu")
+        model, tok = load_model(cfg, device)
+        tok, train_ds, eval_ds = load_data(args)
+        trainer = Trainer(model, tok, cfg, train_ds, device=device)
+        result = trainer.fit()
+        rss = peak_rss_mb()
+        losses = [r["loss"] for r in trainer.log.records if "loss" in r]
+    return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
+            "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
+            "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
+            "dtype": str(trainer.dtype).replace("torch.", "")}
+
+
+# -- parent --------------------------------------------------------------------------------------
+
+def write_subsets(args, tmp: Path) -> None:
+    train = (REPO / "data" / "demo_train.jsonl").read_text().splitlines()[: args.steps * args.batch]
+    held = (REPO / "data" / "demo_eval.jsonl").read_text().splitlines()
+    held = held[:: max(1, len(held) // args.eval_n)][: args.eval_n]  # both halves: seen and unseen phrasings
+    args.train_file, args.eval_file = str(tmp / "train.jsonl"), str(tmp / "eval.jsonl")
+    Path(args.train_file).write_text("\n".join(train) + "\n")
+    Path(args.eval_file).write_text("\n".join(held) + "\n")
+
+
+def run_child(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads),
+           "--steps", str(args.steps), "--batch", str(args.batch),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
+           "--eval-file", args.eval_file]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def table(results: dict) -> str:
+    hf = results.get("hf")
+    lines = ["| contender | compute | tokens/s | peak RSS | final eval loss | speed vs HF | memory vs HF | eval loss vs HF |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        rel = ("1.00x", "1.00x", "+0.0%") if name == "hf" or hf is None else (
+            f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x", f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x",
+            f"{100 * (r['eval_loss'] / hf['eval_loss'] - 1):+.1f}%")
+        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} MB | "
+                     f"{r['eval_loss']:.4f} | {rel[0]} | {rel[1]} | {rel[2]} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    colors = ["tab:gray" if n == "hf" else "tab:blue" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
+    for ax, key, title in zip(axes, ("tokens_per_s", "peak_rss_mb", "eval_loss"),
+                              ("tokens/s (higher is better)", "peak RSS, MB (lower is better)", "final eval loss")):
+        ax.bar(range(len(names)), [results[n][key] for n in names], color=colors)
+        ax.set_xticks(range(len(names)), [n.replace("deltatune", "dt") for n in names])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("LoRA r=16 all-linear, SmolLM2-135M, same data/batch/steps/seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per child (default 0 = all cores); 1 gives stable ratios on a busy machine")
+    p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--train-file", help=argparse.SUPPRESS)
+    p.add_argument("--eval-file", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = child_hf(args) if args.child == "hf" else \
+            child_deltatune(args, "auto" if args.child == "deltatune" else "float32")
+        print(json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_subsets(args, Path(tmp))
+        results = {}
+        for name in args.only:
+            print(f"running {name} ...", flush=True)
+            results[name] = run_child(name, args)
+            r = results[name]
+            print(f"  {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mb']:,.0f} MB, "
+                  f"eval loss {r['eval_loss']:.4f} ({r['wall_s']:.0f}s)", flush=True)
+    from deltatune.checkpoint.io import atomic_path, atomic_write_json
+
+    md = table(results)
+    print("\n" + md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
+    setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
+                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg())
+    atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup, "results": results, "table": md})
+    with atomic_path(RESULTS / "train_throughput.png") as tmp:
+        plot(results, tmp)
+    print(f"\nwrote {RESULTS / 'train_throughput.json'} and {RESULTS / 'train_throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

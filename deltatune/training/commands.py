@@ -1,0 +1,213 @@
+"""CLI verbs ``train``, ``eval``, ``generate``, ``chat``: flags in, one call into the training modules.
+
+``register(subparsers)`` adds them to the ``deltatune`` parser (``deltatune.cli``). Every ``train``
+flag defaults to None so that only flags actually given override the ``--config`` file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+_FLAG = dict(action="store_const", const=True, default=None)
+_NOT = dict(action="store_const", const=False, default=None)
+
+
+def register(subparsers) -> None:
+    """Add ``train``, ``eval``, ``generate`` and ``chat`` to an argparse subparsers object."""
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_generate(subparsers)
+    _add_chat(subparsers)
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune an adapter on JSONL data (also under torchrun)",
+                       description="Fine-tune an adapter. Flags override --config (YAML/JSON with the same keys).")
+    p.add_argument("--config", help="YAML or JSON file of options (keys as the flags, with underscores)")
+    g = p.add_argument_group("model and adapter")
+    g.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a transformers directory or a .gguf file")
+    g.add_argument("--method", help="adapter method (lora, dora, ia3, adapter, ...); default lora")
+    g.add_argument("--r", "--rank", type=int, dest="r",
+                   help="rank (default 16); under torchrun write --rank (torchrun's parser takes --r as its own)")
+    g.add_argument("--alpha", type=float, help="scaling numerator (default 32)")
+    g.add_argument("--dropout", type=float, help="adapter dropout (default 0)")
+    g.add_argument("--target", help="'all-linear' (default), comma-separated module names, or a regex")
+    g.add_argument("--method-arg", action="append", metavar="KEY=VALUE", dest="method_arg",
+                   help="extra field of the method's config (VALUE parsed as JSON if it can be); repeatable")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="training JSONL (messages | prompt+completion | text lines)")
+    g.add_argument("--eval", dest="eval_data", help="held-out JSONL for eval loss and exact match")
+    g.add_argument("--max-length", type=int, help="tokens per example (default 1024)")
+    g.add_argument("--overlong", choices=["truncate", "error"], help="over-long examples: truncate (reported) or error")
+    g.add_argument("--skip-bad-lines", **_FLAG, help="skip and count malformed lines instead of failing")
+    g.add_argument("--train-on-prompt", **_FLAG, help="also put loss on prompt/user tokens")
+    g.add_argument("--no-packing", dest="packing", **_NOT, help="one sequence per row")
+    g.add_argument("--no-group-by-length", dest="group_by_length", **_NOT,
+                   help="plain random batches instead of near-equal lengths (more padding)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"])
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--warmup-ratio", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (default 8)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-batch-tokens", type=int,
+                   help="tokens per forward pass; bigger micro-batches run in pieces (default 512, 0 = no limit)")
+    g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-grad-norm", type=float, help="clip threshold, 0 = off (default 1)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--grad-checkpointing", **_FLAG, help="recompute activations in backward (less memory)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype (default auto)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default runs/deltatune)")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--eval-every", type=int, help="eval loss every N steps (0 = only at the end)")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (0 = none)")
+    g.add_argument("--keep-checkpoints", type=int)
+    g.add_argument("--eval-limit", type=int, help="score at most N eval examples for exact match")
+    g.add_argument("--no-exact-match", dest="eval_exact_match", **_NOT, help="skip generation at the end")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --out (or the one given)")
+    g.add_argument("--no-progress", dest="progress", **_NOT)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_train)
+
+
+_NOT_OPTIONS = {"config", "func", "verb", "method_arg"}
+
+
+def cmd_train(args) -> int:
+    from deltatune.training.api import make_config, train
+    from deltatune.training.distributed import shutdown
+
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
+    if args.method_arg:
+        overrides["method_args"] = dict(_parse_kv(item) for item in args.method_arg)
+    config = make_config(args.config, **overrides)
+    try:
+        train(config)
+    finally:
+        shutdown()
+    return 0
+
+
+def _parse_kv(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--method-arg {item!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+# -- eval / generate / chat ----------------------------------------------------------------------
+
+def _model_flags(p) -> None:
+    p.add_argument("--model", default="default", help="'default', a transformers directory or a .gguf file")
+    p.add_argument("--adapter", help="adapter directory (peft format); omit to use the base alone")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="eval loss and exact match of a model (+ adapter) on JSONL data")
+    _model_flags(p)
+    p.add_argument("--data", required=True, help="JSONL file (messages | prompt+completion | text)")
+    p.add_argument("--limit", type=int, help="score at most N examples for exact match")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--no-exact-match", dest="exact", action="store_false", help="eval loss only")
+    p.add_argument("--samples", type=int, default=3, help="show N example generations")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from deltatune.training.api import evaluate_model, load_inference_model
+
+    model, tokenizer, device, autocast = load_inference_model(args.model, args.adapter, args.dtype, args.device)
+    result = evaluate_model(model, tokenizer, args.data, device=device, autocast=autocast, exact=args.exact,
+                            limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                            max_new_tokens=args.max_new_tokens, samples=0 if args.json else args.samples)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"eval loss   {result['eval_loss']:.4f}  ({result['eval_tokens']} label tokens)")
+    if "exact_match" in result:
+        print(f"exact match {100 * result['exact_match']:.1f}%  ({result['correct']}/{result['total']})")
+    for s in result.get("samples", []):
+        print(f"\n[{'ok' if s['correct'] else 'MISS'}] reference:  {s['reference']}\n     prediction: {s['prediction']}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedy completions of prompts (chat template applied)")
+    _model_flags(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per stdin line")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--raw", action="store_true", help="no chat template: complete the text as given")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from deltatune.training.api import generate, load_inference_model
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT or lines on stdin")
+    model, tokenizer, device, autocast = load_inference_model(args.model, args.adapter, args.dtype, args.device)
+    outputs = generate(model, tokenizer, prompts, system=args.system, raw=args.raw,
+                       max_new_tokens=args.max_new_tokens or 256, batch_size=args.batch_size,
+                       device=device, autocast=autocast)
+    for text in outputs:
+        print(text)
+    return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat with a model (+ adapter); empty line or Ctrl-D ends")
+    _model_flags(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    from deltatune.training.api import generate, load_inference_model
+
+    model, tokenizer, device, autocast = load_inference_model(args.model, args.adapter, args.dtype, args.device)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
+            break
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [history], max_new_tokens=args.max_new_tokens or 256,
+                         device=device, autocast=autocast)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}" if interactive else reply, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltatune.training VERB ...``: these verbs without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="deltatune")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

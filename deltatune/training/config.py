@@ -1,0 +1,196 @@
+"""``TrainConfig``: every knob of a training run, readable from YAML/JSON and from CLI flags.
+
+Precedence: dataclass defaults < ``--config`` file < explicit keyword arguments / flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+# Keys accepted in config files under their flag names.
+_ALIASES = {"eval": "eval_data", "rank": "r"}
+
+
+class TrainConfigError(ValueError):
+    """A training option is unknown or out of range; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``deltatune train`` (field names are the YAML/JSON keys; flags use dashes).
+
+    Model and adapter:
+        model: ``"default"`` (SmolLM2-135M-Instruct), a transformers directory or a ``.gguf`` file.
+        method: adapter method name (``deltatune.registry.method_names()``), default ``"lora"``.
+        r, alpha, dropout, target: rank, scaling numerator, adapter dropout and target modules
+            (``"all-linear"``, comma-separated names or a regex); passed to the method's config
+            when it has the matching field (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``).
+        method_args: further config fields for the method, e.g. ``{"use_rslora": true}``.
+    Data:
+        data, eval_data: JSONL files (``messages`` / ``prompt``+``completion`` / ``text`` lines).
+        max_length: tokens per example; longer ones are truncated (and reported) or, with
+            ``overlong="error"``, rejected.
+        skip_bad_lines: skip (and count) malformed JSONL lines instead of failing.
+        train_on_prompt: also put loss on prompt/user tokens (default: completion/assistant only).
+        packing: pack several short sequences into one row (block-diagonal attention via
+            per-sequence ``position_ids``); otherwise one sequence per row.
+        group_by_length: build batches of near-equal lengths (little padding) from windows of
+            ``group_window`` global batches; off = plain random batches.
+    Optimisation:
+        lr, weight_decay, betas, eps: AdamW. schedule: ``cosine`` | ``linear`` | ``constant``
+        (after ``warmup_steps`` or ``warmup_ratio`` of linear warmup); ``min_lr_ratio`` is the floor.
+        batch_size: sequences per micro-batch per process; grad_accum: micro-batches per step.
+        Global batch = batch_size * grad_accum * processes.
+        max_batch_tokens: most tokens in one forward pass; a larger micro-batch is run in pieces
+            whose gradients add up to the same step (bounds activation memory; 0 = no limit).
+        epochs / max_steps: length of the run (``max_steps`` wins when set).
+        max_grad_norm: clip threshold (0 disables). seed: data order, init and dropout.
+        grad_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        dtype: ``float32`` | ``bfloat16`` compute; ``auto`` = bf16 on GPUs and on CPUs with native
+            bf16 (AVX512-BF16/AMX), fp32 elsewhere (see ``precision``).
+    Loop:
+        out: run directory (adapter, checkpoints, metrics, loss curve).
+        log_every, eval_every, save_every: in optimizer steps (0 disables eval/save).
+        keep_checkpoints: how many recent checkpoints to keep.
+        eval_exact_match: also score greedy generations at the end of training (needs references).
+        eval_limit: score at most this many eval examples for exact match.
+        max_new_tokens: generation budget (default: longest reference + 16).
+        resume: continue from the latest checkpoint in ``out`` if there is one (or give a path).
+        progress: show a progress bar. device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+    """
+
+    model: str = "default"
+    method: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target: Any = "all-linear"
+    method_args: dict = field(default_factory=dict)
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    max_length: int = 1024
+    overlong: str = "truncate"
+    skip_bad_lines: bool = False
+    train_on_prompt: bool = False
+    packing: bool = True
+    group_by_length: bool = True
+    group_window: int = 32
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_batch_tokens: int = 512
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    grad_checkpointing: bool = False
+    dtype: str = "auto"
+
+    out: str = "runs/deltatune"
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_exact_match: bool = True
+    eval_limit: Optional[int] = None
+    eval_batch_size: int = 16
+    max_new_tokens: Optional[int] = None
+    resume: Any = False
+    progress: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            (self.r > 0, "r must be > 0"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.max_length > 1, "max_length must be > 1"),
+            (self.overlong in ("truncate", "error"), "overlong must be 'truncate' or 'error'"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
+            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps >= 0, 0 <= warmup_ratio < 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = no limit)"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16"), "dtype must be float32 or bfloat16"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        """Build from a mapping; unknown keys are an error naming the key and ``source``.
+
+        Dashes in keys are accepted (``max-steps`` == ``max_steps``), and ``eval``/``rank`` as the
+        flags spell ``eval_data``/``r``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {}
+        for key, value in data.items():
+            k = str(key).replace("-", "_")
+            k = _ALIASES.get(k, k)
+            if k not in names:
+                raise TrainConfigError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(names))}")
+            clean[k] = value
+        try:
+            return cls(**clean)
+        except TypeError as exc:
+            raise TrainConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read a YAML (``.yaml``/``.yml``) or JSON file; ``overrides`` (not None) win over it."""
+        data = read_config_file(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Parse a YAML or JSON config file into a dict (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different types
+        raise TrainConfigError(f"{path}: cannot parse config ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: expected a mapping of options at the top level")
+    return data

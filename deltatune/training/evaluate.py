@@ -1,0 +1,119 @@
+"""Evaluation: token-level eval loss, and exact match of greedy generations.
+
+Generation is batched: prompts sorted by length (little padding), left-padded, greedy with the KV
+cache, stopping at the tokenizer's end-of-turn tokens. Under DDP each rank takes every
+``world``-th example and counts are summed.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from deltatune.training.batching import collate
+from deltatune.training.data import Dataset
+from deltatune.training.distributed import DistInfo, all_reduce_sum
+from deltatune.training.loss import lm_loss_sum, unwrap
+
+_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+
+
+@torch.no_grad()
+def eval_loss(model, dataset: Dataset, batch_size: int = 16, device="cpu", packing: bool = True,
+              info: DistInfo = DistInfo(), autocast=nullcontext) -> dict:
+    """Mean cross-entropy per label token over ``dataset`` (model put in eval mode meanwhile)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]))[info.rank::info.world]
+    stats = torch.zeros(2, dtype=torch.float64)
+    for s in range(0, len(order), batch_size):
+        batch = collate([dataset[i] for i in order[s:s + batch_size]], packing).to(device)
+        with autocast():
+            stats[0] += float(lm_loss_sum(model, batch))
+        stats[1] += batch.label_tokens
+    stats = all_reduce_sum(stats.to(device), info).cpu()
+    model.train(was_training)
+    return {"eval_loss": float(stats[0] / max(stats[1], 1)), "eval_tokens": int(stats[1])}
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """eos plus the chat end-of-turn tokens this vocabulary has."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None) if model else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(gen_eos)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64,
+                    batch_size: int = 16, device="cpu", autocast=nullcontext) -> list[str]:
+    """Greedy completions (decoded, special tokens dropped) of token-id prompts, in input order."""
+    hf = unwrap(model)
+    was_training = model.training
+    model.eval()
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every row's last prompt token is aligned
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        with autocast():
+            gen = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              temperature=None, top_p=None, top_k=None,
+                              eos_token_id=stops, pad_token_id=pad)
+        for r, i in enumerate(idx):
+            new = gen[r, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def exact_match(model, tokenizer, dataset: Dataset, limit: int | None = None, batch_size: int = 16,
+                max_new_tokens: int | None = None, device="cpu", info: DistInfo = DistInfo(),
+                autocast=nullcontext, samples: int = 0) -> dict:
+    """Share of examples whose stripped greedy completion equals the stripped reference.
+
+    Args:
+        limit: score only the first ``limit`` examples that have a reference.
+        max_new_tokens: default: longest reference in tokens + 16.
+        samples: how many ``{prompt, reference, prediction, correct}`` dicts to return (rank 0's).
+
+    Raises:
+        ValueError: no example has a reference (``text`` lines cannot be scored).
+    """
+    scored = [e for e in dataset.examples if e.reference is not None]
+    if not scored:
+        raise ValueError(f"{dataset.report.path}: no example has a reference answer "
+                         "(exact match needs messages or prompt/completion lines)")
+    scored = scored[:limit] if limit else scored
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in scored)
+        max_new_tokens = longest + 16
+    mine = scored[info.rank::info.world]
+    preds = greedy_generate(model, tokenizer, [e.generation_prompt() for e in mine], max_new_tokens,
+                            batch_size, device, autocast)
+    hits = [p.strip() == e.reference.strip() for p, e in zip(preds, mine)]
+    counts = all_reduce_sum(torch.tensor([sum(hits), len(hits)], dtype=torch.float64, device=device), info).cpu()
+    result = {"exact_match": float(counts[0] / max(counts[1], 1)), "correct": int(counts[0]),
+              "total": int(counts[1])}
+    if samples:
+        result["samples"] = [
+            {"prompt": tokenizer.decode(e.generation_prompt(), skip_special_tokens=False),
+             "reference": e.reference, "prediction": p, "correct": h}
+            for e, p, h in list(zip(mine, preds, hits))[:samples]]
+    return result

@@ -1,0 +1,56 @@
+"""Compute dtype: fp32, or bf16 where the hardware runs it natively.
+
+bf16 mode keeps the frozen base weights in bf16 (half the memory, no per-step casts) and the
+trainable adapter parameters, their gradients and AdamW state in fp32; matmuls run under
+``torch.autocast``. The loss is always accumulated in fp32.
+
+On CPUs without native bf16 instructions (no AVX512-BF16 / AMX), bf16 matmuls are emulated and
+several times slower than fp32, so ``auto`` picks fp32 there and an explicit ``bfloat16`` warns.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True if this CPU advertises bf16 dot-product instructions (Linux ``/proc/cpuinfo`` flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on GPUs that support it and on CPUs with native bf16, else fp32.
+
+    ``bfloat16`` on a CPU without native bf16 is honoured with a warning (it is slow there).
+    """
+    name = {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("bf16 compute on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 matmuls "
+                      "are emulated and several times slower than fp32 here; prefer --dtype float32",
+                      stacklevel=2)
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {name!r}: expected auto, float32 or bfloat16")
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def autocast_for(dtype: torch.dtype, device: torch.device):
+    """A zero-argument context-manager factory: autocast to ``dtype``, or nothing for fp32."""
+    if dtype == torch.float32:
+        return nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
