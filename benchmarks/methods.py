@@ -9,8 +9,8 @@ its peak memory is its own.
 Per method: trainable parameters (and % of the base), adapter file size, median training-step
 time (measured after the runs with the methods' steps interleaved, so machine load hits all
 alike), peak memory while training (CPU: peak resident set size of the process, model weights
-included; CUDA: peak allocated), final train loss, eval loss and exact-match accuracy. Writes benchmarks/results/methods.json, methods.md (the table) and
-methods.png (the chart).
+included; CUDA: peak allocated), final train loss, eval loss and exact-match accuracy. Writes
+benchmarks/results/methods.json, methods.md (the table) and methods.png (the chart).
 
     .venv/bin/python benchmarks/methods.py [--steps 40] [--eval-limit 50] [--batch-size 8]
         [--methods lora,dora,ia3,adapter] [--device cpu] [--workdir DIR [--reuse]]
@@ -118,7 +118,8 @@ def run_one(name: str, args) -> dict:
     api = _training_api()
     out = Path(args.workdir) / name
     options = dict(METHODS[name])
-    cfg = api.make_config(data=str(ROOT / "data" / "demo_train.jsonl"), eval_data=str(ROOT / "data" / "demo_eval.jsonl"),
+    cfg = api.make_config(data=str(ROOT / "data" / "demo_train.jsonl"),
+                          eval_data=str(ROOT / "data" / "demo_eval.jsonl"),
                           max_steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=args.warmup,
                           eval_limit=args.eval_limit, out=str(out), progress=False, device=args.device,
                           log_every=1, **options)
@@ -225,7 +226,7 @@ def chart(rows: list[dict], path: Path, subtitle: str) -> None:
     for ax, (title, value) in zip(axes, panels):
         values = [value(r) for r in rows]
         bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][:len(rows)])
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=9)
     fig.suptitle(f"deltatune methods on the demo task: {subtitle}", fontsize=11)
@@ -277,8 +278,11 @@ def main() -> None:
                "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--device", args.device]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
-        rows.append(json.loads(row_out.read_text()))
-        print(f"[{name}] done in {time.perf_counter() - t:.0f} s", flush=True)
+        row = json.loads(row_out.read_text())
+        row["run_wall_s"] = round(time.perf_counter() - t, 1)
+        row_out.write_text(json.dumps(row))
+        rows.append(row)
+        print(f"[{name}] done in {row['run_wall_s']:.0f} s", flush=True)
 
     t = time.perf_counter()
     for name, step_s in interleaved_step_times(names, args).items():
@@ -297,7 +301,8 @@ def main() -> None:
              "cpu_count": os.cpu_count(), "total_runtime_s": round(time.perf_counter() - started, 1)}
     (results / "methods.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
     md = table(rows)
-    subtitle = f"{args.steps} steps x batch {args.batch_size}, seed {args.seed}, {args.eval_limit} held-out examples, {args.device}"
+    subtitle = (f"{args.steps} steps x batch {args.batch_size}, seed {args.seed}, "
+                f"{args.eval_limit} held-out examples, {args.device}")
     (results / "methods.md").write_text(
         f"Setup: {subtitle}; step time: {setup['timing']}; peak memory: "
         f"{rows[0]['memory_kind']}. `python benchmarks/methods.py`.\n\n{md}\n")

@@ -100,11 +100,11 @@ class AdapterLayer(nn.Module):
 
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters ``names`` (default: the active ones) into the base weight."""
-        if not self.mergeable:
-            raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
         for name in names if names is not None else self.active_adapters:
             if name not in self.adapter_names or name in self.merged_adapters:
                 continue
+            if not self.mergeable:
+                raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
             with torch.no_grad():
                 base = registry.get_weight(self.base_layer)
                 new = self.merged_weight(base.float(), name)
