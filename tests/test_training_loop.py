@@ -81,6 +81,18 @@ def test_grad_accumulation_and_packing_do_not_change_the_math(tmp_path, tok, dat
         assert other == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tok, data):
+    train, _ = data
+    curves = []
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        trainer = Trainer(wrapped(tok), tok, config(out, max_steps=4, grad_checkpointing=flag), train)
+        trainer.fit()
+        curves.append([r["loss"] for r in read_metrics(out / "run") if "loss" in r])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
+
+
 def test_lr_schedules():
     assert lr_factor(0, 10, 2, "cosine") == pytest.approx(1 / 3)
     assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)

@@ -73,10 +73,13 @@ def load_model(config: TrainConfig, device: torch.device):
     In bf16 compute the frozen base is loaded in bf16 (adapter parameters stay fp32).
     """
     from deltatune import get_peft_model, models
-    from deltatune.training.precision import resolve_dtype
+    from deltatune.training.precision import bound_cpu_kernel_caches, resolve_dtype
 
+    dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        bound_cpu_kernel_caches()
     tokenizer = models.load_tokenizer(config.model)
-    base = models.load(config.model, dtype=resolve_dtype(config.dtype, device)).to(device)
+    base = models.load(config.model, dtype=dtype).to(device)
     torch.manual_seed(config.seed)  # adapter initialisation is part of the run's seed
     return get_peft_model(base, adapter_config(config)), tokenizer
 
@@ -133,10 +136,12 @@ def load_inference_model(model: str = "default", adapter: str | None = None, dty
     """``(model, tokenizer, device, autocast)``: a base (+ saved adapter) in eval mode."""
     from deltatune import PeftModel, models
     from deltatune.training.distributed import resolve_device
-    from deltatune.training.precision import autocast_for, resolve_dtype
+    from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.bfloat16:
+        bound_cpu_kernel_caches()
     tokenizer = models.load_tokenizer(model)
     net = models.load(model, dtype=dt).to(dev)
     if adapter:
