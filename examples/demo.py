@@ -70,7 +70,7 @@ def main() -> int:
     cfg = TrainConfig(data=str(REPO / "data" / "demo_train.jsonl"), eval_data=str(REPO / "data" / "demo_eval.jsonl"),
                       method="lora", r=16, alpha=32, target="all-linear", lr=args.lr, max_steps=args.steps,
                       batch_size=args.batch_size, warmup_steps=3, schedule="cosine", dtype=args.dtype,
-                      out=args.out, eval_exact_match=False, seed=0, save_every=0)
+                      out=args.out, eval_exact_match=False, seed=0, save_every=0, eval_every=10)
     print(f"deltatune demo: LoRA r=16 (all linear layers) on SmolLM2-135M-Instruct, "
           f"{torch.get_num_threads()} CPU threads")
     device = torch.device("cpu")

@@ -77,6 +77,9 @@ def plot_loss_curve(log: MetricsLog, path: str | Path, title: str = "training lo
         ax.plot(steps, _ema(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
     if eval_steps:
         ax.plot(eval_steps, eval_losses, "o-", color="tab:orange", label="eval")
+    values = [v for v in losses + eval_losses if v > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # the interesting part of a fine-tuning curve is orders of magnitude down
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
@@ -90,11 +93,17 @@ def plot_loss_curve(log: MetricsLog, path: str | Path, title: str = "training lo
     return path
 
 
-def _ema(values: list[float], beta: float = 0.9) -> list[float]:
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else beta * avg + (1 - beta) * v
-        out.append(avg)
+def _ema(values: list[float]) -> list[float]:
+    """Bias-corrected moving average (as in Adam) of log-loss, span ~ min(20, n/10) points.
+
+    Averaging logs (a geometric mean) follows a loss that falls by orders of magnitude
+    instead of trailing its first, largest values.
+    """
+    beta = 1 - 1 / max(2.0, min(20.0, len(values) / 10))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * math.log(max(v, 1e-12))
+        out.append(math.exp(avg / (1 - beta ** i)))
     return out
 
 
