@@ -90,7 +90,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(world, tmp_path):
     assert 20 <= killed_at < 120
 
     proc = run_cli(train_args(world, crashed, *steps, "--resume"), module=m)
-    assert f"resumed from" in proc.stdout and f"(step {killed_at}/120)" in proc.stdout
+    assert "resumed from" in proc.stdout and f"(step {killed_at}/120)" in proc.stdout
     want, got = adapter(reference), adapter(crashed)
     assert want.keys() == got.keys()
     for k in want:

@@ -46,7 +46,8 @@ class TrainConfig:
         batch_size: sequences per micro-batch per process; grad_accum: micro-batches per step.
         Global batch = batch_size * grad_accum * processes.
         max_batch_tokens: most tokens in one forward pass; a larger micro-batch is run in pieces
-            whose gradients add up to the same step (bounds activation memory; 0 = no limit).
+            whose gradients add up to the same step (bounds activation memory; 0 = no limit;
+            default 1024 in bf16, 512 in fp32: the same activation bytes).
         epochs / max_steps: length of the run (``max_steps`` wins when set).
         max_grad_norm: clip threshold (0 disables). seed: data order, init and dropout.
         grad_checkpointing: recompute activations in backward (less memory, ~30% slower).
@@ -91,7 +92,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
-    max_batch_tokens: int = 512
+    max_batch_tokens: Optional[int] = None
     epochs: float = 1.0
     max_steps: Optional[int] = None
     max_grad_norm: float = 1.0
@@ -123,7 +124,8 @@ class TrainConfig:
             (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
             (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps >= 0, 0 <= warmup_ratio < 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = no limit)"),
+            (self.max_batch_tokens is None or self.max_batch_tokens >= 0,
+             "max_batch_tokens must be >= 0 (0 = no limit)"),
             (self.epochs > 0, "epochs must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),

@@ -92,6 +92,8 @@ class Trainer:
         self.out = Path(config.out)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self._autocast = autocast_for(self.dtype, self.device)
+        self.max_batch_tokens = config.max_batch_tokens if config.max_batch_tokens is not None else \
+            (512 if self.dtype == torch.float32 else 1024)  # same activation bytes either way
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             bound_cpu_kernel_caches()
         self.params = list(trainable_parameters(model).values())
@@ -176,7 +178,7 @@ class Trainer:
         # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
         torch.manual_seed(cfg.seed * 1_000_003 + self.state.step * 4099 + info.rank)
         pieces = [piece for ids in micro_batches(global_batch, cfg.grad_accum, info.world, info.rank)
-                  for piece in split_by_tokens([self.train_data[i] for i in ids], cfg.max_batch_tokens)]
+                  for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k, piece in enumerate(pieces):
             batch = collate(piece, cfg.packing, self.pad_id).to(self.device)
