@@ -58,19 +58,22 @@ def main() -> None:
     ours_base, theirs_base = copy.deepcopy(base), copy.deepcopy(base)
     t = time.perf_counter(); ours = deltatune.get_peft_model(ours_base, ours_cfg); wrap["deltatune"] = time.perf_counter() - t
     t = time.perf_counter(); theirs = peft.get_peft_model(theirs_base, peft_cfg); wrap["peft"] = time.perf_counter() - t
-    for m in (base, ours, theirs):
+    merged_model = copy.deepcopy(ours)
+    merged_model.merge_adapter()
+    for m in (base, ours, theirs, merged_model):
         m.eval()
 
     def fwd(model):
         return lambda: model(input_ids=ids)
 
-    fwd_times = {"base": [], "deltatune": [], "peft": []}
+    models = {"base": base, "deltatune": ours, "peft": theirs, "merged": merged_model}
+    fwd_times = {k: [] for k in models}
     with torch.inference_mode():
-        for _ in range(args.reps):  # interleave so machine noise hits all three alike
-            fwd_times["base"].append(timed(fwd(base), 1))
-            fwd_times["deltatune"].append(timed(fwd(ours), 1))
-            fwd_times["peft"].append(timed(fwd(theirs), 1))
+        for _ in range(args.reps):  # interleave so machine noise hits all four alike
+            for key, model in models.items():
+                fwd_times[key].append(timed(fwd(model), 1))
     fwd_med = {k: statistics.median(v) for k, v in fwd_times.items()}
+    merged = fwd_med.pop("merged")
 
     tmp = Path(tempfile.mkdtemp())
     ours.save_pretrained(tmp / "ours")
@@ -84,10 +87,6 @@ def main() -> None:
         fresh = copy.deepcopy(base)
         t = time.perf_counter(); peft.PeftModel.from_pretrained(fresh, tmp / "peft"); loads["peft"].append(time.perf_counter() - t)
     load_med = {k: statistics.median(v) for k, v in loads.items()}
-
-    ours.merge_adapter()
-    with torch.inference_mode():
-        merged = timed(fwd(ours), args.reps)
 
     result = {
         "model": "SmolLM2-135M-Instruct", "batch": args.batch, "seq": args.seq, "r": args.r, "targets": TARGETS,
