@@ -49,6 +49,11 @@ class Method:
             return table.get(nn.Linear)
         return None
 
+    def container_names(self) -> set[str]:
+        """Attribute names that hold adapter tensors in this method's layers (``lora_A``, ...)."""
+        tables = [self.layers, *self.variants.values()]
+        return {name for table in tables for cls in table.values() for name in cls.adapter_containers}
+
 
 _METHODS: dict[str, Method] = {}
 # CLI/method name -> (peft_type, fixed config overrides), e.g. "dora" -> ("LORA", {"use_dora": True}).

@@ -324,3 +324,13 @@ def test_generate_passes_through_with_adapter():
     out = model.generate(input_ids=token_batch(batch=1), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 9)
     assert model.config.vocab_size == 128  # attribute pass-through
+
+
+def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        directory = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o644, name

@@ -18,6 +18,7 @@ from deltatune import registry
 from deltatune.config import ConfigError, load_config
 from deltatune.methods.base import AdapterLayer
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig, BottleneckLayer
+from deltatune.checkpoint.peft_format import adapter_summary
 from deltatune.methods.dora import DoraLinear, row_norms
 from deltatune.methods.ia3 import IA3Config
 from tests.conftest import logits_of, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
@@ -111,6 +112,9 @@ def test_save_load_same_logits(name, tmp_path):
     torch.testing.assert_close(logits_of(loaded, ids), expected, rtol=0, atol=1e-6)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == model.peft_config["default"].peft_type.value
+    summary = adapter_summary(tmp_path)
+    assert summary["modules"] == len(list(model.base_model.adapter_layers()))
+    assert summary["parameters"] == model.get_nb_trainable_parameters()[0]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -13,6 +13,7 @@ import torch
 
 from deltatune.checkpoint.io import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
 from deltatune.config import PeftConfig, load_config
+from deltatune import registry
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,8 +127,15 @@ def adapter_summary(directory: str | os.PathLike) -> dict:
     """Facts about a saved adapter, for ``deltatune info``: method, targets, rank, params, size."""
     config, tensors = read_adapter(directory)
     path = Path(directory) / WEIGHTS_NAME
-    # "<module>.lora_A.weight" -> "<module>"; "<module>.lora_embedding_A" -> "<module>"
-    modules = {k[len(PREFIX):].rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in tensors}
+    # "<module>.lora_A.weight" -> "<module>", "<module>.adapter_up.bias" -> "<module>"; keys
+    # without an adapter container (modules_to_save copies, trained biases) are not adapted modules.
+    containers = registry.method_for(config.peft_type.value).container_names()
+    modules = set()
+    for key in tensors:
+        parts = key[len(PREFIX):].split(".")
+        cut = next((i for i, part in enumerate(parts) if part in containers), None)
+        if cut:
+            modules.add(".".join(parts[:cut]))
     return {
         "directory": str(directory),
         "peft_type": config.peft_type.value,

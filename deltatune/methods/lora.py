@@ -134,7 +134,8 @@ class LoraLinear(LoraLayer):
         return (B @ A) * self.scaling[name]                    # (out, in)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)            # (..., out)
+        """``base(x) + B(A(dropout(x)) * s)`` summed over active, unmerged adapters."""
+        result = self.base_layer(x, *args, **kwargs)            # (..., out) or (N, out, H', W')
         if self.disabled:
             return result
         for name in self.active_adapters:
@@ -219,17 +220,8 @@ class LoraConv2d(LoraLayer):
         delta = F.conv2d(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, kh, kw)
         return delta * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)            # (N, out, H', W')
-        if self.disabled:
-            return result
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A, B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(A.weight.dtype))
-            result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)
-        return result
+    # Same as LoraLinear's: A and B are modules, so ``B(A(h) * s)`` holds for convolutions too.
+    forward = LoraLinear.forward
 
 
 def _register() -> None:
