@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-n", type=int, default=100, help="held-out examples scored (default 100 of 200)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
+                   help="QLoRA: a 4-bit base under the adapter (default: dense)")
     p.add_argument("--out", default=str(REPO / "runs" / "demo"))
     p.add_argument("--examples", type=int, default=4, help="before/after examples to show")
     return p.parse_args()
@@ -70,8 +72,9 @@ def main() -> int:
     cfg = TrainConfig(data=str(REPO / "data" / "demo_train.jsonl"), eval_data=str(REPO / "data" / "demo_eval.jsonl"),
                       method="lora", r=16, alpha=32, target="all-linear", lr=args.lr, max_steps=args.steps,
                       batch_size=args.batch_size, warmup_steps=3, schedule="cosine", dtype=args.dtype,
-                      out=args.out, eval_exact_match=False, seed=0, save_every=0, eval_every=10)
-    print(f"deltatune demo: LoRA r=16 (all linear layers) on SmolLM2-135M-Instruct, "
+                      quantize=args.quantize, out=args.out, eval_exact_match=False, seed=0, save_every=0, eval_every=10)
+    base_kind = f"{args.quantize.upper()} 4-bit " if args.quantize else ""
+    print(f"deltatune demo: LoRA r=16 (all linear layers) on {base_kind}SmolLM2-135M-Instruct, "
           f"{torch.get_num_threads()} CPU threads")
     device = torch.device("cpu")
     model, tokenizer = load_model(cfg, device)

@@ -118,3 +118,31 @@ def test_ddp_two_processes_match_one_process(world, tmp_path):
     for k, v in adapter(single).items():
         torch.testing.assert_close(adapter(ddp)[k], v, rtol=1e-4, atol=1e-5)
     assert not list(ddp.glob("*.tmp"))  # only rank 0 wrote, and completely
+
+
+def test_train_quantize_nf4_trains_on_a_4bit_base_and_saves_a_dense_loadable_adapter(world, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from deltatune import PeftModel
+    from deltatune.quant import Linear4bit
+    from deltatune.training.api import make_config, load_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(model=world["model"], data=world["train"], dtype="float32", quantize="nf4", r=4)
+    model, _ = load_model(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 2 * 7 and all(m.double_quant and m.quant_type == "nf4" for m in layers)
+
+    out = tmp_path / "qlora"
+    run_cli(train_args(world, out, "--quantize", "nf4", "--max-steps", "8", "--batch-size", "8",
+                       "--no-exact-match"), module=world["module"])
+    losses = [row["loss"] for row in read_metrics(out) if "loss" in row]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    # the adapter is an ordinary peft file: it loads strictly onto the dense base
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model"]), out / "adapter")
+    assert sum(1 for n, _ in loaded.named_parameters() if "lora_B" in n) == 2 * 7
+    assert any(t.abs().sum() > 0 for k, t in adapter(out).items() if "lora_B" in k)
+
+
+def test_train_quantize_rejects_unknown_kind(world, tmp_path):
+    proc = run_cli(train_args(world, tmp_path / "x", "--quantize", "int3"), module=world["module"], check=False)
+    assert proc.returncode == 2 and "--quantize" in proc.stderr and "int3" in proc.stderr

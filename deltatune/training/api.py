@@ -70,7 +70,9 @@ def adapter_config(config: TrainConfig):
 def load_model(config: TrainConfig, device: torch.device):
     """Base model + tokenizer (``deltatune.models``), wrapped with a new adapter, on ``device``.
 
-    In bf16 compute the frozen base is loaded in bf16 (adapter parameters stay fp32).
+    In bf16 compute the frozen base is loaded in bf16 (adapter parameters stay fp32). With
+    ``config.quantize`` the base's linear layers are stored in 4 bits (``deltatune.quantize``)
+    on ``device`` first: QLoRA.
     """
     from deltatune import get_peft_model, models
     from deltatune.training.precision import bound_cpu_kernel_caches, resolve_dtype
@@ -80,6 +82,13 @@ def load_model(config: TrainConfig, device: torch.device):
         bound_cpu_kernel_caches()
     tokenizer = models.load_tokenizer(config.model)
     base = models.load(config.model, dtype=dtype).to(device)
+    if config.quantize:
+        from deltatune.quant import quantize
+
+        # On CPUs the 4-bit layers pick their own fast matmul dtype (resolve_compute_dtype);
+        # elsewhere they compute in the run's dtype.
+        quantize(base, quant_type=config.quantize, double_quant=config.double_quant,
+                 compute_dtype=None if device.type == "cpu" else dtype)
     torch.manual_seed(config.seed)  # adapter initialisation is part of the run's seed
     return get_peft_model(base, adapter_config(config)), tokenizer
 

@@ -37,6 +37,10 @@ def _add_train(sub) -> None:
     g.add_argument("--target", help="'all-linear' (default), comma-separated module names, or a regex")
     g.add_argument("--method-arg", action="append", metavar="KEY=VALUE", dest="method_arg",
                    help="extra field of the method's config (VALUE parsed as JSON if it can be); repeatable")
+    g.add_argument("--quantize", choices=["nf4", "fp4"],
+                   help="QLoRA: store the base's linear layers in 4 bits (bitsandbytes layout) before training")
+    g.add_argument("--no-double-quant", dest="double_quant", **_NOT,
+                   help="with --quantize: keep the block scales in fp32 (4.5 instead of 4.127 bits per weight)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training JSONL (messages | prompt+completion | text lines)")
     g.add_argument("--eval", dest="eval_data", help="held-out JSONL for eval loss and exact match")

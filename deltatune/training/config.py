@@ -30,6 +30,9 @@ class TrainConfig:
             (``"all-linear"``, comma-separated names or a regex); passed to the method's config
             when it has the matching field (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``).
         method_args: further config fields for the method, e.g. ``{"use_rslora": true}``.
+        quantize: ``"nf4"`` (QLoRA) or ``"fp4"``: store the base's linear layers (all but the
+            output head) in 4 bits with ``deltatune.quantize`` before the adapter goes on;
+            ``double_quant`` also quantizes the block scales (4.127 bits per weight). None: dense.
     Data:
         data, eval_data: JSONL files (``messages`` / ``prompt``+``completion`` / ``text`` lines).
         max_length: tokens per example; longer ones are truncated (and reported) or, with
@@ -71,6 +74,8 @@ class TrainConfig:
     dropout: float = 0.0
     target: Any = "all-linear"
     method_args: dict = field(default_factory=dict)
+    quantize: Optional[str] = None
+    double_quant: bool = True
 
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -117,6 +122,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         checks = [
             (self.r > 0, "r must be > 0"),
+            (self.quantize in (None, "nf4", "fp4"), "quantize must be nf4 or fp4 (or unset for a dense base)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.max_length > 1, "max_length must be > 1"),
             (self.overlong in ("truncate", "error"), "overlong must be 'truncate' or 'error'"),
