@@ -8,6 +8,7 @@ merging is each layer's pure ``merged_weight``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -86,6 +87,40 @@ class TunerModel(nn.Module):
         return self.model
 
 
+def _signed_class(cls: type, base_type: type) -> type:
+    """``cls`` with a ``forward`` that shows ``base_type.forward``'s parameters to ``inspect``.
+
+    Tools that read a model's forward signature (transformers' ``Trainer`` drops dataset
+    columns the forward does not name and finds label columns there) then see ``input_ids``,
+    ``labels``, ... instead of ``*args, **kwargs``. One subclass per (class, base type), cached;
+    it keeps ``cls``'s name, and ``isinstance(model, cls)`` holds.
+    """
+    key = (cls, base_type)
+    if key not in _SIGNED:
+        unsigned_forward = cls.forward
+
+        def forward(self, *args, **kwargs):
+            return unsigned_forward(self, *args, **kwargs)
+
+        forward.__doc__ = unsigned_forward.__doc__
+        try:
+            forward.__signature__ = inspect.signature(base_type.forward)
+        except (TypeError, ValueError):  # a builtin or odd callable: keep *args, **kwargs
+            pass
+        _SIGNED[key] = type(cls.__name__, (cls,), {
+            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__, "_deltatune_signed": (cls, base_type)})
+    return _SIGNED[key]
+
+
+_SIGNED: dict[tuple[type, type], type] = {}
+
+
+def _new_signed(cls: type, base_type: type):
+    """Unpickling helper: an empty instance of ``_signed_class(cls, base_type)``."""
+    return object.__new__(_signed_class(cls, base_type))
+
+
 class PeftModel(nn.Module):
     """A base model with named adapters. Use ``get_peft_model`` or ``PeftModel.from_pretrained``.
 
@@ -93,6 +128,19 @@ class PeftModel(nn.Module):
         base_model: the ``TunerModel``; ``base_model.model`` is the wrapped user model.
         peft_config: adapter name -> config.
     """
+
+    def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
+        if model is not None and "_deltatune_signed" not in cls.__dict__:
+            cls = _signed_class(cls, type(model))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle as ``cls`` + base type (the signed subclass is not importable by name)."""
+        reduced = super().__reduce_ex__(protocol)
+        signed = type(self).__dict__.get("_deltatune_signed")
+        if signed is None or not isinstance(reduced, tuple) or len(reduced) < 2:
+            return reduced
+        return (_new_signed, signed) + tuple(reduced[2:])
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         from deltatune.quant import prepare_4bit_layers
