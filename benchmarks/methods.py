@@ -13,7 +13,8 @@ included; CUDA: peak allocated), final train loss, eval loss and exact-match acc
 benchmarks/results/methods.json, methods.md (the table) and methods.png (the chart).
 
     .venv/bin/python benchmarks/methods.py [--steps 40] [--eval-limit 50] [--batch-size 8]
-        [--methods lora,dora,ia3,adapter] [--device cpu] [--workdir DIR [--reuse]]
+        [--methods lora,dora,ia3,adapter] [--dtype auto] [--device cpu] [--workdir DIR [--reuse]]
+    .venv/bin/python benchmarks/methods.py --methods lora,qlora --results benchmarks/results/qlora_demo
 
 ``--reuse`` keeps the finished runs found in ``--workdir`` and trains only the missing methods.
 
@@ -46,7 +47,11 @@ METHODS = {
     "ia3": dict(method="ia3", lr=1e-2, method_args={"target_modules": ["k_proj", "v_proj", "down_proj"],
                                                     "feedforward_modules": ["down_proj"]}),
     "adapter": dict(method="adapter", lr=1e-3, method_args={"reduction_factor": 16}),
+    # QLoRA: LoRA as above on an NF4 (double-quantized) base. Not in the default set: run
+    # ``--methods lora,qlora --results benchmarks/results/qlora_demo`` to compare the two.
+    "qlora": dict(method="lora", r=16, alpha=32, target="all-linear", lr=1e-3, quantize="nf4"),
 }
+DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter"]
 
 
 def _training_api():
@@ -122,7 +127,7 @@ def run_one(name: str, args) -> dict:
                           eval_data=str(ROOT / "data" / "demo_eval.jsonl"),
                           max_steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=args.warmup,
                           eval_limit=args.eval_limit, out=str(out), progress=False, device=args.device,
-                          log_every=1, **options)
+                          log_every=1, dtype=args.dtype, **options)
     model, tokenizer = api.load_model(cfg, torch.device(args.device))
     load_before = os.getloadavg()[0]
     with PeakMemory(args.device) as memory:
@@ -174,7 +179,12 @@ def interleaved_step_times(names: list[str], args) -> dict[str, float]:
     for name in names:
         cfg = api.make_config(**METHODS[name])
         torch.manual_seed(args.seed)
-        model = get_peft_model(models.load_default(), api.adapter_config(cfg)).to(args.device)
+        base = models.load_default().to(args.device)
+        if cfg.quantize:
+            from deltatune.quant import quantize
+
+            quantize(base, quant_type=cfg.quantize)
+        model = get_peft_model(base, api.adapter_config(cfg))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         wrapped[name] = (model, torch.optim.AdamW(params, lr=1e-4))
@@ -237,7 +247,8 @@ def chart(rows: list[dict], path: Path, subtitle: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {sorted(METHODS)}")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="training compute dtype")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -275,7 +286,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--run-one", name, "--row-out", str(row_out), "--workdir", str(workdir),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-               "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--device", args.device]
+               "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         row = json.loads(row_out.read_text())
@@ -295,7 +306,7 @@ def main() -> None:
 
     setup = {"model": "SmolLM2-135M-Instruct (deltatune.models.load_default)", "steps": args.steps,
              "batch_size": args.batch_size, "warmup_steps": args.warmup, "seed": args.seed,
-             "eval_examples": args.eval_limit, "device": args.device, "torch": torch.__version__,
+             "eval_examples": args.eval_limit, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
              "timing": f"median of {args.timing_steps} interleaved steps, batch {args.batch_size} x "
                        f"{args.timing_length} tokens, {args.timing_threads or torch.get_num_threads()} thread(s)",
              "cpu_count": os.cpu_count(), "total_runtime_s": round(time.perf_counter() - started, 1)}
