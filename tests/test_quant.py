@@ -370,3 +370,24 @@ def test_quantize_lets_go_of_a_memory_mapped_checkpoint(tmp_path):
     assert mapped() == []
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_4bit_layer_under_autocast_dequantizes_to_the_autocast_dtype(monkeypatch):
+    from deltatune.quant import Linear4bit
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64)
+    layer = Linear4bit.from_linear(dense)
+    asked = []
+    real = Linear4bit.dequantize
+    monkeypatch.setattr(Linear4bit, "dequantize", lambda self, dtype=torch.float32: asked.append(dtype) or real(self, dtype))
+    x = torch.randn(3, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and asked[0] == torch.bfloat16
+    # same numbers as autocast's own cast of the fp32 dequantized weight
+    expected = torch.nn.functional.linear(x.detach().bfloat16(), real(layer, torch.float32).bfloat16(),
+                                          layer.bias.bfloat16())
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -268,9 +268,18 @@ class Linear4bit(nn.Module):
 
     # -- computing -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = resolve_compute_dtype(self.compute_dtype, x.device) or x.dtype
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # autocast would cast x and the dense weight to its dtype inside F.linear anyway:
+            # dequantize straight into it (no fp32 copy of W, no round trip of x), and return
+            # that dtype as an nn.Linear under autocast does.
+            dtype = torch.get_autocast_dtype(device_type)
+            out_dtype = dtype
+        else:
+            dtype = resolve_compute_dtype(self.compute_dtype, x.device) or x.dtype
+            out_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return _Linear4bitFn.apply(x.to(dtype), self, bias).to(x.dtype)   # (..., out)
+        return _Linear4bitFn.apply(x.to(dtype), self, bias).to(out_dtype)   # (..., out)
 
     def _apply(self, fn, recurse=True):
         """Move with the model but keep the storage dtypes: ``model.half()`` must not touch scales."""
