@@ -16,7 +16,7 @@ Configurations: fp32 LoRA and deltatune QLoRA (``deltatune.quantize`` + ``prepar
 (transformers ``BitsAndBytesConfig(load_in_4bit=True, compute bf16)`` + deltatune); optionally
 (``--peft-bnb``, ~2-3 min for one step) HF peft + bitsandbytes with bf16 compute.
 
-Usage: python benchmarks/qlora.py [--steps 3] [--threads N] [--peft-bnb] [--only qlora,fp32_lora]
+Usage: python benchmarks/qlora.py [--steps 3] [--threads N] [--peft-bnb] [--only qlora,fp32_lora] [--loss chunked]
        [--random-init]   (the default model's config with random weights: same shapes, so the same
                           time and memory, for machines without the model files)
 Writes benchmarks/results/qlora.json and prints a markdown table.
@@ -147,7 +147,21 @@ def _setup(name: str):
     return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora)), info
 
 
-def run_child(name: str, steps: int, threads: int) -> dict:
+def _step_loss(model, ids, loss_kind: str):
+    """HF's loss over full logits (``hf``), or deltatune's trainer path (``chunked``): the decoder,
+    then label positions through the head in chunks (``deltatune.training.loss``)."""
+    if loss_kind == "hf":
+        return model(input_ids=ids, labels=ids).loss
+    from deltatune.training.loss import linear_cross_entropy, unwrap
+
+    hf = unwrap(model)
+    hidden = hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state      # (B, T, d)
+    targets = ids[:, 1:].reshape(-1)
+    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), hf.get_output_embeddings(),
+                                targets) / targets.numel()
+
+
+def run_child(name: str, steps: int, threads: int, loss_kind: str = "hf") -> dict:
     import torch
 
     if threads:
@@ -167,7 +181,7 @@ def run_child(name: str, steps: int, threads: int) -> dict:
     times, losses = [], []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = _step_loss(model, ids, loss_kind)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -180,15 +194,16 @@ def run_child(name: str, steps: int, threads: int) -> dict:
             "rss_after_setup_mib": round(after_setup, 1),
             "train_peak_mib": round(_rss_mib("VmHWM"), 1) if reset else None,
             "process_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "trainable_params": sum(p.numel() for p in params), "torch_threads": torch.get_num_threads(), **info}
+            "trainable_params": sum(p.numel() for p in params), "torch_threads": torch.get_num_threads(),
+            "loss_kind": loss_kind, **info}
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: all configurations, table, JSON
 
-def _spawn(name: str, steps: int, threads: int, timeout: float) -> dict:
+def _spawn(name: str, steps: int, threads: int, timeout: float, loss_kind: str = "hf") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--steps", str(steps),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--loss", loss_kind]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -249,11 +264,14 @@ def main(argv=None) -> int:
     parser.add_argument("--random-init", action="store_true",
                         help="default model's config (--config) with random weights, saved to a temp dir")
     parser.add_argument("--config", default="", help="config.json for --random-init (default: the default model's)")
+    parser.add_argument("--loss", choices=["hf", "chunked"], default="hf",
+                        help="hf: model(labels=...) over full logits (what peft + Trainer run); chunked: "
+                             "deltatune's trainer path, label positions through the head in chunks")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args.steps, args.threads)), flush=True)
+        print("RESULT " + json.dumps(run_child(args.child, args.steps, args.threads, args.loss)), flush=True)
         return 0
 
     if args.random_init:
@@ -264,14 +282,14 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         steps = 1 if name == "peft_bnb_bf16" else args.steps
-        results.append(_spawn(name, steps, args.threads, timeout=1800))
+        results.append(_spawn(name, steps, args.threads, timeout=1800, loss_kind=args.loss))
     import torch
 
     source = "config, random weights" if args.random_init else "(deltatune.models.load_default)"
     report = {"model": f"SmolLM2-135M-Instruct {source}", "batch": BATCH, "seq_len": SEQ,
               "lora": {"r": RANK, "target_modules": TARGETS}, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
-              "torch": torch.__version__, "random_init": args.random_init, "results": results}
+              "torch": torch.__version__, "random_init": args.random_init, "loss": args.loss, "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

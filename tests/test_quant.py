@@ -391,3 +391,25 @@ def test_4bit_layer_under_autocast_dequantizes_to_the_autocast_dtype(monkeypatch
                                           layer.bias.bfloat16())
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_core
+def test_qlora_training_is_lora_on_the_nf4_rounded_base():
+    """QLoRA changes how the base is stored, not what is computed: trained on a 4-bit base, LoRA
+    follows the same path as on a dense copy holding the NF4-rounded weights."""
+    quantized = quant.quantize(llama())
+    rounded = quant.dequantize_model(copy.deepcopy(quantized))
+    assert not any(isinstance(m, Linear4bit) for m in rounded.modules())
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    torch.manual_seed(7)
+    qlora = get_peft_model(quantized, config)
+    torch.manual_seed(7)
+    lora = get_peft_model(rounded, config)
+    q_losses, d_losses = _train(qlora), _train(lora)
+    assert q_losses[-1] < q_losses[0]
+    torch.testing.assert_close(torch.tensor(q_losses), torch.tensor(d_losses), rtol=1e-5, atol=1e-5)
+    q_state = {k: v for k, v in qlora.state_dict().items() if "lora_" in k}
+    d_state = {k: v for k, v in lora.state_dict().items() if "lora_" in k}
+    assert q_state.keys() == d_state.keys()
+    for key in q_state:
+        torch.testing.assert_close(q_state[key], d_state[key], rtol=1e-4, atol=1e-5)
