@@ -114,7 +114,7 @@ def main() -> int:
     out = Path(cfg.out)
     print("| model | exact match (held-out) |\n|---|---|")
     print(f"| SmolLM2-135M-Instruct | {100 * base['exact_match']:.1f}% ({base['correct']}/{base['total']}) |")
-    print(f"| + LoRA r=16, {args.steps} steps | {100 * tuned['exact_match']:.1f}% ({tuned['correct']}/{tuned['total']}) |")
+    print(f"| + {'QLoRA' if args.quantize else 'LoRA'} r=16, {args.steps} steps | {100 * tuned['exact_match']:.1f}% ({tuned['correct']}/{tuned['total']}) |")
     print(f"\ngain: {gain:+.1f} points; eval loss {result['eval_loss']:.4f}")
     print(f"adapter:    {out / 'adapter'}  ({(out / 'adapter' / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MB)")
     print(f"loss curve: {out / 'loss_curve.png'}\nmetrics:    {out / 'metrics.csv'}")
