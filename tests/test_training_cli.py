@@ -131,6 +131,9 @@ def test_train_quantize_nf4_trains_on_a_4bit_base_and_saves_a_dense_loadable_ada
     model, _ = load_model(cfg, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 2 * 7 and all(m.double_quant and m.quant_type == "nf4" for m in layers)
+    # checkpointing follows peft's QLoRA recipe unless asked otherwise
+    assert cfg.use_grad_checkpointing and not make_config(quantize="nf4", grad_checkpointing=False).use_grad_checkpointing
+    assert not make_config().use_grad_checkpointing
 
     out = tmp_path / "qlora"
     run_cli(train_args(world, out, "--quantize", "nf4", "--max-steps", "8", "--batch-size", "8",

@@ -65,7 +65,10 @@ def _add_train(sub) -> None:
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--max-grad-norm", type=float, help="clip threshold, 0 = off (default 1)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--grad-checkpointing", **_FLAG, help="recompute activations in backward (less memory)")
+    g.add_argument("--grad-checkpointing", **_FLAG,
+                   help="recompute activations in backward (less memory); default: on with --quantize, else off")
+    g.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", **_NOT,
+                   help="keep activations even with --quantize (faster, more memory)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype (default auto)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/deltatune)")

@@ -54,6 +54,8 @@ class TrainConfig:
         epochs / max_steps: length of the run (``max_steps`` wins when set).
         max_grad_norm: clip threshold (0 disables). seed: data order, init and dropout.
         grad_checkpointing: recompute activations in backward (less memory, ~30% slower).
+            Default: on with ``quantize`` (as peft's ``prepare_model_for_kbit_training`` does:
+            without it activations, not weights, set a QLoRA run's peak), off otherwise.
         dtype: ``float32`` | ``bfloat16`` compute; ``auto`` = bf16 on GPUs and on CPUs with native
             bf16 (AVX512-BF16/AMX), fp32 elsewhere (see ``precision``).
     Loop:
@@ -102,7 +104,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     max_grad_norm: float = 1.0
     seed: int = 0
-    grad_checkpointing: bool = False
+    grad_checkpointing: Optional[bool] = None
     dtype: str = "auto"
 
     out: str = "runs/deltatune"
@@ -171,6 +173,11 @@ class TrainConfig:
         data = read_config_file(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, source=str(path))
+
+    @property
+    def use_grad_checkpointing(self) -> bool:
+        """``grad_checkpointing`` as given, or (unset) on exactly when the base is quantized."""
+        return bool(self.quantize) if self.grad_checkpointing is None else bool(self.grad_checkpointing)
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with ``changes`` applied (validated again)."""

@@ -108,7 +108,7 @@ class Trainer:
         self.state = TrainState()
         self.log = MetricsLog(self.out, enabled=self.info.main)
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-        if config.grad_checkpointing:
+        if config.use_grad_checkpointing:
             self._enable_grad_checkpointing()
         self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
 
