@@ -81,15 +81,20 @@ def test_grad_accumulation_and_packing_do_not_change_the_math(tmp_path, tok, dat
         assert other == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tok, data):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, tok, data, dtype):
+    # bf16 on the CPU switches short rows to eager attention; the recompute in backward must
+    # take the same path as the forward or checkpointing refuses the mismatched tensors.
     train, _ = data
     curves = []
     for flag in (False, True):
         out = tmp_path / str(flag)
-        trainer = Trainer(wrapped(tok), tok, config(out, max_steps=4, grad_checkpointing=flag), train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 warns
+            trainer = Trainer(wrapped(tok), tok, config(out, max_steps=4, grad_checkpointing=flag, dtype=dtype), train)
         trainer.fit()
         curves.append([r["loss"] for r in read_metrics(out / "run") if "loss" in r])
-    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5 if dtype == "float32" else 2e-2)
     assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
 
 

@@ -139,13 +139,16 @@ def cpu_bf16_attention(hf: nn.Module, input_ids: torch.Tensor):
     Measured on SmolLM2-135M (rows of ~100 tokens, AVX512-BF16 CPU): a training step is ~15% faster
     with eager attention than with SDPA's CPU flash kernel in bf16 (no difference in fp32).
     Eager attention stores (rows, heads, L, L) probabilities, so only rows up to
-    ``EAGER_MAX_LEN`` switch; models not on ``sdpa`` are left alone.
+    ``EAGER_MAX_LEN`` switch; models not on ``sdpa`` are left alone, and so are models with
+    gradient checkpointing on: their backward recomputes the forward after this context has
+    ended, and a recompute on another attention path is refused by ``torch.utils.checkpoint``.
     """
     cfg = getattr(hf, "config", None)
     bf16 = (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16) or \
         getattr(hf, "dtype", None) == torch.bfloat16
     if (cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa" or not bf16
-            or input_ids.device.type != "cpu" or input_ids.shape[1] > EAGER_MAX_LEN):
+            or input_ids.device.type != "cpu" or input_ids.shape[1] > EAGER_MAX_LEN
+            or _checkpointing(hf)):
         yield
         return
     cfg._attn_implementation = "eager"
@@ -153,6 +156,11 @@ def cpu_bf16_attention(hf: nn.Module, input_ids: torch.Tensor):
         yield
     finally:
         cfg._attn_implementation = "sdpa"
+
+
+def _checkpointing(hf: nn.Module) -> bool:
+    """True if transformers' gradient (activation) checkpointing is on in ``hf``."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
 
 
 class LossModule(nn.Module):
