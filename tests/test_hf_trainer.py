@@ -32,6 +32,9 @@ def test_transformers_trainer_trains_a_deltatune_model(tmp_path):
                              use_cpu=True, seed=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(ids))
     trainer.train()
+    # Trainer found the label column from the forward signature, so evaluation reports a loss
+    assert trainer.label_names == ["labels"]
+    assert "eval_loss" in trainer.evaluate(eval_dataset=_Rows(ids[:4]))
     after = model(input_ids=ids[:2], labels=ids[:2]).loss.item()
     assert after < before - 0.2, (before, after)  # ~0.4 here; untrained: 0
     for name, p in model.named_parameters():
