@@ -16,7 +16,8 @@ Each variant trains in this process, one after another (same data order, same in
     .venv/bin/python benchmarks/qlora_accuracy.py [--steps 40] [--eval-limit 200]
         [--variants dense,nf4,nf4-rounded,nf4-svd]
 
-Writes benchmarks/results/qlora_accuracy.json and prints a markdown table.
+Writes benchmarks/results/qlora_accuracy.json and .png and prints a markdown table
+(``--replot`` redraws the PNG from the JSON).
 """
 from __future__ import annotations
 
@@ -110,6 +111,29 @@ def run(variant: str, args, tokenizer) -> dict:
     return row
 
 
+def chart(report: dict, path: Path) -> None:
+    """Exact match and eval loss per base variant, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = [r["variant"] for r in rows]
+    colors = ["#4c72b0", "#dd8452", "#c44e52", "#8172b3"][:len(rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (title, value) in zip(axes, [("held-out exact match (%)", lambda r: 100 * r["exact_match"]),
+                                         ("held-out eval loss", lambda r: r["eval_loss"])]):
+        bars = ax.bar(names, [value(r) for r in rows], color=colors)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"LoRA r=16 on the demo task, {report['steps']} steps, {report['eval_examples']} held-out: "
+                 "which base is underneath", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -117,7 +141,11 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workdir", default="/tmp/deltatune-qlora-accuracy")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qlora_accuracy.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     args = ap.parse_args()
+    if args.replot:
+        chart(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -133,6 +161,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    chart(report, out.with_suffix(".png"))
     print("\n| base under the adapter | exact match | eval loss |\n|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['correct']}/{r['scored']} ({100 * r['exact_match']:.1f}%) | {r['eval_loss']:.4f} |")
