@@ -72,6 +72,33 @@ def logits_of(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
+def train_steps(model, ids: torch.Tensor | None = None, steps: int = 6, lr: float = 2e-2) -> list[float]:
+    """``steps`` AdamW steps of the LM loss on ``ids`` (default: a 4x12 batch) over the trainable
+    parameters, in train mode; returns the losses."""
+    ids = token_batch(batch=4, length=12) if ids is None else ids
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_file_crosses(source, directory, load, build, ids, atol: float = 1e-5):
+    """Save ``source``'s adapter to ``directory``, load the file onto ``build()`` with ``load``
+    (e.g. ``peft.PeftModel.from_pretrained``) and check both give the same logits on ``ids``.
+    Returns the loaded model."""
+    source.eval()
+    source.save_pretrained(directory)
+    loaded = load(build(), directory).eval()
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(source, ids), rtol=0, atol=atol)
+    return loaded
+
+
 def perturb_trainable(model, seed: int = 123, scale: float = 0.05) -> None:
     """Stand-in for training: move every trainable tensor so saved files carry real values."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ import deltatune
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.checkpoint.io import CheckpointError
 from deltatune.config import ConfigError
-from tests.conftest import logits_of, perturb_trainable, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import logits_of, perturb_trainable, tiny_convnet, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 BUILDERS = {
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], 128),
@@ -85,16 +85,7 @@ def test_training_lowers_loss_and_touches_only_the_adapter():
     base_params = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert adapter_before and all(".lora_" in n for n in adapter_before)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_batch(batch=4, length=12)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, steps=20, lr=1e-2)
     assert losses[-1] < losses[0] - 0.3
     for n, p in model.named_parameters():
         if n in base_params:

@@ -21,7 +21,8 @@ from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig, Bottle
 from deltatune.checkpoint.peft_format import adapter_summary
 from deltatune.methods.dora import DoraLinear, row_norms
 from deltatune.methods.ia3 import IA3Config
-from tests.conftest import logits_of, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import (logits_of, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch,
+                            train_steps)
 
 # Arguments for methods whose defaults do not fit the tiny Llama; any other method gets
 # target_modules=["q_proj", "v_proj"] if its config has that field, else no arguments.
@@ -158,18 +159,9 @@ def test_training_lowers_loss_and_keeps_base(name):
     torch.manual_seed(0)
     ids = token_batch(batch=4, length=12, seed=3)
     model = deltatune.get_peft_model(tiny_llama(), _config(name))
-    model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and frozen
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    assert frozen and any(p.requires_grad for p in model.parameters())
+    losses = train_steps(model, ids, steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 1e-3, losses
     for n, p in model.named_parameters():
         if n in frozen:

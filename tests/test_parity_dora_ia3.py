@@ -6,7 +6,8 @@ import torch
 
 import deltatune
 from deltatune.methods.ia3 import IA3Config
-from tests.conftest import logits_of, perturb_trainable, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import (assert_file_crosses, logits_of, perturb_trainable, tiny_bert, tiny_convnet, tiny_gpt2,
+                            tiny_llama, token_batch)
 
 peft = pytest.importorskip("peft")
 
@@ -51,12 +52,7 @@ def test_peft_file_loads_in_deltatune(case, tmp_path):
     ids = _ids(case)
     theirs = peft.get_peft_model(build(), _configs(kind, kwargs)[0])
     perturb_trainable(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
-    expected = logits_of(theirs, ids)
-
-    ours = deltatune.PeftModel.from_pretrained(build(), tmp_path)
-    torch.testing.assert_close(logits_of(ours, ids), expected, rtol=0, atol=1e-5)
+    ours = assert_file_crosses(theirs, tmp_path, deltatune.PeftModel.from_pretrained, build, ids)
     # merged, both libraries give the same plain model
     merged_theirs = logits_of(theirs.merge_and_unload(), ids)
     torch.testing.assert_close(logits_of(ours.merge_and_unload(), ids), merged_theirs, rtol=0, atol=1e-5)
@@ -68,12 +64,7 @@ def test_deltatune_file_loads_in_peft(case, tmp_path):
     ids = _ids(case)
     ours = deltatune.get_peft_model(build(), _configs(kind, kwargs)[1])
     perturb_trainable(ours)
-    ours.save_pretrained(tmp_path)
-    expected = logits_of(ours, ids)
-
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
-    theirs.eval()
-    torch.testing.assert_close(logits_of(theirs, ids), expected, rtol=0, atol=1e-5)
+    assert_file_crosses(ours, tmp_path, peft.PeftModel.from_pretrained, build, ids)
 
 
 @pytest.mark.parametrize("case", ["dora-llama-qkvo", "dora-convnet", "ia3-llama-kv-ff", "ia3-convnet"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import deltatune
-from tests.conftest import logits_of, perturb_trainable, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import (assert_file_crosses, logits_of, perturb_trainable, tiny_bert, tiny_convnet, tiny_gpt2,
+                            tiny_llama, token_batch)
 
 peft = pytest.importorskip("peft")
 
@@ -46,13 +47,7 @@ def test_peft_file_loads_in_deltatune(case, tmp_path):
     ids = token_batch(vocab=50 if case == "convnet" else 128)
     theirs = peft.get_peft_model(build(), _peft_config(kwargs))
     perturb_trainable(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
-    expected = logits_of(theirs, ids)
-
-    ours = deltatune.PeftModel.from_pretrained(build(), tmp_path)
-    got = logits_of(ours, ids)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert_file_crosses(theirs, tmp_path, deltatune.PeftModel.from_pretrained, build, ids)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -61,12 +56,7 @@ def test_deltatune_file_loads_in_peft(case, tmp_path):
     ids = token_batch(vocab=50 if case == "convnet" else 128)
     ours = deltatune.get_peft_model(build(), _our_config(kwargs))
     perturb_trainable(ours)
-    ours.save_pretrained(tmp_path)
-    expected = logits_of(ours, ids)
-
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
-    theirs.eval()
-    torch.testing.assert_close(logits_of(theirs, ids), expected, rtol=0, atol=1e-5)
+    assert_file_crosses(ours, tmp_path, peft.PeftModel.from_pretrained, build, ids)
 
 
 @pytest.mark.parametrize("case", ["llama-qkvo", "gpt2-conv1d-bias-all", "bert-seqcls"])

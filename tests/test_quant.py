@@ -21,7 +21,7 @@ pytest.importorskip("bitsandbytes")
 import deltatune.quant as quant  # noqa: E402
 from deltatune import LoraConfig, PeftModel, get_peft_model, registry  # noqa: E402
 from deltatune.quant import Linear4bit, nf4  # noqa: E402
-from tests.conftest import token_batch  # noqa: E402
+from tests.conftest import token_batch, train_steps  # noqa: E402
 
 bnbf = nf4.import_bnb().functional
 
@@ -228,35 +228,26 @@ def test_transformers_load_in_4bit_on_cpu(tmp_path, monkeypatch):
     assert registry.is_linear(q_proj) and registry.features(q_proj) == (64, 64)
     assert quant.quantization_footprint(model)["layers"] == 14
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    losses = _train(peft_model, steps=4)
-    assert losses[-1] < losses[0]
-    peft_model.eval()
-    ids = token_batch()
-    with torch.no_grad():
-        unmerged = peft_model(input_ids=ids).logits
-        quant.dequantize_model(peft_model)
-        merged = peft_model.merge_and_unload()
-        assert not any(quant.is_4bit(m) for m in merged.modules())
-        assert getattr(merged, "hf_quantizer", None) is None
-        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+    merged = _train_then_merge(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    assert not any(quant.is_4bit(m) for m in merged.modules())
+    assert getattr(merged, "hf_quantizer", None) is None
 
 
 # ---------------------------------------------------------------------------------------------
 # QLoRA end to end with the LoRA core
 
-def _train(model, steps: int = 6, lr: float = 2e-2) -> list[float]:
-    ids = token_batch(batch=4, length=12)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+def _train_then_merge(peft_model, steps: int = 4):
+    """Train a few steps (the loss must fall), then merge into the dequantized base: the merged
+    model gives the unmerged logits. Returns the merged model."""
+    losses = train_steps(peft_model, steps=steps)
+    assert losses[-1] < losses[0]
+    peft_model.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        merged = quant.dequantize_model(peft_model).merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+    return merged
 
 
 @needs_core
@@ -267,7 +258,7 @@ def test_qlora_trains_and_leaves_4bit_weights_untouched():
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    losses = _train(peft_model)
+    losses = train_steps(peft_model)
     assert losses[-1] < losses[0]
     for name, t in peft_model.base_model.model.state_dict().items():
         if "lora_" not in name:
@@ -291,7 +282,7 @@ def test_adapter_from_4bit_base_loads_onto_full_precision_base(tmp_path):
     dense = llama()
     qmodel = quant.quantize(copy.deepcopy(dense))
     peft_model = get_peft_model(qmodel, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    _train(peft_model, steps=3)
+    train_steps(peft_model, steps=3)
     peft_model.save_pretrained(tmp_path)
     peft_model.eval()
     ids = token_batch()
@@ -309,7 +300,7 @@ def test_adapter_from_4bit_base_loads_onto_full_precision_base(tmp_path):
 @needs_core
 def test_merge_and_unload_on_4bit_base_gives_dense_model():
     peft_model = get_peft_model(quant.quantize(llama()), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
-    _train(peft_model, steps=3)
+    train_steps(peft_model, steps=3)
     peft_model.eval()
     ids = token_batch()
     with torch.no_grad():
@@ -327,7 +318,7 @@ def test_merge_and_unload_on_4bit_base_gives_dense_model():
 @needs_core
 def test_merging_into_4bit_weights_warns_about_rounding():
     peft_model = get_peft_model(quant.quantize(llama()), LoraConfig(r=4, target_modules=["q_proj"]))
-    _train(peft_model, steps=2)
+    train_steps(peft_model, steps=2)
     with pytest.warns(UserWarning, match="re-rounds"):
         peft_model.merge_adapter()
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
@@ -337,15 +328,7 @@ def test_merging_into_4bit_weights_warns_about_rounding():
 @needs_core
 def test_dora_on_4bit_base_trains_and_merges():
     config = LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"])
-    peft_model = get_peft_model(quant.quantize(llama()), config)
-    losses = _train(peft_model, steps=4)
-    assert losses[-1] < losses[0]
-    peft_model.eval()
-    ids = token_batch()
-    with torch.no_grad():
-        unmerged = peft_model(input_ids=ids).logits
-        merged = quant.dequantize_model(peft_model).merge_and_unload()
-        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+    _train_then_merge(get_peft_model(quant.quantize(llama()), config))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -405,7 +388,7 @@ def test_qlora_training_is_lora_on_the_nf4_rounded_base():
     qlora = get_peft_model(quantized, config)
     torch.manual_seed(7)
     lora = get_peft_model(rounded, config)
-    q_losses, d_losses = _train(qlora), _train(lora)
+    q_losses, d_losses = train_steps(qlora), train_steps(lora)
     assert q_losses[-1] < q_losses[0]
     torch.testing.assert_close(torch.tensor(q_losses), torch.tensor(d_losses), rtol=1e-5, atol=1e-5)
     q_state = {k: v for k, v in qlora.state_dict().items() if "lora_" in k}
