@@ -12,9 +12,11 @@ and one process with the same global batch computes the same sum.
 
 Packing: a micro-batch becomes rows of length ``L`` = its longest sequence; shorter sequences are
 packed first-fit-decreasing into the same row. ``position_ids`` restart at 0 for each sequence,
-which transformers (>= 4.5x ``masking_utils``) turns into a block-diagonal causal mask when no
-``attention_mask`` is passed. Padding sits only at row ends, where causal attention makes it
-invisible to real tokens; padded positions carry no label.
+which transformers' ``masking_utils`` turns into a block-diagonal causal mask when no
+``attention_mask`` is passed (Llama-family models since transformers 4.53.1, GPT-2 since 4.55.0;
+before 5.0 only on torch >= 2.6). Older versions would let packed sequences attend to each other,
+so ``collate(packing=True)`` refuses them (``compat.check_packing_support``). Padding sits only at
+row ends, where causal attention makes it invisible to real tokens; padded positions carry no label.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deltatune.training.compat import check_packing_support
 from deltatune.training.data import IGNORE, Example
 
 
@@ -105,7 +108,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate(examples: list[Example], packing: bool = True, pad_id: int = 0) -> Batch:
-    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row."""
+    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row.
+
+    Raises:
+        compat.PackingUnsupportedError: ``packing`` with a transformers/torch whose attention masks
+            would let packed sequences see each other.
+    """
+    if packing:
+        check_packing_support()
     lengths = [len(e) for e in examples]
     capacity = max(lengths)
     rows = pack_rows(lengths, capacity) if packing else [[i] for i in range(len(examples))]
