@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -118,16 +117,23 @@ class PeftConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``directory`` atomically."""
-        from deltatune.checkpoint.io import atomic_write_json
+    # peft's API names. The file format lives in ``deltatune.checkpoint.peft_format``; these
+    # two delegate to it so that code written for peft runs unchanged.
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``directory/adapter_config.json`` atomically (``checkpoint.peft_format.write_config``)."""
+        from deltatune.checkpoint.peft_format import write_config
 
-        atomic_write_json(os.path.join(directory, "adapter_config.json"), self.to_dict())
+        os.makedirs(directory, exist_ok=True)
+        write_config(directory, self)
+
+    save = save_pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
         """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names."""
-        return load_config(directory)
+        from deltatune.checkpoint.peft_format import read_config
+
+        return read_config(directory)
 
 
 _MISSING = object()
@@ -242,26 +248,3 @@ def _normalise_targets(name: str, value):
     if not all(isinstance(v, str) and v for v in items):
         raise ConfigError(f"{name} must contain non-empty strings, got {items!r}")
     return items
-
-
-def load_config(directory: str | os.PathLike) -> PeftConfig:
-    """Read ``adapter_config.json`` from ``directory`` and build the config its ``peft_type`` names.
-
-    Raises:
-        FileNotFoundError: no adapter_config.json in ``directory``.
-        ConfigError: unreadable JSON, unknown ``peft_type``, or an unsupported field (the message
-            names the file and the key).
-    """
-    from deltatune.registry import config_class_for
-
-    path = os.path.join(os.fspath(directory), "adapter_config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, dict) or "peft_type" not in data:
-        raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
-    return config_class_for(data["peft_type"], source=path).from_dict(data, source=path)

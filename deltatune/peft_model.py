@@ -1,90 +1,27 @@
-"""``PeftModel``: one base model, any number of named adapters.
+"""``PeftModel``: one base model, any number of named adapters, peft's API.
 
 Structure mirrors peft's so parameter names match theirs (``base_model.model.<path>...``):
 ``PeftModel.base_model`` is a ``TunerModel`` whose ``.model`` is the user's model with some
-modules replaced by adapter layers. Saving and loading live in ``checkpoint.peft_format``;
-merging is each layer's pure ``merged_weight``.
+modules replaced by adapter layers. Every layer shares the model's one ``AdapterSet`` (names,
+slots, active / merged / disabled), and ``applying`` is the one place that decides what the
+adapters do to a call: ``forward``, ``generate`` and the training loss all enter it, with
+``adapter_names=`` (one name per row) for mixed-adapter batches. Files are read and written by
+``checkpoint.peft_format``; merging is each layer's pure ``merged_weight``.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import os
+import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-from deltatune import registry, targeting
-from deltatune.config import TASK_HEADS, ConfigError, PeftConfig
-from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper
-from deltatune.surgery import replace_module
-
-
-class TunerModel(nn.Module):
-    """Holds the wrapped model as ``.model`` (peft's ``LoraModel`` role); forward passes through."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        """``(module name, layer)`` for every adapter layer in the model."""
-        for name, module in targeting.iter_candidates(self.model):
-            if isinstance(module, AdapterLayer):
-                yield name, module
-
-    def inject(self, adapter_name: str, config: PeftConfig) -> list[str]:
-        """Add adapter ``adapter_name`` to every module ``config`` selects.
-
-        Returns the names of modules that were plain before (wrapped now), for rollback.
-        """
-        method = registry.method_for(config.peft_type.value)
-        names = targeting.select(self.model, config,
-                                 is_supported=lambda m: method.layer_class_for(m, config) is not None)
-        saved = targeting.select_saved(self.model, getattr(config, "modules_to_save", None))
-        wrapped = []
-        for name in names:
-            module = self.model.get_submodule(name)
-            if isinstance(module, AdapterLayer):
-                if not isinstance(module, method.layer_class_for(module.get_base_layer(), config)):
-                    raise ConfigError(f"{name} already holds a {type(module).__name__} adapter; "
-                                      f"cannot add a {config.peft_type.value} adapter to the same layer")
-            else:
-                module = method.layer_class_for(module, config)(module)
-                replace_module(self.model, name, module)
-                wrapped.append(name)
-            module.add_adapter(adapter_name, config, name)
-            module.train(module.base_layer.training)  # new dropout follows the model's mode
-        for name in saved:
-            module = self.model.get_submodule(name)
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                replace_module(self.model, name, module)
-                wrapped.append(name)
-            module.add_adapter(adapter_name)
-        return wrapped
-
-    def remove_adapter(self, adapter_name: str) -> None:
-        """Delete ``adapter_name`` from every layer; layers left empty go back to plain modules."""
-        for name, layer in list(self.adapter_layers()):
-            layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:
-                replace_module(self.model, name, layer.get_base_layer())
-
-    def unload(self, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Replace every adapter layer by a plain module (merging first if ``merge``)."""
-        for name, layer in list(self.adapter_layers()):
-            if merge and adapter_names is not None:
-                layer.merge(adapter_names, safe_merge=safe_merge)
-            elif merge:
-                layer.merge(safe_merge=safe_merge)
-            replace_module(self.model, name, layer.unloaded(merge=merge))
-        return self.model
+from deltatune.adapter_set import AdapterSet, MixingError
+from deltatune.config import TASK_HEADS, PeftConfig
+from deltatune.tuner import TunerModel
 
 
 def _signed_class(cls: type, base_type: type) -> type:
@@ -104,7 +41,7 @@ def _signed_class(cls: type, base_type: type) -> type:
 
         forward.__doc__ = unsigned_forward.__doc__
         try:
-            forward.__signature__ = inspect.signature(base_type.forward)
+            forward.__signature__ = _with_adapter_names(inspect.signature(base_type.forward))
         except (TypeError, ValueError):  # a builtin or odd callable: keep *args, **kwargs
             pass
         _SIGNED[key] = type(cls.__name__, (cls,), {
@@ -114,6 +51,17 @@ def _signed_class(cls: type, base_type: type) -> type:
 
 
 _SIGNED: dict[tuple[type, type], type] = {}
+
+
+def _with_adapter_names(sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` plus a keyword-only ``adapter_names=None`` (before ``**kwargs``), so a dataset column
+    of that name survives tools that keep only the columns the forward names."""
+    params = list(sig.parameters.values())
+    if "adapter_names" in sig.parameters:
+        return sig
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:cut] + [extra] + params[cut:])
 
 
 def _new_signed(cls: type, base_type: type):
@@ -147,9 +95,8 @@ class PeftModel(nn.Module):
 
         super().__init__()
         prepare_4bit_layers(model)  # registers weight access for bitsandbytes 4-bit layers, if any
-        self.peft_config: dict[str, PeftConfig] = {}
-        self.base_model = TunerModel(model)
-        self._active = adapter_name
+        self.adapter_set = AdapterSet()
+        self.base_model = TunerModel(model, self.adapter_set)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -159,110 +106,211 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "peft_config"):
+            if name in ("base_model", "adapter_set"):
                 raise
             return getattr(self.base_model.model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """Adapter name -> config (peft's attribute; the adapter set's table)."""
+        return self.adapter_set.configs
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers inside, unless unloaded)."""
         return self.base_model.model
 
-    def forward(self, *args, **kwargs):
-        """Calls the wrapped model with the active adapters applied."""
-        return self.base_model.model(*args, **kwargs)
+    # -- calls ---------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
+        on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword."""
+        with self.applying(adapter_names):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """``generate`` of the wrapped transformers model, with the active adapters applied."""
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """``generate`` of the wrapped transformers model with the active adapter applied, or one
+        adapter per prompt with ``adapter_names`` (beams and sampling included: each prompt's
+        expanded rows keep its adapter)."""
+        with self.applying(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def applying(self, adapter_names: Sequence[str] | None = None):
+        """The one place that decides what the adapters do to a call; ``forward``, ``generate``
+        and the training loss run inside it.
+
+        ``adapter_names=None`` applies the active adapter (and merged ones). A list gives each
+        row's adapter: one name for every row takes the single-adapter path; different names
+        make a mixed batch, where each layer gathers every row's factors from its bank.
+
+        Raises:
+            MixingError: an unknown name, an adapter merged into the weights, a layer type or
+                method that cannot mix, or adapters with trained biases in a mixed batch.
+        """
+        if adapter_names is None:
+            yield
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        with self.adapter_set.routing(names):
+            route = self.adapter_set.route()
+            if route is not None and not isinstance(route, str):
+                biased = sorted({n for n in names if self.base_model.trains_biases(n)})
+                if biased:
+                    raise MixingError(f"adapter(s) {biased} train their own biases (bias != 'none'); "
+                                      "rows with different adapters cannot have different biases")
+            previous = self.base_model._bias_live
+            self.base_model.sync_biases([route] if isinstance(route, str) else [])
+            try:
+                yield
+            finally:
+                self.base_model.sync_biases(previous)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
     def active_adapter(self) -> str:
         """Name of the active adapter."""
-        return self._active
+        return self.adapter_set.active
 
     @property
     def active_adapters(self) -> list[str]:
         """Active adapter names (a list, as in peft)."""
-        return [self._active]
+        return [self.adapter_set.active] if self.adapter_set.active is not None else []
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a new adapter (inactive unless it is the first). On error the model is unchanged.
+        """Add a new adapter (inactive unless it is the first). On error the model is unchanged
+        (base weights an initialisation such as PiSSA changed are restored).
 
         Raises:
             ValueError: ``adapter_name`` exists already, or the config is invalid for this model.
         """
-        if adapter_name in self.peft_config:
+        if adapter_name in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         peft_config = _for_task(peft_config)
         if peft_config.base_model_name_or_path is None:
             source = getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None) or None
             peft_config = dataclasses.replace(peft_config, base_model_name_or_path=source)
+        self.adapter_set.add(adapter_name, peft_config)
         try:
             self.base_model.inject(adapter_name, peft_config)
         except BaseException:
-            self.base_model.remove_adapter(adapter_name)
+            self._discard(adapter_name)
             raise
-        self.peft_config[adapter_name] = peft_config
         self._refresh()
 
+    def _discard(self, adapter_name: str) -> None:
+        """Take a half-added adapter out again, undoing what its initialisation did to the base."""
+        for _, layer in self.base_model.adapter_layers():
+            undo = getattr(layer, "undo_init", None)
+            if undo is not None and adapter_name in layer.held:
+                undo(adapter_name)
+        self.base_model.remove_adapter(adapter_name)
+        self.adapter_set.remove(adapter_name)
+
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (and the trainable one unless inference mode)."""
-        if adapter_name not in self.peft_config:
+        """Make ``adapter_name`` the active adapter (and the trainable one unless inference mode).
+
+        Merged adapters are unmerged first, with a warning, as peft does: a merged adapter would
+        otherwise stay in the weights under the new one.
+        """
+        if adapter_name not in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
-        self._active = adapter_name
+        if self.adapter_set.merged and adapter_name != self.adapter_set.active:
+            warnings.warn(f"set_adapter({adapter_name!r}): unmerging adapter(s) {self.adapter_set.merged} "
+                          "from the base weights first", stacklevel=2)
+            self.unmerge_adapter()
+        self.adapter_set.active = adapter_name
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` from the model."""
-        if adapter_name not in self.peft_config:
+        """Remove ``adapter_name`` from the model (unmerging it first if it is merged)."""
+        if adapter_name not in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
+        remerge = []
+        if adapter_name in self.adapter_set.merged:
+            remerge = [n for n in self.adapter_set.merged if n != adapter_name]
+            self.unmerge_adapter()
         self.base_model.remove_adapter(adapter_name)
-        del self.peft_config[adapter_name]
-        if self._active == adapter_name:
-            self._active = next(iter(self.peft_config), None)
+        self.adapter_set.remove(adapter_name)
+        if self.adapter_set.active is None:
+            self.adapter_set.active = next(iter(self.peft_config), None)
+        if remerge:
+            self.merge_adapter(remerge)
         self._refresh()
 
+    def _applied(self) -> list[str]:
+        """Adapters whose effect the model shows outside a call: merged ones and the active one."""
+        if self.adapter_set.disabled:
+            return []
+        return list(dict.fromkeys(self.adapter_set.merged + self.active_adapters))
+
     def _refresh(self) -> None:
-        """Point every layer at the active adapter and set ``requires_grad`` to match."""
-        for _, layer in self.base_model.adapter_layers():
-            layer.set_active([self._active] if self._active else [])
-        mark_trainable(self.base_model, self._active,
-                       self.peft_config.get(self._active) if self._active else None)
+        """Set ``requires_grad`` for the active adapter and put the applied adapters' biases live."""
+        self.base_model.sync_biases(self._applied())
+        active = self.adapter_set.active
+        mark_trainable(self.base_model, active, self.peft_config.get(active) if active else None)
 
     @contextmanager
     def disable_adapter(self):
-        """Context manager running the bare base model (merged adapters are unmerged meanwhile)."""
-        layers = [layer for _, layer in self.base_model.adapter_layers()]
-        merged = {id(layer): list(layer.merged_adapters) for layer in layers}
-        for layer in layers:
-            layer.unmerge()
-            layer.disabled = True
+        """Context manager running the bare base model.
+
+        Merged adapters are unmerged once, with a warning, and stay unmerged afterwards (as in
+        peft): re-merging on exit would round a 4-bit base's weights again on every call.
+        """
+        if self.adapter_set.merged:
+            warnings.warn(f"disable_adapter(): unmerging adapter(s) {self.adapter_set.merged} from the base "
+                          "weights; they stay unmerged afterwards (merge_adapter() merges them again)",
+                          stacklevel=3)
+            self.unmerge_adapter()
+        previous = self.adapter_set.disabled
+        self.adapter_set.disabled = True
+        self.base_model.sync_biases([])
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
-                layer.merge(merged[id(layer)])
+            self.adapter_set.disabled = previous
+            self.base_model.sync_biases(self._applied())
 
     # -- merging -------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or given) adapters into the base weights; ``unmerge_adapter`` undoes it."""
-        for _, layer in self.base_model.adapter_layers():
-            layer.merge(adapter_names, safe_merge=safe_merge)
+        """Fold the active (or given) adapters into the base weights; ``unmerge_adapter`` undoes it.
+
+        Each adapter merges into every layer or none: an error (``safe_merge`` finding non-finite
+        weights, a method that cannot merge) unmerges the layers already done and re-raises.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        unknown = [n for n in names if n not in self.adapter_set]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; have {sorted(self.peft_config)}")
+        layers = [layer for _, layer in self.base_model.adapter_layers()]
+        for name in [n for n in names if n not in self.adapter_set.merged]:
+            done = []
+            try:
+                for layer in layers:
+                    layer.merge([name], safe_merge=safe_merge)
+                    done.append(layer)
+            except BaseException:
+                for layer in reversed(done):
+                    layer.unmerge([name])
+                raise
+            self.adapter_set.merged.append(name)
+        self.base_model.sync_biases(self._applied())
 
     def unmerge_adapter(self) -> None:
-        """Undo ``merge_adapter``."""
+        """Undo ``merge_adapter`` (every merged adapter, last merged first)."""
+        merged = list(self.adapter_set.merged)
         for _, layer in self.base_model.adapter_layers():
-            layer.unmerge()
+            layer.unmerge(merged)
+        self.adapter_set.merged = []
+        self.base_model.sync_biases(self._applied())
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model (no deltatune inside).
 
-        A 4-bit base is dequantized first, so the result is a full-precision model with the delta
-        added to the dequantized weights. ``requantize=True`` rounds the merged weights back to
-        4-bit NF4 and warns with the error that introduces.
+        With ``adapter_names`` exactly those adapters are merged (plus any merged before), with
+        their trained biases and modules-to-save copies. A 4-bit base is dequantized first, so the
+        result is a full-precision model with the delta added to the dequantized weights.
+        ``requantize=True`` rounds the merged weights back to 4-bit NF4 and warns with the error
+        that introduces.
 
         Raises:
             NotImplementedError: an adapter method that cannot merge (the message names it).
@@ -272,14 +320,17 @@ class PeftModel(nn.Module):
         quantized = any(quant.is_4bit(m) for m in self.base_model.model.modules())
         if quantized:
             quant.dequantize_model(self.base_model.model)
-        model = self.base_model.unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        model = self.base_model.unload(merged=list(self.adapter_set.merged))
         if quantized and requantize:
             quant.requantize(model)
         return model
 
     def unload(self) -> nn.Module:
-        """Return the base model with every adapter removed and nothing merged."""
-        return self.base_model.unload(merge=False)
+        """Return the base model with every adapter removed and nothing merged (merged adapters
+        are unmerged, trained biases restored to the base's values)."""
+        self.unmerge_adapter()
+        return self.base_model.unload(merged=[])
 
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -303,15 +354,19 @@ class PeftModel(nn.Module):
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         The adapter named ``default`` goes in ``save_directory``, others in a subfolder of that
-        name (peft's layout). Files are written atomically.
+        name (peft's layout). The directory is written whole and switched in atomically, so a
+        crash never leaves new weights beside an old config.
         """
-        from deltatune.checkpoint.peft_format import save_adapter
+        from deltatune.checkpoint.peft_format import write_adapters
 
         if not is_main_process:
             return
+        adapters = {}
         for name in selected_adapters or list(self.peft_config):
-            target = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, name, target)
+            if name not in self.adapter_set:
+                raise ValueError(f"cannot save unknown adapter {name!r}; have {sorted(self.peft_config)}")
+            adapters["" if name == "default" else name] = (self.peft_config[name], self.base_model.adapter_state(name))
+        write_adapters(save_directory, adapters)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -330,7 +385,7 @@ class PeftModel(nn.Module):
         try:
             peft_model._load_weights(adapter_name, tensors, model_id)
         except BaseException:
-            peft_model.base_model.remove_adapter(adapter_name)
+            peft_model._discard(adapter_name)
             raise
         if not is_trainable:
             peft_model.eval()
@@ -346,14 +401,24 @@ class PeftModel(nn.Module):
         try:
             self._load_weights(adapter_name, tensors, model_id)
         except BaseException:
-            self.delete_adapter(adapter_name)
+            self._discard(adapter_name)
+            self._refresh()
             raise
         self._refresh()
 
     def _load_weights(self, adapter_name: str, tensors: dict, source) -> None:
-        from deltatune.checkpoint.peft_format import load_adapter_weights
+        """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly: every
+        key present with its shape and every key used, else nothing is copied."""
+        import torch
 
-        load_adapter_weights(self.base_model, adapter_name, self.peft_config[adapter_name], tensors, source)
+        from deltatune.checkpoint.peft_format import check_tensors, drop_peft_artefacts
+
+        expected = self.base_model.adapter_state(adapter_name)
+        tensors = drop_peft_artefacts(tensors, self.base_model.saved_module_names())
+        check_tensors({k: tuple(v.shape) for k, v in expected.items()}, tensors, source)
+        with torch.no_grad():
+            for key, live in expected.items():
+                live.copy_(tensors[key].to(device=live.device, dtype=live.dtype))
 
 
 def _for_task(config: PeftConfig) -> PeftConfig:
@@ -366,7 +431,7 @@ def _for_task(config: PeftConfig) -> PeftConfig:
 
 
 def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConfig | None) -> None:
-    """Freeze everything, then unfreeze adapter ``adapter_name``'s parameters and biases per ``config.bias``."""
+    """Freeze everything, then unfreeze adapter ``adapter_name``'s parameters and its trained biases."""
     for p in tuner.parameters():
         p.requires_grad_(False)
     if adapter_name is None or config is None or config.inference_mode:
@@ -374,37 +439,8 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
     for _, layer in tuner.adapter_layers():
         for _, p in layer.adapter_parameters(adapter_name):
             p.requires_grad_(True)
-    bias = getattr(config, "bias", "none")
-    for name, p in bias_parameters(tuner, adapter_name, bias).items():
+    for p in tuner.live_bias_parameters(adapter_name):
         p.requires_grad_(True)
-
-
-def bias_parameters(tuner: TunerModel, adapter_name: str, bias: str) -> dict[str, nn.Parameter]:
-    """Biases that train with the adapter: every bias (``"all"``) or wrapped layers' (``"lora_only"``).
-
-    Keys are parameter names relative to ``tuner.model``.
-    """
-    if bias == "all":
-        return {n: p for n, p in tuner.model.named_parameters() if n.endswith("bias") and _is_base_param(tuner, n)}
-    if bias == "lora_only":
-        out = {}
-        for name, layer in tuner.adapter_layers():
-            b = getattr(layer.get_base_layer(), "bias", None)
-            if adapter_name in layer.adapter_names and isinstance(b, nn.Parameter):
-                out[f"{name}.base_layer.bias"] = b
-        return out
-    return {}
-
-
-def _is_base_param(tuner: TunerModel, param_name: str) -> bool:
-    """True for a parameter of the base model proper: not an adapter's own tensor, and not inside a
-    ``modules_to_save`` wrapper (its trained copy is saved whole under the module's name)."""
-    module_name = param_name.rpartition(".")[0]
-    for layer_name, layer in tuner.adapter_layers():
-        if module_name.startswith(layer_name + "."):
-            rest = module_name[len(layer_name) + 1:]
-            return rest.split(".")[0] == "base_layer" and not isinstance(layer, ModulesToSaveWrapper)
-    return True
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

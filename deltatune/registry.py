@@ -1,10 +1,13 @@
 """Small lookup tables: method name -> config class and layer classes; module type -> weight access.
 
-Methods register themselves when their module is imported (``deltatune.methods`` imports them
-all), so adding a method never means editing a dispatch chain elsewhere.
+``METHOD_MODULES`` says which modules define each method; they are imported on first use (in the
+order listed: a variant after the method it extends) and register their config and layers, so
+nothing depends on what happened to be imported first, and adding a method means one line here
+plus its own file.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,6 +61,20 @@ class Method:
 _METHODS: dict[str, Method] = {}
 # CLI/method name -> (peft_type, fixed config overrides), e.g. "dora" -> ("LORA", {"use_dora": True}).
 _ALIASES: dict[str, tuple[str, dict]] = {}
+# peft_type -> the modules that define it, imported in this order by ``method_for``.
+METHOD_MODULES: dict[str, tuple[str, ...]] = {
+    "LORA": ("deltatune.methods.lora", "deltatune.methods.dora"),
+    "IA3": ("deltatune.methods.ia3",),
+    "DELTATUNE_BOTTLENECK": ("deltatune.methods.bottleneck",),
+}
+
+
+def _load(peft_type: str | None = None) -> None:
+    """Import the modules of ``peft_type`` (all methods when None); each registers itself."""
+    for key, modules in METHOD_MODULES.items():
+        if peft_type is None or key == peft_type:
+            for module in modules:
+                importlib.import_module(module)
 
 
 def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...] = (),
@@ -82,8 +99,7 @@ def register_layer(peft_type: str, base_type: type, layer_cls: type, variant: st
 
 def method_for(peft_type: str) -> Method:
     """The registered method for ``peft_type``; ConfigError naming it if unknown."""
-    import deltatune.methods  # noqa: F401  (registers the built-in methods)
-
+    _load(peft_type)
     if peft_type not in _METHODS:
         raise ConfigError(f"peft_type {peft_type!r} is not supported; known: {sorted(_METHODS)}")
     return _METHODS[peft_type]
@@ -99,15 +115,13 @@ def config_class_for(peft_type: str, source: str = "config") -> type:
 
 def method_names() -> list[str]:
     """Names accepted by ``--method`` (e.g. ``lora``, ``dora``)."""
-    import deltatune.methods  # noqa: F401
-
+    _load()
     return sorted(_ALIASES)
 
 
 def make_config(method: str, **kwargs):
     """Build a config from a method name as given on the command line, e.g. ``make_config("dora", r=8)``."""
-    import deltatune.methods  # noqa: F401
-
+    _load()
     if method not in _ALIASES:
         raise ConfigError(f"method={method!r} is not one of {method_names()}")
     peft_type, overrides = _ALIASES[method]

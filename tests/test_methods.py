@@ -15,7 +15,8 @@ import torch
 
 import deltatune
 from deltatune import registry
-from deltatune.config import ConfigError, load_config
+from deltatune.checkpoint.peft_format import read_config as load_config
+from deltatune.config import ConfigError
 from deltatune.methods.base import AdapterLayer
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig, BottleneckLayer
 from deltatune.checkpoint.peft_format import adapter_summary

@@ -1,70 +1,97 @@
 """peft's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are ``base_model.model.<module path>.<suffix>`` where the suffix is what the adapter layer
-reports (``lora_A.weight``, ``lora_embedding_B``, ...) without the adapter name, exactly as peft
-writes them. The same key map is used to save and to load, so the two cannot drift apart.
+Pure file format: configs and tensors in, directories out, and back; this module never sees a
+model. Keys in the file are ``base_model.model.<module path>.<suffix>`` where the suffix is what
+the adapter layer reports (``lora_A.weight``, ``lora_embedding_B``, ...) without the adapter
+name, exactly as peft writes them; callers pass and receive keys relative to the user's model
+(``<module path>.<suffix>``), and ``to_file_keys`` / ``from_file_keys`` add or remove the prefix,
+so saving and loading cannot drift apart.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-from deltatune.checkpoint.io import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
-from deltatune.config import PeftConfig, load_config
 from deltatune import registry
+from deltatune.checkpoint.io import CheckpointError, atomic_directory, atomic_save_tensors, \
+    atomic_write_json, load_tensors
+from deltatune.config import ConfigError, PeftConfig
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-# Embedding layer names for which peft also saves the base weight when they are targeted
-# (its ``save_embedding_layers="auto"``), so resized vocabularies travel with the adapter.
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
-def adapter_key_map(tuner, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
-    """Saved key -> live tensor for adapter ``adapter_name`` (the tensors themselves, not copies)."""
-    from deltatune.peft_model import bias_parameters
-
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in tuner.adapter_layers():
-        for suffix, p in layer.adapter_parameters(adapter_name):
-            out[f"{PREFIX}{name}.{suffix}"] = p
-    for pname, p in bias_parameters(tuner, adapter_name, getattr(config, "bias", "none")).items():
-        out[f"{PREFIX}{pname}"] = p
-    out.update(_embedding_base_weights(tuner, config))
-    return out
+def to_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model-relative keys -> the keys peft writes (``base_model.model.`` prefix)."""
+    return {PREFIX + k: v for k, v in tensors.items()}
 
 
-def _embedding_base_weights(tuner, config) -> dict[str, torch.Tensor]:
-    targets = getattr(config, "target_modules", None)
-    if not isinstance(targets, list) or not any(e in targets for e in EMBEDDING_NAMES):
-        return {}
-    from deltatune.methods.base import ModulesToSaveWrapper
-
-    out = {}
-    for name, layer in tuner.adapter_layers():
-        if isinstance(layer, ModulesToSaveWrapper):
-            continue  # its trained copy is saved whole already
-        if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES and hasattr(layer.get_base_layer(), "weight"):
-            out[f"{PREFIX}{name}.base_layer.weight"] = layer.get_base_layer().weight
-    return out
+def from_file_keys(tensors: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+    """File keys -> model-relative keys; a key without peft's prefix is an error naming it."""
+    bad = sorted(k for k in tensors if not k.startswith(PREFIX))
+    if bad:
+        raise CheckpointError(f"{source}: key {bad[0]!r} does not start with {PREFIX!r}; not a peft adapter file")
+    return {k[len(PREFIX):]: v for k, v in tensors.items()}
 
 
-def save_adapter(peft_model, adapter_name: str, directory: str | os.PathLike) -> None:
-    """Write adapter ``adapter_name`` of ``peft_model`` into ``directory`` (atomically, file by file)."""
-    config = peft_model.peft_config[adapter_name]
-    tensors = {k: v.detach().cpu() for k, v in adapter_key_map(peft_model.base_model, adapter_name, config).items()}
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(tensors, Path(directory) / WEIGHTS_NAME, metadata={"format": "pt"})
+# -- configs -------------------------------------------------------------------------------------
+def read_config(directory: str | os.PathLike) -> PeftConfig:
+    """Read ``adapter_config.json`` from ``directory`` and build the config its ``peft_type`` names.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in ``directory``.
+        ConfigError: unreadable JSON, unknown ``peft_type``, or an unsupported field (the message
+            names the file and the key).
+    """
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
+    return registry.config_class_for(data["peft_type"], source=path).from_dict(data, source=path)
+
+
+def write_config(directory: str | os.PathLike, config: PeftConfig, inference_mode: bool | None = None) -> None:
+    """Write ``directory/adapter_config.json`` atomically (``inference_mode`` overrides the field)."""
     data = config.to_dict()
-    data["inference_mode"] = True  # peft writes files for inference; loading decides trainability
+    if inference_mode is not None:
+        data["inference_mode"] = inference_mode
     atomic_write_json(Path(directory) / CONFIG_NAME, data)
 
 
+# -- directories ---------------------------------------------------------------------------------
+def write_adapters(root: str | os.PathLike, adapters: dict[str, tuple[PeftConfig, dict[str, torch.Tensor]]],
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write adapters in peft's layout under ``root``, all at once.
+
+    ``adapters`` maps a relative directory (``""`` for ``root`` itself, peft's place for the
+    adapter named ``default``; an adapter's name for the others) to ``(config, tensors)`` with
+    model-relative keys. The whole tree is assembled beside ``root`` and switched in atomically
+    (``atomic_directory``), so weights and config always come from the same save.
+    """
+    owned = {CONFIG_NAME, WEIGHTS_NAME} if "" in adapters else set()
+    owned |= {rel.split("/")[0] for rel in adapters if rel}
+    with atomic_directory(root, owned) as tmp:
+        for rel, (config, tensors) in adapters.items():
+            target = tmp / rel if rel else tmp
+            target.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors({k: v.detach().cpu() for k, v in to_file_keys(tensors).items()},
+                                target / WEIGHTS_NAME, metadata=metadata or {"format": "pt"})
+            write_config(target, config, inference_mode=True)  # as peft: loading decides trainability
+
+
 def read_adapter(directory: str | os.PathLike, config: PeftConfig | None = None):
-    """Read and check an adapter directory: ``(config, tensors)``; nothing is applied yet.
+    """Read and check an adapter directory: ``(config, tensors)`` with model-relative keys.
 
     Raises:
         FileNotFoundError: the directory or a file is missing (named).
@@ -73,53 +100,45 @@ def read_adapter(directory: str | os.PathLike, config: PeftConfig | None = None)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: adapter directory not found")
-    config = config or load_config(directory)
+    config = config or read_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.exists() and (directory / "adapter_model.bin").exists():
         raise CheckpointError(f"{directory / 'adapter_model.bin'}: pickle weights are not loaded (unsafe); "
                               "re-save the adapter with safetensors")
-    return config, load_tensors(weights)
+    return config, from_file_keys(load_tensors(weights), weights)
 
 
-def load_adapter_weights(tuner, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-                         source) -> None:
-    """Copy ``tensors`` into adapter ``adapter_name``, strictly.
+def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source) -> None:
+    """Strict key and shape check of ``tensors`` against ``expected`` (key -> shape).
 
-    Every expected key must be present with the same shape, and every key in the file must be
-    used; otherwise a CheckpointError names the key and the file, and nothing is copied.
+    Raises:
+        CheckpointError: the first missing key, unexpected key or wrong shape, named with the file.
     """
-    expected = adapter_key_map(tuner, adapter_name, config)
     where = Path(source) / WEIGHTS_NAME
-    tensors = drop_peft_artefacts(tensors, tuner)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"{where}: missing key {missing[0]!r}"
+        raise CheckpointError(f"{where}: missing key {PREFIX + missing[0]!r}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                               + " — the adapter does not match this base model or config")
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r}"
+        raise CheckpointError(f"{where}: unexpected key {PREFIX + unexpected[0]!r}"
                               + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
                               + " — the adapter was made for a different base model or config")
-    for key, live in expected.items():
-        if tuple(tensors[key].shape) != tuple(live.shape):
-            raise CheckpointError(f"{where}: key {key!r} has shape {tuple(tensors[key].shape)}, the model "
-                                  f"expects {tuple(live.shape)} — the adapter was made for another base")
-    with torch.no_grad():
-        for key, live in expected.items():
-            live.copy_(tensors[key].to(device=live.device, dtype=live.dtype))
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: key {PREFIX + key!r} has shape {tuple(tensors[key].shape)}, the "
+                                  f"model expects {tuple(shape)} — the adapter was made for another base")
 
 
-def drop_peft_artefacts(tensors: dict[str, torch.Tensor], tuner) -> dict[str, torch.Tensor]:
+def drop_peft_artefacts(tensors: dict[str, torch.Tensor], saved_modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """Remove keys peft writes by accident around ``modules_to_save`` with ``bias="all"``.
 
     peft's bias filter also catches the frozen original (``X.original_module.bias``) and repeats
     the trained copy's bias as ``X.modules_to_save.bias``; the copy itself is saved as ``X.bias``.
+    ``saved_modules`` are the model-relative names of the modules-to-save.
     """
-    from deltatune.methods.base import ModulesToSaveWrapper
-
-    wrappers = [name for name, layer in tuner.adapter_layers() if isinstance(layer, ModulesToSaveWrapper)]
-    noise = tuple(f"{PREFIX}{w}.{part}." for w in wrappers for part in ("original_module", "modules_to_save"))
+    noise = tuple(f"{m}.{part}." for m in saved_modules for part in ("original_module", "modules_to_save"))
     return {k: v for k, v in tensors.items() if not k.startswith(noise)} if noise else tensors
 
 
@@ -132,7 +151,7 @@ def adapter_summary(directory: str | os.PathLike) -> dict:
     containers = registry.method_for(config.peft_type.value).container_names()
     modules = set()
     for key in tensors:
-        parts = key[len(PREFIX):].split(".")
+        parts = key.split(".")
         cut = next((i for i, part in enumerate(parts) if part in containers), None)
         if cut:
             modules.add(".".join(parts[:cut]))

@@ -1,9 +1,17 @@
-"""What every adapter layer shares: a base layer, named adapters, activation and merging.
+"""What every adapter layer shares: a base layer, the adapters it holds, routing and merging.
 
-A method subclasses ``AdapterLayer`` and declares in ``adapter_containers`` which of its
-``ModuleDict``/``ParameterDict`` attributes hold per-adapter tensors. Everything else (saving,
-deleting, marking trainable, counting) finds adapter parameters through that declaration, never
-by looking for substrings in parameter names.
+A layer refers to its model's one ``AdapterSet`` (names, slots, active / merged / disabled state,
+the per-call route) and keeps only what is its own: which adapters target it, their tensors and
+per-module hyper-parameters. A method subclasses ``AdapterLayer`` and declares in
+``adapter_containers`` which of its ``ModuleDict``/``ParameterDict`` attributes hold per-adapter
+tensors. Everything else (saving, deleting, marking trainable, counting, the bank) finds adapter
+parameters through that declaration, never by looking for substrings in parameter names.
+
+Mixed-adapter batches: a mixable method builds a *bank* per layer, its adapters' tensors stacked
+by slot (``build_bank``), and ``mixed_forward`` applies each row's slot; slot 0 is the base.
+The bank is derived from the ordinary modules (which stay what training, FSDP and
+``torch.compile`` see): rebuilt differentiably when the adapter is being trained, cached otherwise
+until a tensor, the slots or the mode change.
 """
 from __future__ import annotations
 
@@ -14,42 +22,94 @@ import torch
 from torch import nn
 
 from deltatune import registry
+from deltatune.adapter_set import AdapterSet, MixingError, rows_for
+
+
+def tensor_versions(tensors) -> tuple:
+    """``(address, version counter)`` of each tensor: any in-place write bumps the counter."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 class AdapterLayer(nn.Module):
-    """A frozen ``base_layer`` plus any number of named adapters of one method.
+    """A frozen ``base_layer`` plus the named adapters of one method that target it.
 
     Subclasses implement ``add_adapter(name, config, module_name)`` and ``forward``; additive or
-    multiplicative methods implement ``merged_weight``/``unmerged_weight`` to be mergeable.
+    multiplicative methods implement ``merged_weight``/``unmerged_weight`` to be mergeable, and
+    ``build_bank``/``mixed_forward`` to be mixable.
+
+    Attributes:
+        base_layer: the wrapped module.
+        adapter_set: the model's shared ``AdapterSet`` (not a submodule; not in the state dict).
+        held: names of the adapters this layer holds, in the order they were added.
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = True
+    mixable: ClassVar[bool] = True
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapter_names: list[str] = []
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
+        self.adapter_set = adapter_set if adapter_set is not None else AdapterSet()
+        self.held: list[str] = []
+        self._bank: tuple | None = None          # (key, bank dict)
+        self._gathered: dict = {}                # gather fn -> (route tensor, rows, bank key, result)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped module."""
         return self.base_layer
+
+    # -- views of the shared state (read-only) -------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapters held by this layer."""
+        return list(self.held)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The model's active adapter, if this layer holds it."""
+        active = self.adapter_set.active
+        return [active] if active in self.held else []
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters of this layer folded into its base weight, in merge order."""
+        return [n for n in self.adapter_set.merged if n in self.held]
 
     @property
     def merged(self) -> bool:
         """True while at least one adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
+    @property
+    def disabled(self) -> bool:
+        """True while the model runs with adapters disabled."""
+        return self.adapter_set.disabled
+
+    # -- routing -------------------------------------------------------------------------------
+    def route(self):
+        """This call's route restricted to this layer: None (base), a held unmerged adapter's
+        name, or per-row slots (a ``LongTensor``)."""
+        route = self.adapter_set.route()
+        if isinstance(route, str) and (route not in self.held or route in self.adapter_set.merged):
+            return None
+        if isinstance(route, torch.Tensor) and not self.mixable:
+            raise MixingError(f"{type(self).__name__} cannot run a mixed-adapter batch: {self.cannot_mix_reason()}")
+        return route
+
+    def cannot_mix_reason(self) -> str:
+        """Why this layer type cannot serve rows with different adapters (for error messages)."""
+        return "the method has no per-row path"
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config, module_name: str) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _register(self, name: str) -> None:
-        if name not in self.adapter_names:
-            self.adapter_names.append(name)
+        if name not in self.held:
+            self.held.append(name)
+        self._bank = None
+        self._gathered = {}
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """``(key suffix, parameter)`` pairs of adapter ``name``, in peft's saved-key form.
@@ -68,26 +128,28 @@ class AdapterLayer(nn.Module):
             else:
                 yield attr, item
 
-    def set_active(self, names: list[str]) -> None:
-        """Make ``names`` (those this layer holds) the active adapters."""
-        self.active_adapters = [n for n in names if n in self.adapter_names]
-
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (unmerging first if it is merged)."""
-        if name in self.merged_adapters:
-            self.unmerge()
+        """Remove adapter ``name``'s tensors from this layer (the caller unmerges it first)."""
         for attr in self.adapter_containers:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
         for table in self.per_adapter_tables():
             table.pop(name, None)
-        self.adapter_names = [n for n in self.adapter_names if n != name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.held = [n for n in self.held if n != name]
+        self._bank = None
+        self._gathered = {}
 
     def per_adapter_tables(self) -> list[dict]:
         """Plain dicts keyed by adapter name (hyper-parameters) to clean on delete."""
         return []
+
+    def train(self, mode: bool = True):
+        """Changing mode drops cached banks: fused optimizers update tensors in place without
+        always bumping their version counters, so a cache from before training is not trusted."""
+        self._bank = None
+        self._gathered = {}
+        return super().train(mode)
 
     # -- merging -------------------------------------------------------------------------------
     def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:  # pragma: no cover
@@ -98,10 +160,14 @@ class AdapterLayer(nn.Module):
         """Inverse of ``merged_weight``."""
         raise NotImplementedError
 
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters ``names`` (default: the active ones) into the base weight."""
-        for name in names if names is not None else self.active_adapters:
-            if name not in self.adapter_names or name in self.merged_adapters:
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Fold adapters ``names`` (those this layer holds) into the base weight, in order.
+
+        The shared set records what is merged; the caller (``PeftModel``) updates it once every
+        layer has merged. With ``safe_merge`` a non-finite result raises before anything is written.
+        """
+        for name in names:
+            if name not in self.held:
                 continue
             if not self.mergeable:
                 raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
@@ -111,37 +177,86 @@ class AdapterLayer(nn.Module):
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
                 registry.set_weight(self.base_layer, new)
-            self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Undo every merge, last merged first."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+    def unmerge(self, names: list[str]) -> None:
+        """Undo the merges of ``names`` (merge order given), last merged first."""
+        for name in reversed(names):
+            if name not in self.held:
+                continue
             with torch.no_grad():
                 base = registry.get_weight(self.base_layer)
                 registry.set_weight(self.base_layer, self.unmerged_weight(base.float(), name))
 
-    def unloaded(self, merge: bool) -> nn.Module:
-        """The plain module to put back in the model (after merging active adapters if ``merge``)."""
-        if merge:
-            self.merge()
+    def unloaded(self, merged: list[str]) -> nn.Module:
+        """The plain module to put back in the model once adapters ``merged`` are folded in."""
         return self.base_layer
 
+    # -- banks (mixed batches) -----------------------------------------------------------------
+    def build_bank(self) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """This layer's adapters stacked by slot (slot 0 and absent adapters: the identity)."""
+        raise NotImplementedError
+
+    def bank(self) -> dict[str, torch.Tensor]:
+        """``build_bank()``, cached unless an adapter tensor needs gradients now.
+
+        The cache key holds the slots' version, every adapter and base tensor's version counter
+        and the hyper-parameters, so a load, an optimizer step outside autograd, a merge or a
+        scaling change rebuilds it.
+        """
+        params = [p for name in self.held for _, p in self.adapter_parameters(name)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._gathered = {}
+            return self.build_bank()
+        key = self.bank_key(params)
+        if self._bank is None or self._bank[0] != key:
+            with torch.no_grad():
+                self._bank = (key, self.build_bank())
+        return self._bank[1]
+
+    def bank_key(self, params: list[torch.Tensor]) -> tuple:
+        base = self.base_layer
+        base_tensors = [t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None]
+        return (self.adapter_set.version, tuple(self.held), tensor_versions(params),
+                tensor_versions(base_tensors), self.hyper_key())
+
+    def hyper_key(self) -> tuple:
+        """Per-adapter hyper-parameters that enter the bank (e.g. scalings); hashable values."""
+        return ()
+
+    def gathered(self, route: torch.Tensor, n: int, gather) -> tuple:
+        """``gather(bank, rows)`` for this call's route fitted to ``n`` rows, cached while the route
+        object and the bank stay the same (every decode step of one ``generate`` call)."""
+        bank = self.bank()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in bank.values()):
+            return gather(bank, rows_for(route, n).to(_device_of(bank)))
+        key = self._bank[0] if self._bank is not None else None
+        hit = self._gathered.get(gather)
+        if hit is not None and hit[0] is route and hit[1] == n and hit[2] == key:
+            return hit[3]
+        out = gather(bank, rows_for(route, n).to(_device_of(bank)))
+        self._gathered[gather] = (route, n, key, out)
+        return out
+
     def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self.active_adapters}"
+        return f"adapters={self.held}"
+
+
+def _device_of(bank: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(bank.values())).device
 
 
 class ModulesToSaveWrapper(AdapterLayer):
     """A module trained in full: each adapter holds its own copy; the original stays intact.
 
     peft's name for the wrapped module is ``original_module``; files store the copy's weights
-    under the module's own name (``...score.weight``).
+    under the module's own name (``...score.weight``). In a mixed batch each adapter's copy runs
+    on its own rows (a full module has no stacked form; this is a head, once per model).
     """
 
     adapter_containers = ("modules_to_save",)
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(module, adapter_set)
         self.modules_to_save = nn.ModuleDict()
 
     @property
@@ -156,18 +271,31 @@ class ModulesToSaveWrapper(AdapterLayer):
         if name in self.modules_to_save:
             yield from self.modules_to_save[name].named_parameters()
 
-    def forward(self, *args, **kwargs):
-        if self.disabled or not self.active_adapters:
-            return self.base_layer(*args, **kwargs)
-        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+    def _module_for(self, route) -> nn.Module:
+        return self.modules_to_save[route] if isinstance(route, str) else self.base_layer
 
-    def unloaded(self, merge: bool) -> nn.Module:
-        if merge and self.active_adapters:
-            return self.modules_to_save[self.active_adapters[0]]
-        return self.base_layer
+    def forward(self, x, *args, **kwargs):
+        route = self.adapter_set.route()
+        if route is None or isinstance(route, str):
+            return self._module_for(route if route in self.held else None)(x, *args, **kwargs)
+        rows = rows_for(route, x.shape[0]).to(x.device)
+        result = None
+        for slot in rows.unique().tolist():
+            name = next((n for n in self.held if self.adapter_set.slots[n] == slot), None)
+            pick = (rows == slot).nonzero().squeeze(1)
+            out = self._module_for(name)(x[pick], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[pick] = out
+        return result
 
-    def merge(self, names=None, safe_merge: bool = False) -> None:
+    def unloaded(self, merged: list[str]) -> nn.Module:
+        """The copy of the first merged adapter this module holds, else the original."""
+        name = next((n for n in merged if n in self.held), None)
+        return self.modules_to_save[name] if name is not None else self.base_layer
+
+    def merge(self, names, safe_merge: bool = False) -> None:
         """A full copy has nothing to fold in; it replaces the original when unloading."""
 
-    def unmerge(self) -> None:
+    def unmerge(self, names) -> None:
         """Nothing was folded in."""

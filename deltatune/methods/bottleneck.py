@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import registry
+from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import ConfigError, PeftConfig, PeftType, _normalise_targets
 from deltatune.methods.base import AdapterLayer
 
@@ -123,14 +124,20 @@ class AdapterConfig(PeftConfig):
 BottleneckConfig = AdapterConfig
 
 
+def gather_bottleneck(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """Each row's down (N, d, b), down bias (N, b), up (N, b, d), up bias (N, d)."""
+    return (bank["down"][rows].transpose(1, 2), bank["down_bias"][rows],
+            bank["up"][rows].transpose(1, 2), bank["up_bias"][rows])
+
+
 class BottleneckLayer(AdapterLayer):
     """A linear-like layer followed by residual bottleneck MLPs, one per adapter."""
 
     adapter_containers = ("adapter_down", "adapter_up")
     mergeable = False
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         _, self.out_features = registry.features(base_layer)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
@@ -156,25 +163,55 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)              # (..., d)
-        if self.disabled:
+        route = self.route()
+        if route is None:
             return result
-        for name in self.active_adapters:
-            down, up = self.adapter_down[name], self.adapter_up[name]
-            act = NON_LINEARITIES[self.non_linearity[name]]
-            h = act(down(result.to(down.weight.dtype)))            # (..., b)
-            result = result + up(h).to(result.dtype)               # (..., d)
-        return result
+        if isinstance(route, str):
+            down, up = self.adapter_down[route], self.adapter_up[route]
+            h = NON_LINEARITIES[self.non_linearity[route]](down(result.to(down.weight.dtype)))  # (..., b)
+            return result + up(h).to(result.dtype)                # (..., d)
+        return result + self.mixed_delta(result, route).to(result.dtype)
 
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Bottleneck adapters cannot be merged (nothing to do when ``names`` is empty)."""
-        todo = [n for n in (names if names is not None else self.active_adapters) if n in self.adapter_names]
-        if todo:
+    def build_bank(self) -> dict[str, torch.Tensor]:
+        """Down ``(slots, b_max, d)`` + bias, up ``(slots, d, b_max)`` + bias; zeros for slot 0 and
+        padding (every supported non-linearity maps 0 to 0, so padded units add nothing)."""
+        S, d = self.adapter_set.num_slots, self.out_features
+        b_max = max(self.adapter_down[n].out_features for n in self.held)
+        like = self.adapter_down[self.held[0]].weight
+        bank = {"down": like.new_zeros(S, b_max, d), "down_bias": like.new_zeros(S, b_max),
+                "up": like.new_zeros(S, d, b_max), "up_bias": like.new_zeros(S, d)}
+        for name in self.held:
+            slot, down, up = self.adapter_set.slots[name], self.adapter_down[name], self.adapter_up[name]
+            b = down.out_features
+            bank["down"][slot, :b], bank["down_bias"][slot, :b] = down.weight, down.bias
+            bank["up"][slot, :, :b], bank["up_bias"][slot] = up.weight, up.bias
+        return bank
+
+    def hyper_key(self) -> tuple:
+        return tuple((n, self.non_linearity[n]) for n in self.held)
+
+    def mixed_delta(self, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Each row's ``up(act(down(y)))`` with its own adapter; rows' adapters must share ``act``."""
+        acts = {self.non_linearity[n] for n in self.held if self.adapter_set.slots[n] in set(route.tolist())}
+        if len(acts) > 1:
+            raise MixingError(f"bottleneck adapters with different non-linearities {sorted(acts)} cannot share "
+                              "a mixed batch; run them in separate calls")
+        act = NON_LINEARITIES[acts.pop() if acts else "relu"]
+        n = y.shape[0]
+        down, down_bias, up, up_bias = self.gathered(route, n, gather_bottleneck)
+        h = y.reshape(n, -1, y.shape[-1]).to(down.dtype)                      # (n, T, d)
+        h = act(torch.baddbmm(down_bias[:, None, :], h, down))               # (n, T, b)
+        return torch.baddbmm(up_bias[:, None, :], h, up).reshape(y.shape)    # (..., d)
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Bottleneck adapters cannot be merged (nothing to do when ``names`` holds none of ours)."""
+        if any(n in self.held for n in names):
             raise NotImplementedError(
                 "bottleneck adapters (AdapterConfig) cannot be merged into the base weights: their "
                 "non-linearity sits between two projections. Use unload() to get the base model back "
                 "without the adapter, or keep the PeftModel for inference.")
 
-    def unmerge(self) -> None:
+    def unmerge(self, names: list[str]) -> None:
         """Nothing is ever merged."""
 
 

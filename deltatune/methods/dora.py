@@ -33,12 +33,13 @@ import dataclasses
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltatune import registry
+from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import LoraConfig, PeftType
-from deltatune.methods.lora import LoraConv2d, LoraEmbedding, LoraLinear
+from deltatune.methods.base import tensor_versions
+from deltatune.methods.lora import LoraConv2d, LoraEmbedding, LoraLinear, gather_lora, lora_bmm
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -69,11 +70,6 @@ def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     return torch.linalg.vecdot(B32, t).add_(base_sq).sqrt_()            # (out,)
 
 
-def _versions(tensors) -> tuple:
-    """``(address, version counter)`` of each tensor: any in-place write bumps the counter."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
 class DoraMixin:
     """What DoRA adds to a LoRA layer class: magnitudes, the norm, the DoRA merge.
 
@@ -81,8 +77,8 @@ class DoraMixin:
     and ``_factor_rows`` (the adapter's ``(A, B)`` in that row layout).
     """
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         self.lora_magnitude_vector = nn.ModuleDict()
         self._base_sq: tuple | None = None                    # (base version key, ||W_i||²)
         self._norm_cache: dict[str, tuple] = {}               # name -> (version key, n)
@@ -127,7 +123,7 @@ class DoraMixin:
     def _base_key(self) -> tuple:
         """Identity and version of the base layer's own tensors: changes when they are written."""
         base = self.base_layer
-        return _versions(t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None)
+        return tensor_versions(t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None)
 
     def _base_sq_norms(self, W: torch.Tensor) -> torch.Tensor:
         """``||W_i||²`` (fp32), recomputed only when the base weight changed (merge, PiSSA, ...)."""
@@ -147,7 +143,7 @@ class DoraMixin:
         s = self.scaling[name]
         use_cache = cached and not self.training
         if use_cache:
-            key = (self._base_key(), _versions((A, B)), s)
+            key = (self._base_key(), tensor_versions((A, B)), s)
             hit = self._norm_cache.get(name)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -177,23 +173,28 @@ class DoraMixin:
         return self._from_rows(rows, weight) - self.delta_weight(name).to(weight.device)
 
     # -- forward -------------------------------------------------------------------------------
-    def _pending(self) -> list[str]:
-        return [n for n in self.active_adapters if n not in self.merged_adapters]
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        pending = self._pending()
-        if self.disabled or not any(n in self.lora_magnitude_vector for n in pending):
-            return super().forward(x, *args, **kwargs)
+        route = self.route()
+        if route is None or (isinstance(route, str) and route not in self.lora_magnitude_vector) \
+                or (isinstance(route, torch.Tensor) and not len(self.lora_magnitude_vector)):
+            return super().forward(x, *args, **kwargs)                # base, or a plain LoRA adapter
         base = self.base_layer(x, *args, **kwargs)
-        if len(pending) == 1:                                  # the usual case: one fused output
-            return self._dora_output(pending[0], x, base)
-        result = base
-        for name in pending:                                  # each adapter's change to the base output
-            if name in self.lora_magnitude_vector:
-                result = result + (self._dora_output(name, x, base) - base)
-            else:
-                result = result + self._lora_delta(name, x).to(result.dtype)
-        return result
+        if isinstance(route, str):
+            return self._dora_output(route, x, base)
+        return self._mixed_output(x, route, base)
+
+    def build_bank(self) -> dict[str, torch.Tensor]:
+        """LoRA's bank plus ``g (slots, n_norms)``: ``m / ||W + s·B A||`` for DoRA adapters, ones for
+        plain LoRA adapters and slot 0, so every row computes ``g * (W x + s·B A x) + bias``."""
+        bank = super().build_bank()
+        like = next(iter(bank.values()))
+        g = torch.ones(self.adapter_set.num_slots, self.magnitude(next(iter(self.lora_magnitude_vector))).numel(),
+                       dtype=like.dtype, device=like.device)
+        for name in self.lora_magnitude_vector:
+            m = self.magnitude(name)
+            g[self.adapter_set.slots[name]] = (m / self.weight_norm(name).to(m.dtype)).to(g.dtype)
+        bank["g"] = g
+        return bank
 
     def _scale(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """``m / n`` (n_norms,) in ``like``'s dtype; gradient flows to ``m`` only."""
@@ -223,6 +224,15 @@ class DoraMixin:
         return base + scale * torch.add(direction, lora, alpha=s) - direction
 
 
+def gather_dora(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """``gather_lora``'s factors plus each row's DoRA scale ``g (N, out)``."""
+    return (*gather_lora(bank, rows), bank["g"][rows])
+
+
+def _gather_g(bank: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    return bank["g"][rows]
+
+
 class DoraLinear(DoraMixin, LoraLinear):
     """DoRA on a linear-like layer (``nn.Linear``, transformers' ``Conv1D``)."""
 
@@ -237,13 +247,23 @@ class DoraLinear(DoraMixin, LoraLinear):
     def _factor_rows(self, name: str):
         return self.lora_A[name].weight, self.lora_B[name].weight              # (r, in), (out, r)
 
-    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        return B(A(self.lora_dropout[name](x.to(A.weight.dtype))) * self.scaling[name])
-
     def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.base_layer, "bias", None)                        # (out,) or None
         return self._dora_linear_output(name, x, base, bias, lambda t: t)    # (..., out)
+
+    def _mixed_output(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Each row: ``g * (base(x) - bias + s·B A x) + bias`` with its own factors and ``g``."""
+        n = x.shape[0]
+        A, B, p, g = self.gathered(route, n, gather_dora)       # (n, in, r), (n, r, out), (n,), (n, out)
+        if self.training and bool((p > 0).any()):
+            raise MixingError("DoRA with lora_dropout cannot train on a mixed-adapter batch (its direction "
+                              "needs a second base pass per row); train each adapter on its own batches")
+        h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)
+        delta = lora_bmm(h, A, B).reshape(base.shape).to(base.dtype)        # (..., out)
+        bias = getattr(self.base_layer, "bias", None)
+        g = g.to(base.dtype).view(n, *([1] * (base.dim() - 2)), -1)          # (n, 1.., out)
+        out = g * ((base if bias is None else base - bias) + delta)
+        return out if bias is None else out + bias
 
 
 class DoraEmbedding(DoraMixin, LoraEmbedding):
@@ -261,19 +281,19 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]      # (r, vocab), (dim, r)
 
     def _lookup(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                        base.scale_grad_by_freq, base.sparse)                  # (..., r)
-        return h @ B.T                                                       # (..., dim)
-
-    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self._lookup(name, x) * self.scaling[name]
+        return self.lookup(name, x)                                          # (..., dim)
 
     def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         scale = self._scale(name, base)                                      # (dim,)
         lora = self._lookup(name, x).to(base.dtype)                          # (..., dim)
         return scale * torch.add(base, lora, alpha=self.scaling[name])
+
+    def _mixed_output(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Each row: ``g * (base + s·B A[:, x])`` with its own factors and ``g``."""
+        n = x.shape[0]
+        g = self.gathered(route, n, _gather_g)                               # (n, dim)
+        g = g.to(base.dtype).view(n, *([1] * (base.dim() - 2)), -1)
+        return g * (base + self.mixed_delta(x, route).to(base.dtype))
 
 
 class DoraConv2d(DoraMixin, LoraConv2d):
@@ -292,10 +312,6 @@ class DoraConv2d(DoraMixin, LoraConv2d):
 
     def _factor_rows(self, name: str):
         return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)  # (r, k), (out, r)
-
-    def _lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
 
     def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias

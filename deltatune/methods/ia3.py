@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deltatune import registry
+from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, PeftConfig, PeftType, _normalise_targets
 from deltatune.methods.base import AdapterLayer
 
@@ -78,13 +79,18 @@ class IA3Config(PeftConfig):
         return any(module_name.endswith(entry) for entry in ff)
 
 
+def gather_ia3(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """Each row's input scale (N, in) and output scale (N, out)."""
+    return bank["in"][rows], bank["out"][rows]
+
+
 class IA3Layer(AdapterLayer):
     """(IA)³ on a linear-like layer or ``nn.Conv2d``: one scaling vector per adapter."""
 
     adapter_containers = ("ia3_l",)
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         if self.is_conv:
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
@@ -116,26 +122,46 @@ class IA3Layer(AdapterLayer):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disabled:
+        route = self.route()
+        if route is None:
             return self.base_layer(x, *args, **kwargs)
-        in_scale = out_scale = None
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            l = self._broadcast(self.ia3_l[name])          # (C,) or (1, C, 1, 1)
-            if self.feedforward[name]:
-                in_scale = l if in_scale is None else in_scale * l
-            else:
-                out_scale = l if out_scale is None else out_scale * l
+        if isinstance(route, str):
+            l = self._broadcast(self.ia3_l[route])                 # (C,) or (1, C, 1, 1)
+            in_scale, out_scale = (l, None) if self.feedforward[route] else (None, l)
+        else:
+            in_scale, out_scale = self.gathered(route, x.shape[0], gather_ia3)    # (n, in), (n, out)
+            in_scale = self._per_row(in_scale, x)
         if in_scale is not None:
             x = (x.to(in_scale.dtype) * in_scale).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         if out_scale is not None:
+            if not isinstance(route, str):
+                out_scale = self._per_row(out_scale, result)
             result = (result * out_scale).to(result.dtype)
         return result
 
+    def _per_row(self, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(n, C) row scales shaped to broadcast over ``like``: (n, C, 1, 1) for Conv2d's channels,
+        (n, 1.., C) for features last."""
+        n = like.shape[0]
+        return scale.view(n, -1, 1, 1) if self.is_conv else scale.view(n, *([1] * (like.dim() - 2)), -1)
+
     def _broadcast(self, l: torch.Tensor) -> torch.Tensor:
         return l if self.is_conv else l.reshape(-1)
+
+    def build_bank(self) -> dict[str, torch.Tensor]:
+        """``in (slots, in_features)`` and ``out (slots, out_features)`` scales, ones where an
+        adapter does not scale that side (and for slot 0, the base)."""
+        like = self.ia3_l[self.held[0]]
+        S = self.adapter_set.num_slots
+        bank = {"in": like.new_ones(S, self.in_features), "out": like.new_ones(S, self.out_features)}
+        for name in self.held:
+            side = "in" if self.feedforward[name] else "out"
+            bank[side][self.adapter_set.slots[name]] = self.ia3_l[name].reshape(-1)
+        return bank
+
+    def hyper_key(self) -> tuple:
+        return tuple((n, self.feedforward[n]) for n in self.held)
 
     # -- merging -------------------------------------------------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:
@@ -151,18 +177,18 @@ class IA3Layer(AdapterLayer):
     def unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         return weight / self._weight_scale(name).to(weight.device)
 
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
         """Scale the weight (``merged_weight``) and, for output-side vectors, the bias too."""
-        todo = [n for n in (names if names is not None else self.active_adapters)
-                if n in self.adapter_names and n not in self.merged_adapters]
+        todo = [n for n in names if n in self.held]
         super().merge(todo, safe_merge=safe_merge)
         for name in todo:
             self._scale_bias(name, inverse=False)
 
-    def unmerge(self) -> None:
-        for name in reversed(self.merged_adapters):
-            self._scale_bias(name, inverse=True)
-        super().unmerge()
+    def unmerge(self, names: list[str]) -> None:
+        for name in reversed(names):
+            if name in self.held:
+                self._scale_bias(name, inverse=True)
+        super().unmerge(names)
 
     def _scale_bias(self, name: str, inverse: bool) -> None:
         bias = getattr(self.base_layer, "bias", None)

@@ -16,8 +16,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import registry
+from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.methods.base import AdapterLayer
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else 0.0
+
+
+def gather_lora(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """Each row's factors from a linear layer's bank: ``A (N, in, r)``, ``B (N, r, out)`` (scale
+    folded in), dropout probability ``p (N,)``."""
+    return bank["A"][rows].transpose(1, 2), bank["B"][rows].transpose(1, 2), bank["p"][rows]
+
+
+def gather_embedding(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """Rows' slots, the whole lookup bank ``A (slots, vocab, r)`` and each row's ``B (N, r, dim)``."""
+    return rows, bank["A"], bank["B"][rows]
+
+
+def lora_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The mixed-batch LoRA delta: row ``i`` of ``x`` (N, T, in) times its own ``A[i]`` (in, r) then
+    ``B[i]`` (r, out) -> (N, T, out). The one place a fused gather-matmul kernel would replace."""
+    return torch.bmm(torch.bmm(x, A), B)
+
+
+def row_dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout with a probability per row: ``x`` (N, T, d), ``p`` (N,)."""
+    keep = (1.0 - p).to(x.dtype)[:, None, None]                        # (N, 1, 1)
+    mask = torch.rand_like(x) < keep
+    return torch.where(mask, x / keep.clamp_min(1e-12), torch.zeros_like(x))
 
 
 def pattern_value(patterns: dict, module_name: str, default):
@@ -31,12 +60,15 @@ def pattern_value(patterns: dict, module_name: str, default):
 class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping: rank, alpha, scaling and dropout per adapter."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+
+    def hyper_key(self) -> tuple:
+        return tuple((n, self.scaling[n], _dropout_p(self.lora_dropout[n])) for n in self.held)
 
     def per_adapter_tables(self) -> list[dict]:
         return [self.r, self.lora_alpha, self.scaling]
@@ -84,11 +116,12 @@ class LoraLinear(LoraLayer):
 
     adapter_containers = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         self.in_features, self.out_features = registry.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self._residual_of: set[str] = set()   # adapters whose init left the base weight a residual (PiSSA)
 
     def create_factors(self, name: str, r: int) -> None:
         device = self._factor_device()
@@ -127,6 +160,15 @@ class LoraLinear(LoraLayer):
         self.lora_A[name].weight.copy_(root[:, None] * Vh)     # (r, in)
         self.lora_B[name].weight.copy_(U * root[None, :])      # (out, r)
         registry.set_weight(self.base_layer, W - s * self.lora_B[name].weight @ self.lora_A[name].weight)
+        self._residual_of.add(name)
+
+    def undo_init(self, name: str) -> None:
+        """Give the base weight back what PiSSA's initialisation took from it (a failed add)."""
+        if name in self._residual_of:
+            with torch.no_grad():
+                W = registry.get_weight(self.base_layer).float()
+                registry.set_weight(self.base_layer, W + self.delta_weight(name))
+            self._residual_of.discard(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A = self.lora_A[name].weight.float()                   # (r, in)
@@ -134,17 +176,44 @@ class LoraLinear(LoraLayer):
         return (B @ A) * self.scaling[name]                    # (out, in)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base(x) + B(A(dropout(x)) * s)`` summed over active, unmerged adapters."""
+        """``base(x) + B(A(dropout(x)) * s)`` for this call's adapter, or each row's in a mixed batch."""
         result = self.base_layer(x, *args, **kwargs)            # (..., out) or (N, out, H', W')
-        if self.disabled:
+        route = self.route()
+        if route is None:
             return result
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A, B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(A.weight.dtype))
-            result = result + B(A(h) * self.scaling[name]).to(result.dtype)  # (..., r) -> (..., out)
-        return result
+        if isinstance(route, str):
+            return result + self.delta(route, x).to(result.dtype)
+        return result + self.mixed_delta(x, route).to(result.dtype)
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One adapter's ``s * B(A(dropout(x)))`` through the ordinary factor modules."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x.to(A.weight.dtype))
+        return B(A(h) * self.scaling[name])                     # (..., r) -> (..., out)
+
+    def build_bank(self) -> dict[str, torch.Tensor]:
+        """``A (slots, r_max, in)``, ``B (slots, out, r_max)`` with the scaling folded into B, and
+        dropout ``p (slots,)``; zeros where an adapter does not reach (slot 0, smaller ranks)."""
+        S, r_max = self.adapter_set.num_slots, max(self.r[n] for n in self.held)
+        like = self.lora_A[self.held[0]].weight
+        A = like.new_zeros(S, r_max, self.in_features)
+        B = like.new_zeros(S, self.out_features, r_max)
+        p = torch.zeros(S, device=like.device)
+        for name in self.held:
+            slot, r = self.adapter_set.slots[name], self.r[name]
+            A[slot, :r] = self.lora_A[name].weight.to(A.dtype)
+            B[slot, :, :r] = self.lora_B[name].weight.to(B.dtype) * self.scaling[name]
+            p[slot] = _dropout_p(self.lora_dropout[name])
+        return {"A": A, "B": B, "p": p}
+
+    def mixed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter delta (slot 0 rows get zeros): gathered factors, batched matmuls."""
+        n = x.shape[0]
+        A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
+        h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)           # (n, T, in)
+        if self.training and bool((p > 0).any()):
+            h = row_dropout(h, p)
+        return lora_bmm(h, A, B).reshape(*x.shape[:-1], -1)     # (..., out)
 
 
 class LoraEmbedding(LoraLayer):
@@ -152,8 +221,8 @@ class LoraEmbedding(LoraLayer):
 
     adapter_containers = ("lora_embedding_A", "lora_embedding_B")
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Embedding, adapter_set: AdapterSet | None = None) -> None:
+        super().__init__(base_layer, adapter_set)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
@@ -178,28 +247,52 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)             # (..., dim)
-        if self.disabled:
+        route = self.route()
+        if route is None:
             return result
+        if isinstance(route, str):
+            return result + (self.lookup(route, x) * self.scaling[route]).to(result.dtype)
+        return result + self.mixed_delta(x, route).to(result.dtype)
+
+    def lookup(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B A[:, x]``: the adapter's (unscaled) change to the embeddings of ids ``x`` -> (..., dim)."""
         base = self.base_layer
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                            base.scale_grad_by_freq, base.sparse)                     # (..., r)
-            result = result + (h @ B.T * self.scaling[name]).to(result.dtype)
-        return result
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)                      # (..., r)
+        return h @ B.T
+
+    def build_bank(self) -> dict[str, torch.Tensor]:
+        """``A (slots, vocab, r_max)`` (transposed for row lookup) and ``B (slots, r_max, dim)``
+        with the scaling folded in; zeros for slot 0 and beyond each adapter's rank."""
+        S, r_max = self.adapter_set.num_slots, max(self.r[n] for n in self.held)
+        base, like = self.base_layer, self.lora_embedding_A[self.held[0]]
+        A = like.new_zeros(S, base.num_embeddings, r_max)
+        B = like.new_zeros(S, r_max, base.embedding_dim)
+        for name in self.held:
+            slot, r = self.adapter_set.slots[name], self.r[name]
+            A[slot, :, :r] = self.lora_embedding_A[name].T.to(A.dtype)
+            B[slot, :r] = self.lora_embedding_B[name].T.to(B.dtype) * self.scaling[name]
+        return {"A": A, "B": B}
+
+    def mixed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows, A, B = self.gathered(route, n, gather_embedding)
+        ids = x.reshape(n, -1)                                                       # (n, T)
+        h = A[rows[:, None], ids]                                                    # (n, T, r)
+        return torch.bmm(h, B).reshape(*x.shape, -1)                                 # (..., dim)
 
 
 class LoraConv2d(LoraLayer):
     """LoRA on ``nn.Conv2d``: ``A`` has the base's kernel, stride and padding, ``B`` is 1x1."""
 
     adapter_containers = ("lora_A", "lora_B")
+    mixable = False
 
-    def __init__(self, base_layer: nn.Conv2d) -> None:
+    def __init__(self, base_layer: nn.Conv2d, adapter_set: AdapterSet | None = None) -> None:
         if base_layer.groups != 1:
             raise ConfigError(f"LoRA on grouped Conv2d (groups={base_layer.groups}) is not supported")
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter_set)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -220,8 +313,13 @@ class LoraConv2d(LoraLayer):
         delta = F.conv2d(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, kh, kw)
         return delta * self.scaling[name]
 
+    def cannot_mix_reason(self) -> str:
+        return ("LoRA on Conv2d has no per-row path yet; run rows for different adapters in "
+                "separate calls (or merge one adapter)")
+
     # Same as LoraLinear's: A and B are modules, so ``B(A(h) * s)`` holds for convolutions too.
     forward = LoraLinear.forward
+    delta = LoraLinear.delta
 
 
 def _register() -> None:

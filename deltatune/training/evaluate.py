@@ -13,7 +13,7 @@ import torch
 from deltatune.training.batching import collate
 from deltatune.training.data import Dataset
 from deltatune.training.distributed import DistInfo, all_reduce_sum
-from deltatune.training.loss import lm_loss_sum, unwrap
+from deltatune.training.loss import adapter_model, lm_loss_sum, unwrap
 
 _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
 
@@ -55,7 +55,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64,
                     batch_size: int = 16, device="cpu", autocast=nullcontext) -> list[str]:
     """Greedy completions (decoded, special tokens dropped) of token-id prompts, in input order."""
-    hf = unwrap(model)
+    generator = adapter_model(model)  # the PeftModel's generate applies adapters as its forward does
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer, model)
@@ -71,7 +71,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]):] = 1
         with autocast():
-            gen = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+            gen = generator.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               temperature=None, top_p=None, top_k=None,
                               eos_token_id=stops, pad_token_id=pad)

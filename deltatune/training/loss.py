@@ -13,7 +13,7 @@ applied to the gathered hidden states, and a full forward if even that is not po
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def adapter_model(model: nn.Module) -> nn.Module:
+    """``model`` without DDP-style ``.module`` wrappers: the PeftModel (or plain model) itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def applying(model: nn.Module, adapter_names=None):
+    """The adapter model's ``applying`` context (what its ``forward`` does to a call), so the loss
+    and evaluation, which call the decoder directly, apply adapters exactly as ``forward`` does."""
+    from deltatune.peft_model import PeftModel
+
+    inner = adapter_model(model)
+    return inner.applying(adapter_names) if isinstance(inner, PeftModel) else nullcontext()
+
+
 def _fast_parts(hf: nn.Module):
     """``(decoder, head, plain)`` if the label-only path applies, else None."""
     get_decoder = getattr(hf, "get_decoder", None)
@@ -113,8 +129,14 @@ def _fast_parts(hf: nn.Module):
 def lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over ``batch``'s label positions; fp32 scalar.
 
-    The adapter layers inside ``model`` are applied because they live inside the decoder.
+    The decoder is called directly (label-only head), inside the adapter model's ``applying``
+    context, so adapters act on the batch exactly as in ``PeftModel.forward``.
     """
+    with applying(model):
+        return _lm_loss_sum(model, batch)
+
+
+def _lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     hf = unwrap(model)
     sel = batch.targets != IGNORE                                               # (R, L)
     targets = batch.targets[sel]                                                # (N,)

@@ -1,0 +1,144 @@
+"""The one adapter set a model's wrapped layers share, and the per-call routing they read.
+
+Names -> slots, configs, the active adapter, which adapters are merged, whether adapters are
+disabled: one ``AdapterSet`` per ``PeftModel``, referred to by every wrapped layer, so nothing is
+copied into layers and re-synced by walking the model.
+
+A *route* says what the current call applies, and is what a layer's ``forward`` reads:
+
+- ``None``: the base model (adapters disabled, or ``"__base__"`` for the whole batch);
+- a name: that adapter on every row (the fast path: ``base(x) + s * B(A(x))``);
+- a ``LongTensor`` of slots, one per row: a mixed batch; each layer gathers every row's factors
+  from its bank (slot 0 is the base: zero delta).
+
+``PeftModel.forward`` / ``generate`` (and the training loss) set a per-call route in
+``try/finally`` through ``AdapterSet.routing``; outside such a call the route is the active adapter.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+BASE_NAME = "__base__"
+
+
+class MixingError(ValueError):
+    """A mixed-adapter batch cannot run as asked (unknown name, merged adapter, a method that
+    cannot mix); the message says which and why."""
+
+
+class AdapterSet:
+    """Adapter names, their slots and configs, and the state every wrapped layer reads.
+
+    Attributes:
+        slots: adapter name -> slot (>= 1; slot 0 is the base). A freed slot is reused.
+        configs: adapter name -> its config.
+        active: the active adapter's name (None when there is none).
+        merged: names folded into the base weights, in merge order.
+        disabled: True inside ``PeftModel.disable_adapter()``: every layer is the base.
+        version: bumped whenever slots change, so per-layer banks know to rebuild.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.configs: dict[str, object] = {}
+        self.active: str | None = None
+        self.merged: list[str] = []
+        self.disabled = False
+        self.version = 0
+        self._route: tuple = ()          # () outside a routed call, else (route,)
+
+    # -- membership ----------------------------------------------------------------------------
+    def add(self, name: str, config) -> int:
+        """Register ``name`` with ``config``; returns its slot (the lowest free one)."""
+        if name == BASE_NAME:
+            raise ValueError(f"{BASE_NAME!r} is reserved for 'no adapter'; choose another adapter name")
+        used = set(self.slots.values())
+        slot = next(s for s in range(1, len(used) + 2) if s not in used)
+        self.slots[name] = slot
+        self.configs[name] = config
+        self.version += 1
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (its slot becomes free)."""
+        self.slots.pop(name, None)
+        self.configs.pop(name, None)
+        self.merged = [n for n in self.merged if n != name]
+        if self.active == name:
+            self.active = None
+        self.version += 1
+
+    @property
+    def num_slots(self) -> int:
+        """Rows a bank needs: the highest slot in use + 1 (slot 0 = base)."""
+        return max(self.slots.values(), default=0) + 1
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slots
+
+    # -- routing -------------------------------------------------------------------------------
+    def route(self):
+        """What the current call applies: None (base), an adapter name, or per-row slots (N,)."""
+        if self.disabled:
+            return None
+        if self._route:
+            return self._route[0]
+        return self.active
+
+    @contextmanager
+    def routing(self, adapter_names: Sequence[str] | None, device=None) -> Iterator[None]:
+        """Route this call's rows: ``adapter_names[i]`` for row ``i`` (``"__base__"`` = no adapter).
+
+        ``None`` keeps the active adapter. A list naming one adapter for every row takes the
+        single-adapter path. Layers repeat per-row slots to fit inputs whose leading dimension
+        is a multiple of the rows (beams, ``num_return_sequences``).
+
+        Raises:
+            MixingError: an unknown name, or an adapter is merged into the base weights.
+        """
+        if adapter_names is None:
+            yield
+            return
+        route = self._resolve(list(adapter_names), device)
+        previous = self._route
+        self._route = (route,)
+        try:
+            yield
+        finally:
+            self._route = previous
+
+    def _resolve(self, names: list[str], device):
+        if not names:
+            raise MixingError("adapter_names is empty; give one adapter name per row")
+        unknown = sorted({n for n in names if n != BASE_NAME and n not in self.slots})
+        if unknown:
+            raise MixingError(f"adapter_names has unknown adapter(s) {unknown}; loaded: "
+                              f"{sorted(self.slots)} (or {BASE_NAME!r} for no adapter)")
+        if self.merged:
+            raise MixingError(f"adapter_names cannot be used while adapter(s) {self.merged} are merged "
+                              "into the base weights; call unmerge_adapter() first")
+        if self.disabled:
+            return None
+        if len(set(names)) == 1:
+            return None if names[0] == BASE_NAME else names[0]
+        return torch.tensor([0 if n == BASE_NAME else self.slots[n] for n in names],
+                            dtype=torch.long, device=device)
+
+
+
+def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-row ``slots`` (R,) fitted to an input with ``n`` leading rows.
+
+    ``n`` must be a multiple of R: generation with beams or several sequences per prompt repeats
+    each prompt's row consecutively, and a layer that sees tokens flattened to (R*T, d) has each
+    row's tokens consecutive too, so both are ``repeat_interleave``.
+    """
+    R = slots.shape[0]
+    if n == R:
+        return slots
+    if n % R:
+        raise MixingError(f"adapter_names has {R} entries but the batch has {n} rows; give one name per row")
+    return slots.repeat_interleave(n // R)
