@@ -273,8 +273,9 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights; ``unmerge_adapter`` undoes it.
 
-        Each adapter merges into every layer or none: an error (``safe_merge`` finding non-finite
-        weights, a method that cannot merge) unmerges the layers already done and re-raises.
+        Each adapter merges into every layer or none: with ``safe_merge`` every layer's result is
+        checked for non-finite values before any is written; another error (a method that cannot
+        merge) unmerges the layers already done and re-raises.
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         unknown = [n for n in names if n not in self.adapter_set]
@@ -282,6 +283,9 @@ class PeftModel(nn.Module):
             raise ValueError(f"cannot merge unknown adapter(s) {unknown}; have {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.base_model.adapter_layers()]
         for name in [n for n in names if n not in self.adapter_set.merged]:
+            if safe_merge:  # check every layer before writing any
+                for layer in layers:
+                    layer.check_merge(name)
             done = []
             try:
                 for layer in layers:

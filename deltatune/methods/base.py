@@ -178,6 +178,13 @@ class AdapterLayer(nn.Module):
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
                 registry.set_weight(self.base_layer, new)
 
+    def check_merge(self, name: str) -> None:
+        """Raise if merging ``name`` would give non-finite weights (``safe_merge``); writes nothing."""
+        if name in self.held and self.mergeable:
+            with torch.no_grad():
+                if not torch.isfinite(self.merged_weight(registry.get_weight(self.base_layer).float(), name)).all():
+                    raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
+
     def unmerge(self, names: list[str]) -> None:
         """Undo the merges of ``names`` (merge order given), last merged first."""
         for name in reversed(names):
