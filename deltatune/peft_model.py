@@ -354,12 +354,19 @@ class PeftModel(nn.Module):
 
     # -- files ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        is_main_process: bool = True, **_ignored) -> None:
+                        is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        **_ignored) -> None:
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         The adapter named ``default`` goes in ``save_directory``, others in a subfolder of that
         name (peft's layout). The directory is written whole and switched in atomically, so a
         crash never leaves new weights beside an old config.
+
+        ``path_initial_model_for_weight_conversion`` (peft's name): the directory where a PiSSA
+        adapter was saved right after initialisation; the adapter is then written as a plain
+        rank-2r LoRA on the original base (``checkpoint.convert.pissa_to_lora``), which any LoRA
+        loader (peft, vLLM, ``deltatune serve``) applies correctly.
         """
         from deltatune.checkpoint.peft_format import write_adapters
 
@@ -369,7 +376,10 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             if name not in self.adapter_set:
                 raise ValueError(f"cannot save unknown adapter {name!r}; have {sorted(self.peft_config)}")
-            adapters["" if name == "default" else name] = (self.peft_config[name], self.base_model.adapter_state(name))
+            config, tensors = self.peft_config[name], self.base_model.adapter_state(name)
+            if path_initial_model_for_weight_conversion is not None:
+                config, tensors = _as_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
+            adapters["" if name == "default" else name] = (config, tensors)
         write_adapters(save_directory, adapters)
 
     @classmethod
@@ -423,6 +433,18 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             for key, live in expected.items():
                 live.copy_(tensors[key].to(device=live.device, dtype=live.dtype))
+
+
+def _as_plain_lora(config: PeftConfig, tensors: dict, initial_dir) -> tuple[PeftConfig, dict]:
+    """A PiSSA adapter's tensors as plain LoRA on the original base, from its initial save."""
+    from deltatune.checkpoint.convert import pissa_to_lora
+    from deltatune.checkpoint.peft_format import read_adapter
+
+    if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA" or config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA) only, "
+                         f"not {config.peft_type.value}{' with DoRA' if getattr(config, 'use_dora', False) else ''}")
+    _, initial = read_adapter(initial_dir)
+    return pissa_to_lora(config, {k: v.detach() for k, v in tensors.items()}, initial, source=initial_dir)
 
 
 def _for_task(config: PeftConfig) -> PeftConfig:

@@ -205,3 +205,54 @@ def test_config_module_imports_nothing_from_the_package_at_import_time():
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("deltatune")]
     assert deltatune.LoraConfig is config.LoraConfig
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_saved_as_plain_lora_loads_anywhere_on_the_original_base(tmp_path, rslora):
+    from deltatune.checkpoint.convert import require_plain_lora
+    from deltatune.checkpoint.io import CheckpointError
+    from deltatune.checkpoint.peft_format import read_config
+
+    ids = token_batch()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=TARGETS,
+                                                    init_lora_weights="pissa"))
+    model.peft_config["default"].init_lora_weights = True   # peft's recipe for the initial save
+    model.save_pretrained(tmp_path / "init")
+    model.peft_config["default"].init_lora_weights = "pissa"
+    perturb_trainable(model, scale=0.05)                      # "training"
+    model.eval()
+    trained = logits_of(model, ids)
+    model.save_pretrained(tmp_path / "pissa")
+    with pytest.raises(CheckpointError, match="path_initial_model_for_weight_conversion"):
+        require_plain_lora(read_config(tmp_path / "pissa"), tmp_path / "pissa")
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    config = read_config(tmp_path / "plain")
+    assert config.r == 8 and config.init_lora_weights is True
+    require_plain_lora(config, tmp_path / "plain")
+    for load in (PeftModel.from_pretrained, peft.PeftModel.from_pretrained):
+        loaded = load(tiny_llama(), tmp_path / "plain").eval()
+        torch.testing.assert_close(logits_of(loaded, ids), trained, rtol=0, atol=1e-4)
+    # The same file merged by plain arithmetic on the original weights (what vLLM does):
+    merged = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").merge_and_unload()
+    torch.testing.assert_close(logits_of(merged, ids), trained, rtol=0, atol=1e-4)
+
+
+def test_failed_pissa_add_gives_the_base_weights_back(monkeypatch):
+    from deltatune.methods.lora import LoraLinear
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in model.base_model.model.state_dict().items()}
+    real = LoraLinear.add_adapter
+
+    def add(self, name, config, module_name):
+        if module_name.endswith("layers.1.self_attn.v_proj"):
+            raise RuntimeError("out of memory")     # after layer 0's v_proj took PiSSA's residual
+        return real(self, name, config, module_name)
+
+    monkeypatch.setattr(LoraLinear, "add_adapter", add)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.add_adapter("p", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights="pissa"))
+    after = model.base_model.model.state_dict()
+    assert set(after) == set(before) and "p" not in model.peft_config
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-5)
