@@ -92,6 +92,182 @@ def cmd_targets(args) -> int:
     return 0
 
 
+BASE_ROW = "__base__"  # --use name of a row run on the base model without adapter (peft's name)
+
+
+def cmd_generate(args) -> int:
+    """Completions of several prompts in one batch, each row with its own adapter (or the base)."""
+    import torch
+
+    from deltatune import models
+    from deltatune.peft_model import PeftModel
+    from deltatune.training.distributed import resolve_device
+    from deltatune.training.evaluate import stop_token_ids
+    from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
+
+    prompts = args.prompt or _stdin_prompts()
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
+    adapters = _parse_adapters(args.adapter or [])
+    rows = _rows_adapters(len(prompts), adapters, args.use)
+    _check_sampling(args)
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        bound_cpu_kernel_caches()
+    tokenizer = models.load_tokenizer(args.base)
+    encoded = _encode_prompts(tokenizer, prompts, args.chat, args.system)
+    model = models.load(args.base, dtype=dtype).to(device)
+    for i, (name, directory) in enumerate(adapters.items()):
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+            else:
+                model.load_adapter(directory, adapter_name=name)
+        except (FileNotFoundError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
+            raise ValueError(f"--adapter {name}={directory}: {exc}") from exc
+    model.eval()
+
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for r, ids in enumerate(encoded):  # left padding: every row's last prompt token is aligned
+        input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids):] = 1
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                  max_new_tokens=args.max_new_tokens, num_beams=1, use_cache=True,
+                  eos_token_id=stops or None, pad_token_id=pad)
+    if args.temperature > 0:
+        kwargs.update(do_sample=True, temperature=args.temperature,
+                      top_p=1.0 if args.top_p is None else args.top_p, top_k=0)  # top_k=0: no top-k cut
+        torch.manual_seed(args.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+    with torch.no_grad(), autocast_for(dtype, device)():
+        distinct = set(rows)
+        if not adapters:
+            out = model.generate(**kwargs)
+        elif len(distinct) > 1:  # a mixed batch: one adapter name per row
+            out = model.generate(**kwargs, adapter_names=rows)
+        elif distinct == {BASE_ROW}:
+            with model.disable_adapter():
+                out = model.generate(**kwargs)
+        else:  # every row on one adapter: the plain path, which every method supports
+            model.set_adapter(rows[0])
+            out = model.generate(**kwargs)
+
+    results = []
+    for r, (name, prompt) in enumerate(zip(rows, prompts)):
+        new = out[r, width:].tolist()
+        cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+        results.append({"adapter": name, "prompt": prompt,
+                        "completion": tokenizer.decode(new[:cut], skip_special_tokens=True)})
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return 0
+    for i, row in enumerate(results, 1):
+        print(f"[{i}] adapter: {row['adapter']}")
+        print(f"prompt:     {row['prompt']}")
+        print(f"completion: {row['completion']}")
+        print()
+    return 0
+
+
+def _stdin_prompts() -> list[str]:
+    """One prompt per non-empty stdin line, when stdin is piped (never waits on a terminal)."""
+    try:
+        if sys.stdin is None or sys.stdin.isatty():
+            return []
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    except (OSError, ValueError):  # closed or unreadable stdin
+        return []
+
+
+def _parse_adapters(specs: list[str]) -> dict[str, str]:
+    """``--adapter NAME=DIR`` values -> ``{name: dir}`` in order.
+
+    A bare existing directory (the single-adapter form ``--adapter DIR``) is named ``default``.
+    """
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not (sep and name and directory and "/" not in name and os.sep not in name):
+            if not Path(spec).expanduser().is_dir():
+                raise ValueError(f"--adapter {spec!r}: expected NAME=DIR (e.g. --adapter a=runs/a/adapter)")
+            name, directory = "default", spec
+        if name == BASE_ROW:
+            raise ValueError(f"--adapter {spec!r}: the name {BASE_ROW!r} is reserved for the base model "
+                             "without adapter")
+        if name in adapters:
+            hint = " (a bare --adapter DIR is named 'default')" if name == "default" else ""
+            raise ValueError(f"--adapter {spec!r}: duplicate adapter name {name!r}{hint}")
+        adapters[name] = directory
+    return adapters
+
+
+def _rows_adapters(n_prompts: int, adapters: dict[str, str], use: list[str] | None) -> list[str]:
+    """The adapter name of each prompt (``__base__``: the base without adapter)."""
+    names = list(adapters)
+    if use:
+        known = names + [BASE_ROW]
+        for name in use:
+            if name not in known:
+                raise ValueError(f"--use {name!r}: no such adapter; known: {', '.join(known)}")
+        if len(use) != n_prompts:
+            raise ValueError(f"{len(use)} --use for {n_prompts} prompt(s): give one --use NAME per --prompt, "
+                             "in order")
+        return list(use)
+    if not names:
+        return [BASE_ROW] * n_prompts
+    if len(names) == n_prompts:
+        return names
+    if len(names) == 1:
+        return names * n_prompts
+    raise ValueError(f"{n_prompts} prompt(s) and {len(names)} adapters: give one --use NAME per --prompt, "
+                     "or as many prompts as adapters (prompt i uses adapter i), or a single adapter")
+
+
+def _check_sampling(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be 0 (greedy) or positive")
+    if args.top_p is not None:
+        if not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+        if args.temperature == 0:
+            raise ValueError("--top-p applies when sampling: give --temperature > 0 too")
+
+
+def _encode_prompts(tokenizer, prompts: list[str], chat: bool | None, system: str | None) -> list[list[int]]:
+    """Token ids of each prompt: through the chat template (one user turn) unless ``chat`` is False;
+    ``chat=None`` uses the template when the tokenizer has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is None:
+        chat = has_template
+    if chat and not has_template:
+        raise ValueError("--chat: this tokenizer has no chat template (use --no-chat for raw text)")
+    if system and not chat:
+        raise ValueError("--system needs the chat template (drop --no-chat/--raw)")
+    encoded = []
+    for prompt in prompts:
+        if not chat:
+            ids = tokenizer(prompt)["input_ids"]
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"--prompt {prompt!r}: no tokens")
+        encoded.append(ids)
+    return encoded
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every verb registered."""
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
@@ -115,15 +291,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="lora")
     p.set_defaults(func=cmd_targets)
 
+    _add_generate(sub)
     _register_optional_verbs(sub)
     return parser
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="completions of prompts, each with its own adapter, in one mixed batch",
+        description="Generate completions of several prompts in one batch; each prompt (row) uses its own "
+                    "adapter, or the base. Default pairing without --use: prompt i uses adapter i when the "
+                    "counts match; one adapter serves every prompt; no adapter means the base.")
+    p.add_argument("--base", "--model", dest="base", default="default",
+                   help="'default', a transformers directory or a .gguf file")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a named adapter directory (repeatable); a bare DIR is named 'default'")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per stdin line")
+    p.add_argument("--use", action="append", metavar="NAME",
+                   help=f"the adapter of each prompt, in order (repeatable; {BASE_ROW} = the base alone)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--raw", dest="chat", action="store_false", help="same as --no-chat")
+    p.add_argument("--system", help="system message (chat template only)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {adapter, prompt, completion}")
+    p.set_defaults(func=cmd_generate)
+
+
 def _register_optional_verbs(sub) -> None:
-    """Verbs defined next to the code they drive (training adds train/eval/generate/chat)."""
+    """Verbs defined next to the code they drive (training adds train/eval/generate/chat).
+
+    A verb this module registers itself (``generate``) wins over the same name from there.
+    """
     from deltatune.training import commands
 
-    commands.register(sub)
+    commands.register(_SkipTaken(sub))
+
+
+class _SkipTaken:
+    """Subparsers stand-in: ``add_parser`` of a name already taken returns a detached parser."""
+
+    def __init__(self, sub) -> None:
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name in self._sub.choices:
+            return argparse.ArgumentParser(prog=f"deltatune {name}", add_help=False)
+        return self._sub.add_parser(name, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
