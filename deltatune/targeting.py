@@ -23,14 +23,19 @@ def iter_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
 
     An adapter layer stands for the module it wraps: its name is the original module's name,
     and its internals (``base_layer``, ``lora_A.default``, ...) are never targets themselves.
+    Adapter layers are recognised by ``is_adapter_layer`` (they declare it), so this module needs
+    nothing from the methods above it.
     """
-    from deltatune.methods.base import AdapterLayer
-
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, AdapterLayer):
+        if not is_adapter_layer(child):
             yield from iter_candidates(child, full)
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """True for a deltatune adapter layer (``AdapterLayer`` sets ``is_adapter_layer = True``)."""
+    return getattr(type(module), "is_adapter_layer", False) is True
 
 
 def _matches(spec, name: str) -> bool:
@@ -69,9 +74,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def base_of(module: nn.Module) -> nn.Module:
     """The original module behind an adapter wrapper (or ``module`` itself)."""
-    from deltatune.methods.base import AdapterLayer
-
-    while isinstance(module, AdapterLayer):
+    while is_adapter_layer(module):
         module = module.get_base_layer()
     return module
 

@@ -46,6 +46,7 @@ class AdapterLayer(nn.Module):
     adapter_containers: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = True
     mixable: ClassVar[bool] = True
+    is_adapter_layer: ClassVar[bool] = True   # how ``targeting`` recognises wrappers without importing us
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__()

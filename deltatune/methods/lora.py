@@ -49,6 +49,12 @@ def row_dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x / keep.clamp_min(1e-12), torch.zeros_like(x))
 
 
+def _inference(x: torch.Tensor, result: torch.Tensor) -> bool:
+    """True when the delta may be added into the base output in place: no autograd, same dtype,
+    and an output whose memory is its own layout (a fresh, contiguous tensor)."""
+    return not torch.is_grad_enabled() and x.dtype == result.dtype and result.is_contiguous()
+
+
 def pattern_value(patterns: dict, module_name: str, default):
     """peft's per-module override: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
     for key, value in patterns.items():
@@ -181,9 +187,34 @@ class LoraLinear(LoraLayer):
         route = self.route()
         if route is None:
             return result
+        if _inference(x, result):
+            if isinstance(route, str) and self._add_delta_(result, route, x):
+                return result
+            if not isinstance(route, str) and self._add_mixed_delta_(result, route, x):
+                return result
         if isinstance(route, str):
             return result + self.delta(route, x).to(result.dtype)
         return result + self.mixed_delta(x, route).to(result.dtype)
+
+    def _add_delta_(self, result: torch.Tensor, name: str, x: torch.Tensor) -> bool:
+        """Inference: add ``s·B(A x)`` into ``result`` in place with two GEMMs (no dropout, no
+        autograd, one dtype); False where that does not apply (then ``delta`` runs)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if A.dim() != 2 or A.dtype != x.dtype or (self.training and _dropout_p(self.lora_dropout[name]) > 0):
+            return False
+        flat = result.view(-1, result.shape[-1])                                      # (M, out)
+        flat.addmm_(x.reshape(-1, x.shape[-1]) @ A.T, B.T, alpha=self.scaling[name])  # (M, r) @ (r, out)
+        return True
+
+    def _add_mixed_delta_(self, result: torch.Tensor, route: torch.Tensor, x: torch.Tensor) -> bool:
+        """Inference, mixed batch: ``result[i] += x[i] A[i] B[i]`` in place (gathered factors)."""
+        n = x.shape[0]
+        A, B, p = self.gathered(route, n, gather_lora)                     # (n, in, r), (n, r, out), (n,)
+        if A.dtype != x.dtype or self.training:
+            return False
+        rows = result.view(n, -1, result.shape[-1])                        # (n, T, out)
+        rows.baddbmm_(torch.bmm(x.reshape(n, -1, x.shape[-1]), A), B)
+        return True
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter's ``s * B(A(dropout(x)))`` through the ordinary factor modules."""
