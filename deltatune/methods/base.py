@@ -54,7 +54,7 @@ class AdapterLayer(nn.Module):
         self.adapter_set = adapter_set if adapter_set is not None else AdapterSet()
         self.held: list[str] = []
         self._bank: tuple | None = None          # (key, bank dict)
-        self._gathered: dict = {}                # gather fn -> (route tensor, rows, bank key, result)
+        self._gathered: dict = {}                # gather fn -> (route tensor, rows, result)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped module."""
@@ -232,17 +232,19 @@ class AdapterLayer(nn.Module):
         return ()
 
     def gathered(self, route: torch.Tensor, n: int, gather) -> tuple:
-        """``gather(bank, rows)`` for this call's route fitted to ``n`` rows, cached while the route
-        object and the bank stay the same (every decode step of one ``generate`` call)."""
-        bank = self.bank()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in bank.values()):
-            return gather(bank, rows_for(route, n).to(_device_of(bank)))
-        key = self._bank[0] if self._bank is not None else None
+        """``gather(bank, rows)`` for this call's route fitted to ``n`` rows.
+
+        Cached for the route object: one ``applying()`` call (every decode step of a ``generate``)
+        gathers once and checks the bank's tensor versions once; the next call brings a new route
+        and checks again. Not cached while adapter tensors need gradients.
+        """
         hit = self._gathered.get(gather)
-        if hit is not None and hit[0] is route and hit[1] == n and hit[2] == key:
-            return hit[3]
+        if hit is not None and hit[0] is route and hit[1] == n:
+            return hit[2]
+        bank = self.bank()
         out = gather(bank, rows_for(route, n).to(_device_of(bank)))
-        self._gathered[gather] = (route, n, key, out)
+        if not any(t.requires_grad for t in bank.values()):
+            self._gathered[gather] = (route, n, out)
         return out
 
     def extra_repr(self) -> str:
