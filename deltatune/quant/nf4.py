@@ -347,8 +347,14 @@ def use_fast_compute_dtype(module: nn.Module) -> bool:
     """Point a ``bitsandbytes.nn.Linear4bit`` on CPU at the fast compute dtype; True if changed.
 
     Its forward already dequantizes once per pass (``bnb.matmul_4bit``); only the dtype matters.
-    The AVX512-BF16 inference repacking is switched off too: it rewrites the stored weight and
-    computes in bf16, so eval logits would differ from training ones.
+    The AVX512-BF16 inference repacking (the first forward in eval mode without grad) is switched
+    off on CPU whatever the compute dtype, also where bf16 is kept (AMX): it computes in bf16, and
+    it rewrites the stored weight for good and lossily (block scales rounded to bf16, double
+    quantization redone when undone: dequantized weights move by ~5e-3 of their largest value, so
+    merging, saving or dequantizing afterwards starts from another base), and a layer once
+    repacked stays so and no longer gives its input the right gradient when training resumes
+    (bitsandbytes 0.50: none, or a wrong one), so one evaluation in the middle of training would
+    silently corrupt the gradients of every adapter below it.
     """
     device = module.weight.device
     wanted = resolve_compute_dtype(module.compute_dtype, device)
@@ -356,7 +362,7 @@ def use_fast_compute_dtype(module: nn.Module) -> bool:
     if changed:
         module.compute_dtype = wanted
         module.compute_type_is_set = True
-    if device.type == "cpu" and wanted == torch.float32 and getattr(module, "support_avx512bf16_for_cpu", False):
+    if device.type == "cpu" and getattr(module, "support_avx512bf16_for_cpu", False):
         module.support_avx512bf16_for_cpu = False
     module.weight.deltatune_params_per_element = 2
     return changed
