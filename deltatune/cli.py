@@ -324,25 +324,10 @@ def _add_generate(sub) -> None:
 
 
 def _register_optional_verbs(sub) -> None:
-    """Verbs defined next to the code they drive (training adds train/eval/generate/chat).
-
-    A verb this module registers itself (``generate``) wins over the same name from there.
-    """
+    """Verbs defined next to the code they drive (training adds train/eval/chat)."""
     from deltatune.training import commands
 
-    commands.register(_SkipTaken(sub))
-
-
-class _SkipTaken:
-    """Subparsers stand-in: ``add_parser`` of a name already taken returns a detached parser."""
-
-    def __init__(self, sub) -> None:
-        self._sub = sub
-
-    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
-        if name in self._sub.choices:
-            return argparse.ArgumentParser(prog=f"deltatune {name}", add_help=False)
-        return self._sub.add_parser(name, **kwargs)
+    commands.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""CLI verbs ``train``, ``eval``, ``generate``, ``chat``: flags in, one call into the training modules.
+"""CLI verbs ``train``, ``eval``, ``chat``: flags in, one call into the training modules.
+
+(``generate``, with one adapter per prompt in a mixed batch, lives in ``deltatune.cli``.)
 
 ``register(subparsers)`` adds them to the ``deltatune`` parser (``deltatune.cli``). Every ``train``
 flag defaults to None so that only flags actually given override the ``--config`` file.
@@ -14,10 +16,9 @@ _NOT = dict(action="store_const", const=False, default=None)
 
 
 def register(subparsers) -> None:
-    """Add ``train``, ``eval``, ``generate`` and ``chat`` to an argparse subparsers object."""
+    """Add ``train``, ``eval`` and ``chat`` to an argparse subparsers object."""
     _add_train(subparsers)
     _add_eval(subparsers)
-    _add_generate(subparsers)
     _add_chat(subparsers)
 
 
@@ -114,7 +115,7 @@ def _parse_kv(item: str) -> tuple[str, object]:
         return key, value
 
 
-# -- eval / generate / chat ----------------------------------------------------------------------
+# -- eval / chat ----------------------------------------------------------------------
 
 def _model_flags(p) -> None:
     p.add_argument("--model", default="default", help="'default', a transformers directory or a .gguf file")
@@ -152,31 +153,6 @@ def cmd_eval(args) -> int:
         print(f"exact match {100 * result['exact_match']:.1f}%  ({result['correct']}/{result['total']})")
     for s in result.get("samples", []):
         print(f"\n[{'ok' if s['correct'] else 'MISS'}] reference:  {s['reference']}\n     prediction: {s['prediction']}")
-    return 0
-
-
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="greedy completions of prompts (chat template applied)")
-    _model_flags(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per stdin line")
-    p.add_argument("--system", help="system message")
-    p.add_argument("--raw", action="store_true", help="no chat template: complete the text as given")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_generate)
-
-
-def cmd_generate(args) -> int:
-    from deltatune.training.api import generate, load_inference_model
-
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise ValueError("no prompt: pass --prompt TEXT or lines on stdin")
-    model, tokenizer, device, autocast = load_inference_model(args.model, args.adapter, args.dtype, args.device)
-    outputs = generate(model, tokenizer, prompts, system=args.system, raw=args.raw,
-                       max_new_tokens=args.max_new_tokens or 256, batch_size=args.batch_size,
-                       device=device, autocast=autocast)
-    for text in outputs:
-        print(text)
     return 0
 
 
