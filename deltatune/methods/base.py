@@ -54,7 +54,8 @@ class AdapterLayer(nn.Module):
         self.adapter_set = adapter_set if adapter_set is not None else AdapterSet()
         self.held: list[str] = []
         self._bank: tuple | None = None          # (key, bank dict)
-        self._gathered: dict = {}                # gather fn -> (route tensor, rows, result)
+        self._gathered: dict = {}                # gather fn -> (route tensor, rows, result, bank)
+        self._tensors: list | None = None        # held adapters' tensors (``_adapter_tensors``)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped module."""
@@ -109,7 +110,7 @@ class AdapterLayer(nn.Module):
     def _register(self, name: str) -> None:
         if name not in self.held:
             self.held.append(name)
-        self._bank = None
+        self._bank = self._tensors = None
         self._gathered = {}
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -138,7 +139,7 @@ class AdapterLayer(nn.Module):
         for table in self.per_adapter_tables():
             table.pop(name, None)
         self.held = [n for n in self.held if n != name]
-        self._bank = None
+        self._bank = self._tensors = None
         self._gathered = {}
 
     def per_adapter_tables(self) -> list[dict]:
@@ -211,7 +212,7 @@ class AdapterLayer(nn.Module):
         and the hyper-parameters, so a load, an optimizer step outside autograd, a merge or a
         scaling change rebuilds it.
         """
-        params = [p for name in self.held for _, p in self.adapter_parameters(name)]
+        params = self._adapter_tensors()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             self._gathered = {}
             return self.build_bank()
@@ -221,11 +222,23 @@ class AdapterLayer(nn.Module):
                 self._bank = (key, self.build_bank())
         return self._bank[1]
 
+    def _adapter_tensors(self) -> list[torch.Tensor]:
+        """Every held adapter's tensors, listed once per change of the held set (the bank's
+        staleness check runs per call and must not walk ``named_parameters`` each time)."""
+        if self._tensors is None:
+            self._tensors = [p for name in self.held for _, p in self.adapter_parameters(name)]
+        return self._tensors
+
     def bank_key(self, params: list[torch.Tensor]) -> tuple:
+        """What the bank depends on: slots, held adapters, hyper-parameters, and the version
+        counter of every adapter and base tensor (bumped by any in-place write: a load, an
+        optimizer step, a merge); the first tensor's address and dtype catch a ``.to()``."""
         base = self.base_layer
         base_tensors = [t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None]
-        return (self.adapter_set.version, tuple(self.held), tensor_versions(params),
-                tensor_versions(base_tensors), self.hyper_key())
+        first = params[0] if params else None
+        return (self.adapter_set.version, tuple(self.held), self.hyper_key(),
+                tuple(t._version for t in params), tensor_versions(base_tensors),
+                None if first is None else (first.data_ptr(), first.dtype))
 
     def hyper_key(self) -> tuple:
         """Per-adapter hyper-parameters that enter the bank (e.g. scalings); hashable values."""
@@ -234,17 +247,21 @@ class AdapterLayer(nn.Module):
     def gathered(self, route: torch.Tensor, n: int, gather) -> tuple:
         """``gather(bank, rows)`` for this call's route fitted to ``n`` rows.
 
-        Cached for the route object: one ``applying()`` call (every decode step of a ``generate``)
-        gathers once and checks the bank's tensor versions once; the next call brings a new route
-        and checks again. Not cached while adapter tensors need gradients.
+        Cached: the same route object (every decode step of one ``generate``) returns at once; a
+        new route with the same slots in the same order (the next call of a server decoding the
+        same batch) reuses the gathered tensors once the bank is found current. Not cached while
+        adapter tensors need gradients.
         """
         hit = self._gathered.get(gather)
         if hit is not None and hit[0] is route and hit[1] == n:
             return hit[2]
         bank = self.bank()
+        if hit is not None and hit[1] == n and hit[3] is bank and torch.equal(hit[0], route):
+            self._gathered[gather] = (route, n, hit[2], bank)
+            return hit[2]
         out = gather(bank, rows_for(route, n).to(_device_of(bank)))
         if not any(t.requires_grad for t in bank.values()):
-            self._gathered[gather] = (route, n, out)
+            self._gathered[gather] = (route, n, out, bank)
         return out
 
     def extra_repr(self) -> str:

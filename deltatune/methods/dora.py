@@ -102,6 +102,7 @@ class DoraMixin:
             m = self.weight_norm(name, cached=False)
         dtype = self._factor_rows(name)[0].dtype
         self.lora_magnitude_vector[name] = Magnitude(self._magnitude_shape(m).to(dtype))
+        self._register(name)  # the magnitude is one more of this adapter's tensors
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """peft saves ``lora_magnitude_vector.<name>.weight`` as ``lora_magnitude_vector``."""

@@ -74,7 +74,9 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
 
     def hyper_key(self) -> tuple:
-        return tuple((n, self.scaling[n], _dropout_p(self.lora_dropout[n])) for n in self.held)
+        """Scalings enter the bank (folded into B); dropout is read only while training, when the
+        bank is rebuilt on every call anyway."""
+        return tuple(self.scaling.values())
 
     def per_adapter_tables(self) -> list[dict]:
         return [self.r, self.lora_alpha, self.scaling]
