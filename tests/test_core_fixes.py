@@ -30,9 +30,21 @@ def _alone(model, name, ids):
     return out
 
 
-def test_merge_and_unload_named_adapter_merges_only_that_one():
+def _two_heads():
+    """A classifier whose two adapters each train their own copy of the head (modules_to_save)."""
+    model = get_peft_model(tiny_bert(), LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query"]))
+    model.add_adapter("b", LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["value"]))
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        perturb_trainable(model, seed=ord(name[0]))
+    model.set_adapter("default")
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [_two_adapters, _two_heads], ids=["lora", "modules_to_save"])
+def test_merge_and_unload_named_adapter_merges_only_that_one(build):
     ids = token_batch()
-    model = _two_adapters()
+    model = build()
     expected = _alone(model, "b", ids)
     merged = model.merge_and_unload(adapter_names=["b"])
     torch.testing.assert_close(logits_of(merged, ids), expected, rtol=0, atol=1e-5)
@@ -49,20 +61,6 @@ def test_safe_merge_refuses_non_finite_and_leaves_every_layer_unmerged():
         model.merge_and_unload(adapter_names=["b"], safe_merge=True)
     assert model.adapter_set.merged == []
     torch.testing.assert_close(logits_of(model, ids), before, rtol=0, atol=0)
-
-
-def test_modules_to_save_follow_adapter_names_when_merging():
-    ids = token_batch()
-    model = get_peft_model(tiny_bert(), LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query"]))
-    model.add_adapter("b", LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["value"]))
-    for name in ("default", "b"):
-        model.set_adapter(name)
-        perturb_trainable(model, seed=ord(name[0]))
-    model.set_adapter("default")
-    model.eval()
-    expected = _alone(model, "b", ids)
-    merged = model.merge_and_unload(adapter_names=["b"])
-    torch.testing.assert_close(logits_of(merged, ids), expected, rtol=0, atol=1e-5)
 
 
 def test_set_adapter_after_merge_unmerges_first_with_a_warning():
