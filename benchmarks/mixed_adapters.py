@@ -2,7 +2,8 @@
 
 The yardstick of issue 15 ("Figures to reach"). N LoRA adapters (r=16, alpha=32 on
 q/k/v/o_proj, random factors from fixed seeds) are made once with deltatune and saved; the SAME
-files are loaded into both libraries on copies of the default model (SmolLM2-135M-Instruct, fp32).
+files are loaded into both libraries on copies of the default model (SmolLM2-135M-Instruct, in
+``--dtype``: float32 by default, or bfloat16).
 Each configuration generates ``--new-tokens`` tokens (greedy, all of them forced) for ``--prompts``
 short chat prompts in one left-padded batch:
 
@@ -15,17 +16,47 @@ Timing: one warm-up generate per configuration and library, then ``--reps`` roun
 round every configuration runs once per library, libraries alternating (so machine noise hits
 both alike); the figure is the median. tokens/s = prompts x new tokens / seconds.
 
-Correctness, same run: per configuration, deltatune's generated token ids must equal peft's
-(greedy, fp32); the rows that match are printed and any mismatch exits non-zero before timing.
+Dtypes: ``--dtype`` sets the base model of both libraries. The adapters then take the dtype each
+library gives them by default when loaded onto such a base (today both keep LoRA factors in fp32
+on a bf16 base: peft through ``autocast_adapter_dtype=True``, deltatune because it creates its
+factor layers in torch's default dtype; each library then computes the delta in fp32 and adds it,
+cast to bf16, to the bf16 base output). The run records both libraries' adapter and
+base dtypes in the JSON (``setup.dtypes``) and exits non-zero if the two libraries' adapter dtypes
+differ, since the race would then compare different arithmetic.
 
-Writes benchmarks/results/mixed_adapters.json (figures, ratios against the issue's targets,
-machine info, the command) and mixed_adapters.png (tokens/s against the number of distinct
-adapters in the batch, one line per library, the base as a dashed line); prints a markdown table.
+Correctness, same run, before timing: per configuration, deltatune's generated token ids are
+compared with peft's, row by row, and the largest absolute difference between the two libraries'
+first-step logits is recorded per row (``tokens_match`` in the JSON).
+
+- float32: every row must match (the libraries differ at most in summation order, far below the
+  gap between greedy candidates short of an exact tie); any mismatch exits non-zero.
+- bfloat16: rows may legitimately differ, and do, so matching rows are reported, not required.
+  bf16 keeps 8 bits of mantissa: recomputing the bf16 base's first-step logits in fp32 (same
+  weights) moves them by ~0.4 (median row's largest change; logits reach ~35). The libraries round
+  differently where they do not run the same arithmetic: for the active adapter peft adds the fp32
+  delta to the base output in fp32 and rounds once, deltatune rounds the delta to bf16 and then
+  the sum. Greedy decoding flips wherever the top two candidates are closer than that noise (even
+  one library's prefill and its token-by-token decode disagree on ~3.5% of positions in bf16), and
+  a row's text diverges from its first flip, so over 32 tokens most rows can differ (measured: 8 of
+  32 rows equal for the active adapter; 32 of 32 with ``adapter_names``, where both libraries round
+  the delta before adding). A row count cannot separate that from a bug (the adapters change the
+  text of ~97% of the rows, ``rows_changed_by_adapters``, so a bug leaves few rows equal too), so
+  the bf16 check is on the first-step logits instead: per row the largest ``|deltatune - peft|``
+  and, for scale, the largest change the adapter makes against the base (``adapter_effect``). The
+  run fails if, in some configuration, the median row's library difference exceeds half the median
+  row's adapter effect. Bugs planted on one side gave 1.0 (delta skipped), 1.48 (each row routed to
+  the next adapter) and 1.2 (scaling doubled); bf16 rounding gave 0.32 (0.44 against 1.38, active
+  adapter) and 0 in the mixed configurations. 0.5 sits between the two.
+
+Writes benchmarks/results/mixed_adapters.json (figures, ratios against the issue's targets, dtypes,
+the token check, machine info, the command) and mixed_adapters.png (tokens/s against the number of
+distinct adapters in the batch, one line per library, the base as a dashed line); with ``--dtype
+bfloat16`` mixed_adapters_bf16.json and .png. Prints a markdown table.
 
     .venv/bin/python benchmarks/mixed_adapters.py [--reps 3] [--prompts 32] [--new-tokens 32]
-        [--adapters 1,8,32] [--rank 16] [--threads N] [--profile]
+        [--adapters 1,8,32] [--rank 16] [--threads N] [--profile] [--dtype float32|bfloat16]
     .venv/bin/python benchmarks/mixed_adapters.py --quick      # tiny random Llama, seconds
-    .venv/bin/python benchmarks/mixed_adapters.py --replot     # redraw the PNG from the JSON
+    .venv/bin/python benchmarks/mixed_adapters.py --replot [--dtype bfloat16]  # PNG from the JSON
 
 On a shared CPU (other processes busy) use ``--threads 1``: multi-threaded kernels stall in their
 barriers whenever another process takes a core (here 2 threads ran 8x slower than 1 under load).
@@ -60,6 +91,11 @@ LIBRARIES = ["deltatune", "peft"]
 # std of the random B factors: the adapters change the text, generations stay sensible. The tiny
 # --quick model needs larger factors before its (random) greedy tokens change at all.
 B_STD = {"default": 0.02, "quick": 1.0}
+# --dtype -> (torch dtype, short name in the JSON, chart and file names)
+DTYPES = {"float32": (torch.float32, "fp32"), "bfloat16": (torch.bfloat16, "bf16")}
+# bf16 only: the most the libraries' first-step logits may differ, as a fraction of the adapter's
+# effect on them (medians over rows); see the docstring
+BF16_MAX_DIFF_OVER_EFFECT = 0.5
 
 PROMPTS = [
     "Give me three tips for a good night's sleep.",
@@ -98,11 +134,11 @@ PROMPTS = [
 
 
 # -- setup ---------------------------------------------------------------------------------------
-def load_base(quick: bool):
-    """The default model in fp32, or with ``--quick`` a tiny random Llama with the same vocabulary."""
+def load_base(quick: bool, dtype: torch.dtype):
+    """The default model in ``dtype``, or with ``--quick`` a tiny random Llama with the same vocabulary."""
     tokenizer = deltatune.models.load_default_tokenizer()
     if not quick:
-        return deltatune.models.load_default(), tokenizer
+        return deltatune.models.load_default(dtype=dtype), tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -110,7 +146,7 @@ def load_base(quick: bool):
                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval(), tokenizer
+    return LlamaForCausalLM(cfg).to(dtype).eval(), tokenizer
 
 
 def make_batch(tokenizer, n: int) -> dict:
@@ -171,6 +207,17 @@ def load_models(base, dirs: list[Path], libraries: list[str]) -> dict:
     return models
 
 
+def model_dtypes(models: dict) -> dict:
+    """Per library: the dtypes of its LoRA factors and of the rest of its parameters (the base)."""
+    out = {}
+    for lib, model in models.items():
+        lora, other = set(), set()
+        for name, p in model.named_parameters():
+            (lora if ".lora_A." in name or ".lora_B." in name else other).add(str(p.dtype).replace("torch.", ""))
+        out[lib] = {"adapter": sorted(lora), "base": sorted(other)}
+    return out
+
+
 def configurations(adapters: list[int]) -> list[dict]:
     configs = [{"key": "base", "label": "base (HF generate, no PEFT)", "distinct": 0, "names": False},
                {"key": "1-active", "label": "1 adapter (active, no adapter_names)", "distinct": 1, "names": False}]
@@ -196,6 +243,15 @@ def generate(model, batch: dict, new_tokens: int, names: list[str] | None, pad_i
     return new
 
 
+def first_step_logits(model, batch: dict, names: list[str] | None, pad_id: int) -> torch.Tensor:
+    """The logits of generate's first step (the prompt's last position), fp32, (rows, vocab)."""
+    kwargs = {} if names is None else {"adapter_names": names}
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=1, do_sample=False, pad_token_id=pad_id,
+                             return_dict_in_generate=True, output_logits=True, **kwargs)
+    return out.logits[0].float()
+
+
 def check_adapter_names(model, batch: dict, pad_id: int) -> None:
     """Exit with a clear message if deltatune's generate refuses ``adapter_names``."""
     small = {k: v[:2] for k, v in batch.items()}
@@ -219,21 +275,43 @@ def runners(configs: list[dict], models: dict, base, batch: dict, new_tokens: in
     return calls
 
 
-def compare(configs: list[dict], tokens: dict, libraries: list[str]) -> tuple[dict, bool]:
-    """Rows where deltatune's ids equal peft's, per configuration (adapter configurations only)."""
+def compare(configs: list[dict], tokens: dict, logits: dict, libraries: list[str],
+            exact: bool) -> tuple[dict, bool]:
+    """Per adapter configuration: rows where deltatune's ids equal peft's, the per-row largest
+    first-step logit difference between the libraries and, for scale, the adapter's own effect on
+    the first-step logits against the base. ``ok`` is False when a configuration fails the dtype's
+    criterion: ``exact`` (fp32) every row's tokens equal; otherwise (bf16) the median row's library
+    difference at most BF16_MAX_DIFF_OVER_EFFECT of the median row's adapter effect."""
     match, ok = {}, True
     if len(libraries) < 2:
         return match, ok
+    base_logits = logits[("base", "base")]
     for c in configs[1:]:
         a, b = tokens[(c["key"], "deltatune")], tokens[(c["key"], "peft")]
         same = (a == b).all(dim=1)
-        match[c["key"]] = {"rows_matching": int(same.sum()), "rows": int(same.numel())}
-        line = f"[check] {c['label']}: {int(same.sum())}/{same.numel()} rows identical"
-        if not bool(same.all()):
+        diff = (logits[(c["key"], "deltatune")] - logits[(c["key"], "peft")]).abs().amax(dim=1)   # (rows,)
+        effect = (logits[(c["key"], "deltatune")] - base_logits).abs().amax(dim=1)               # (rows,)
+        ratio = float(diff.median() / effect.median()) if float(effect.median()) > 0 else float("inf")
+        bad = [int(j) for j in (~same).nonzero().flatten()]
+        entry = {"rows_matching": int(same.sum()), "rows": int(same.numel()),
+                 "first_differing_position": {str(j): int((a[j] != b[j]).nonzero()[0]) for j in bad},
+                 "first_step_max_abs_logit_diff": {"median": float(diff.median()), "max": float(diff.max()),
+                                                   "per_row": [float(f"{v:.3g}") for v in diff.tolist()]},
+                 "adapter_effect": {"median": float(effect.median()), "min": float(effect.min()),
+                                    "max": float(effect.max())},
+                 "diff_over_effect": ratio}
+        entry["passed"] = bool(same.all()) if exact else ratio <= BF16_MAX_DIFF_OVER_EFFECT
+        match[c["key"]] = entry
+        line = (f"[check] {c['label']}: {entry['rows_matching']}/{entry['rows']} rows identical; first-step "
+                f"logits, largest |deltatune - peft| per row: median {diff.median():.3g}, max {diff.max():.3g}; "
+                f"adapter effect median {effect.median():.3g} (ratio {ratio:.2f})")
+        if bad:
+            line += f"; differing rows {bad[:10]}{'...' if len(bad) > 10 else ''} from position " + \
+                str({j: entry["first_differing_position"][str(j)] for j in bad[:5]})
+        if not entry["passed"]:
             ok = False
-            bad = [int(j) for j in (~same).nonzero().flatten()]
-            first = {j: int((a[j] != b[j]).nonzero()[0]) for j in bad[:5]}
-            line += f"  MISMATCH rows {bad[:10]}{'...' if len(bad) > 10 else ''}, first differing position {first}"
+            line += ("  FAIL: tokens differ (fp32)" if exact else
+                     f"  FAIL: ratio above {BF16_MAX_DIFF_OVER_EFFECT}")
         print(line, flush=True)
     return match, ok
 
@@ -358,6 +436,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 32; --quick 8)")
     ap.add_argument("--adapters", default="1,8,32", help="distinct adapters per batch, comma-separated")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                    help="dtype of both libraries' base model (default float32); bfloat16 writes "
+                         "mixed_adapters_bf16.{json,png}")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--libraries", default="deltatune,peft",
                     help="'deltatune,peft' (default; tokens compared) or one of them alone")
@@ -365,16 +446,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print CPU profiles of deltatune's largest mixed batch and its 1-adapter run")
     ap.add_argument("--out", default=None, help="path stem for .json/.png (default benchmarks/results/"
-                    "mixed_adapters; --quick: a temporary directory)")
+                    "mixed_adapters, or mixed_adapters_bf16 with --dtype bfloat16; --quick: a temporary "
+                    "directory)")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON, nothing else")
     args = ap.parse_args()
 
+    dtype, dtype_short = DTYPES[args.dtype]
+    name = "mixed_adapters" if dtype == torch.float32 else f"mixed_adapters_{dtype_short}"
     if args.out:
         stem = Path(args.out)
     elif args.quick and not args.replot:
-        stem = Path(tempfile.mkdtemp(prefix="mixed-adapters-quick-")) / "mixed_adapters"
+        stem = Path(tempfile.mkdtemp(prefix="mixed-adapters-quick-")) / name
     else:
-        stem = RESULTS / "mixed_adapters"
+        stem = RESULTS / name
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
     if args.replot:
         chart(json.loads(json_path.read_text()), png_path)
@@ -395,7 +479,7 @@ def main() -> None:
 
     started, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
     b_std = B_STD["quick" if args.quick else "default"]
-    base, tokenizer = load_base(args.quick)
+    base, tokenizer = load_base(args.quick, dtype)
     base.eval()
     batch = make_batch(tokenizer, args.prompts)
     pad_id = tokenizer.pad_token_id
@@ -404,6 +488,13 @@ def main() -> None:
         models = load_models(base, dirs, libraries)
     print(f"[setup] {max(adapters)} adapters saved by deltatune and loaded into {', '.join(libraries)} "
           f"in {time.perf_counter() - started:.0f} s", flush=True)
+    dtypes = model_dtypes(models)
+    print("[setup] dtypes (adapter factors / base): "
+          + "; ".join(f"{lib} {'+'.join(d['adapter'])} / {'+'.join(d['base'])}" for lib, d in dtypes.items()),
+          flush=True)
+    if len({tuple(d["adapter"]) for d in dtypes.values()}) > 1:
+        sys.exit(f"mixed_adapters: the libraries hold the adapters in different dtypes ({dtypes}); the race "
+                 "would compare different arithmetic")
     if "deltatune" in libraries:
         check_adapter_names(models["deltatune"], batch, pad_id)
 
@@ -413,9 +504,18 @@ def main() -> None:
     tokens = {}  # the warm-up's ids, compared across libraries
     for key, call in tqdm(calls.items(), desc="warm-up + check", leave=False):
         tokens[key] = call()
-    match, ok = compare(configs, tokens, libraries)
+    rows = batch["input_ids"].shape[0]
+    logits = {("base", "base"): first_step_logits(base, batch, None, pad_id)}
+    for c in configs[1:]:
+        for lib, model in models.items():
+            names = row_names(c["distinct"], rows) if c["names"] else None
+            logits[(c["key"], lib)] = first_step_logits(model, batch, names, pad_id)
+    exact = dtype == torch.float32
+    match, ok = compare(configs, tokens, logits, libraries, exact)
     if not ok:
-        sys.exit("mixed_adapters: deltatune's generated tokens differ from peft's (greedy, fp32); see above")
+        sys.exit("mixed_adapters: deltatune's generated tokens differ from peft's (greedy, fp32); see above" if exact
+                 else "mixed_adapters: deltatune's first-step logits differ from peft's by more than "
+                      f"{BF16_MAX_DIFF_OVER_EFFECT} of the adapter's effect (bf16); see above")
     active_vs_names = {lib: bool((tokens[("1-active", lib)] == tokens[("1", lib)]).all())
                        for lib in libraries if ("1", lib) in tokens}
     differs_from_base = float((tokens[(str(max(adapters)), libraries[0])] != tokens[("base", "base")]).any(1)
@@ -449,7 +549,8 @@ def main() -> None:
     command = shlex.join([".venv/bin/python", os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     result = {
         "setup": {"model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct",
-                  "dtype": "fp32", "device": "cpu", "rank": args.rank, "lora_alpha": 2 * args.rank,
+                  "dtype": dtype_short, "dtypes": dtypes, "device": "cpu", "rank": args.rank,
+                  "lora_alpha": 2 * args.rank,
                   "targets": TARGETS, "b_std": b_std, "prompts": args.prompts, "new_tokens": new_tokens,
                   "prompt_tokens_padded": int(batch["input_ids"].shape[1]), "adapters": adapters,
                   "reps": reps, "libraries": libraries, "threads": torch.get_num_threads(),
@@ -462,6 +563,10 @@ def main() -> None:
         "seconds": seconds,
         "all_seconds": {f"{k[1]}/{k[0]}": [round(t, 4) for t in ts] for k, ts in times.items()},
         "ratios": ratios(tps, adapters),
+        "tokens_check": ("fp32: every row's generated ids equal between the libraries" if exact else
+                         "bf16: rows reported, not required; per configuration the median row's largest "
+                         "|deltatune - peft| first-step logit difference <= "
+                         f"{BF16_MAX_DIFF_OVER_EFFECT} x the median row's largest adapter effect (adapter vs base)"),
         "tokens_match": match,
         "one_adapter_active_equals_adapter_names": active_vs_names,
         "rows_changed_by_adapters": differs_from_base,
@@ -476,11 +581,13 @@ def main() -> None:
     chart(result, png_path)
     s = result["setup"]
     print(f"\n{s['model']}, LoRA r={args.rank} on q/k/v/o, {args.prompts} prompts x {new_tokens} new tokens, "
-          f"greedy fp32, {s['threads']} thread(s), median of {reps}; tokens/s (seconds per generate)\n")
+          f"greedy {dtype_short}, {s['threads']} thread(s), median of {reps}; tokens/s (seconds per generate)\n")
     print(table(result))
     if match:
-        print("\ntokens: deltatune == peft in every configuration ("
-              + ", ".join(f"{k}: {v['rows_matching']}/{v['rows']}" for k, v in match.items()) + ")")
+        print("\ntokens, rows where deltatune == peft: "
+              + ", ".join(f"{k}: {v['rows_matching']}/{v['rows']}" for k, v in match.items())
+              + "; first-step logits |deltatune - peft| max: "
+              + ", ".join(f"{k}: {v['first_step_max_abs_logit_diff']['max']:.3g}" for k, v in match.items()))
     print(f"rows whose text the adapters change: {100 * differs_from_base:.0f}%")
     print(f"\nwrote {json_path} and {png_path.name} in {s['total_runtime_s']:.0f} s\n{command}")
 
