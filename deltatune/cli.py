@@ -329,6 +329,10 @@ def _register_optional_verbs(sub) -> None:
 
     commands.register(sub)
 
+    from deltatune.advisor import commands as advisor_commands  # plan, doctor
+
+    advisor_commands.register(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltatune`` command."""
