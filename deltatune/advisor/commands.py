@@ -8,6 +8,7 @@ import json
 def register(sub) -> None:
     """Add ``plan`` and ``doctor`` to an argparse subparsers object."""
     _add_plan(sub)
+    _add_doctor(sub)
 
 
 def _add_plan(sub) -> None:
