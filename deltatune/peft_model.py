@@ -476,4 +476,8 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     Only the adapter's parameters (and the biases/modules its config names) are trainable
     afterwards. Raises ConfigError naming the field or module for invalid configs.
     """
-    return PeftModel(model, peft_config, adapter_name)
+    wrapped = PeftModel(model, peft_config, adapter_name)
+    from deltatune.advisor.doctor import warn_at_wrap  # known config mistakes, as warnings (deltatune doctor)
+
+    warn_at_wrap(peft_config)
+    return wrapped

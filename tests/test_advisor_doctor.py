@@ -147,3 +147,35 @@ def test_run_directory_and_cli_exit_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[error] loss-diverged" in out and "fix:" in out
     assert main(["doctor", str(tmp_path / "missing")]) == 2
+
+
+def test_get_peft_model_warns_about_config_mistakes():
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune import LoraConfig, get_peft_model
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with pytest.warns(UserWarning, match="rank-too-low"):
+        get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    with pytest.warns(UserWarning, match="qv-only"):
+        get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+
+def test_train_start_warns_about_run_mistakes():
+    import warnings
+
+    from deltatune.training.config import TrainConfig
+
+    with pytest.warns(UserWarning, match="dropout-tiny-data"):
+        D.warn_at_train(TrainConfig(dropout=0.1), 40)
+    with pytest.warns(UserWarning, match="lr-off"):
+        D.warn_at_train(TrainConfig(lr=0.1), 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert D.warn_at_train(TrainConfig(), 40) == []

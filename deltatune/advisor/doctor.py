@@ -372,3 +372,26 @@ def _count_examples(cfg: dict, base: Path) -> int | None:
         return None
     with open(path, encoding="utf-8") as fh:
         return sum(1 for line in fh if line.strip())
+
+
+# -- the same checks where a run starts ---------------------------------------------------------------------
+
+ADAPTER_CODES = {"rank-too-low", "alpha-off", "rslora-advice", "qv-only", "targets-head"}
+
+
+def warn_at_wrap(peft_config) -> list[Finding]:
+    """``get_peft_model``'s check: the adapter config's findings, as warnings (targets are matched there)."""
+    cfg = peft_config.to_dict() if hasattr(peft_config, "to_dict") else dict(peft_config)
+    findings = [f for f in check_adapter_config(cfg) if f.code in ADAPTER_CODES]
+    emit(findings, stacklevel=4)
+    return findings
+
+
+def warn_at_train(config, n_examples: int | None) -> list[Finding]:
+    """``deltatune train``'s check: run-level findings (the adapter's come from ``get_peft_model``; bf16 on a
+    slow CPU from ``precision.resolve_dtype``), as warnings."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    findings = [f for f in check_training_config(cfg, None, n_examples)
+                if f.code not in ADAPTER_CODES and f.code != "bf16-on-cpu"]
+    emit(findings, stacklevel=4)
+    return findings

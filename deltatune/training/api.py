@@ -130,6 +130,10 @@ def train(config: TrainConfig | dict | str | os.PathLike | None = None, *, model
         raise ValueError("train(model=...) needs tokenizer= as well")
     train_set, eval_set = load_data(cfg, tokenizer)
     if info.main:
+        from deltatune.advisor.doctor import warn_at_train  # known run mistakes, as warnings (deltatune doctor)
+
+        warn_at_train(cfg, len(train_set.examples))
+    if info.main:
         for ds in (train_set, eval_set):
             if ds is not None:
                 print(ds.report.summary(), flush=True)
