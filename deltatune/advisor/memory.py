@@ -258,14 +258,28 @@ def estimate(method: str, shape: ModelShape, setup: Setup) -> Estimate:
         notes.append("prompt tuning: gradients still flow through the whole frozen base, so activations "
                      "are those of LoRA; only the (already small) adapter state shrinks")
     overhead = CUDA_RUNTIME_BYTES if setup.device == "cuda" else CPU_RUNTIME_BYTES
-    load_peak = 0
-    if setup.device == "cpu":
-        # The checkpoint file is mapped (its pages count in RSS) while the weights are converted.
-        converted = shape.params * setup.dtype_bytes if method != "full" else shape.params * 4
-        load_peak = CPU_RUNTIME_BYTES + setup.checkpoint_bytes + converted
+    load_peak = _cpu_load_peak(method, shape, setup, base) if setup.device == "cpu" else 0
     file_bytes = 2 * n if method in ("full", "full-bf16") else 4 * n  # a 16-bit model, or fp32 adapter tensors
     return Estimate(method, LABELS[method], base, adapter, grads, state, act_ck if ckpt else act_no, act_no,
                     act_ck, overhead, ckpt, n, file_bytes, load_peak, notes)
+
+
+def _cpu_load_peak(method: str, shape: ModelShape, setup: Setup, base_weights: int) -> int:
+    """RSS while ``deltatune train`` loads (and quantizes) the base on a CPU.
+
+    transformers maps the safetensors file; the pages it reads count in RSS for as long as the
+    mapping lives. Loaded in the file's dtype, the weights *are* the mapping; converted (fp32 file,
+    bf16 run), each tensor is copied and the mapping goes when loading ends. Quantizing a mapped
+    base builds the 4-bit layers and copies the dense rest out of the mapping before it is freed
+    (``deltatune.quant._leave_checkpoint_mapping``).
+    """
+    file_bytes = setup.checkpoint_bytes or shape.params * 2
+    weight_bytes = 4 if method == "full" else setup.dtype_bytes
+    mapped = abs(file_bytes - shape.params * weight_bytes) < 0.05 * file_bytes
+    peak = file_bytes if mapped else file_bytes + shape.params * weight_bytes
+    if method == "qlora" and mapped:
+        peak = file_bytes + base_weights
+    return CPU_RUNTIME_BYTES + peak
 
 
 def parse_memory(text: str | int | float) -> int:
