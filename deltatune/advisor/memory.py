@@ -95,7 +95,10 @@ class Setup:
     @property
     def tokens_per_forward(self) -> int:
         tokens = self.seq_len * self.batch
-        return min(tokens, self.max_batch_tokens) if self.max_batch_tokens else tokens
+        if not self.max_batch_tokens:
+            return tokens
+        # deltatune train splits a micro-batch into whole sequences of at most max_batch_tokens (at least one)
+        return min(tokens, max(1, self.max_batch_tokens // self.seq_len) * self.seq_len)
 
 
 @dataclass
