@@ -1,5 +1,6 @@
 """deltatune: parameter-efficient fine-tuning with peft-compatible names and adapter files."""
 from deltatune import models  # noqa: F401
+from deltatune.advisor import plan
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
@@ -10,5 +11,5 @@ from deltatune.training import train
 __version__ = "0.1.0"
 
 __all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftType",
-           "TaskType", "dequantize_model", "get_peft_model", "models", "prepare_model_for_kbit_training", "quantize",
-           "train"]
+           "TaskType", "dequantize_model", "get_peft_model", "models", "plan", "prepare_model_for_kbit_training",
+           "quantize", "train"]
