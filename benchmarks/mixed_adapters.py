@@ -384,7 +384,8 @@ def chart(result: dict, path: Path) -> None:
         ys = [tps[lib][str(k)] for k in ks]
         ax.plot(ks, ys, marker="o", color=colors[lib], label=lib)
         for k, y in zip(ks, ys):
-            ax.annotate(f"{y:.0f}", (k, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            ax.annotate(f"{y:.0f}", (k, y), textcoords="offset points", ha="center", fontsize=8,  # peft's below
+                        xytext=(0, -12) if lib == "peft" else (0, 6))
     ax.axhline(tps["base"], color="grey", linestyle="--", label=f"base, no adapter ({tps['base']:.0f})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
