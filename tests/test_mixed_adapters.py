@@ -184,3 +184,24 @@ def test_mixing_errors_name_the_problem():
     with pytest.raises(MixingError, match="non-linearities"):
         acts(input_ids=ids, adapter_names=["r", "g"])
     acts(input_ids=ids, adapter_names=["r", "__base__"])  # one non-linearity in the batch is fine
+
+
+def test_bf16_base_with_fp32_factors_in_inference_matches_the_autograd_path():
+    """In inference the fp32 factors on a bf16 base run through cached bf16 copies (no per-call
+    casts); the result stays within bf16 rounding of the plain path, for one adapter and mixed."""
+    model = _model("lora").to(torch.bfloat16)
+    for _, layer in model.base_model.adapter_layers():        # factors back to fp32, as peft keeps them
+        for name in layer.held:
+            for _, p in layer.adapter_parameters(name):
+                p.data = p.data.float()
+    ids = token_batch(batch=4)
+    names = ["a", "b", "__base__", "c"]
+    with torch.no_grad():
+        fast_one = logits_of(model, ids).float()
+        fast_mixed = logits_of_rows(model, ids, names).float()
+    with torch.enable_grad():                                  # the plain path: casts per call
+        plain_one = logits_of(model, ids).float().detach()
+        plain_mixed = logits_of_rows(model, ids, names).float().detach()
+    effect = (plain_one - logits_of(tiny_llama().to(torch.bfloat16), ids).float()).abs().max()
+    for fast, plain in ((fast_one, plain_one), (fast_mixed, plain_mixed)):
+        assert (fast - plain).abs().max() < 0.1 * effect
