@@ -186,9 +186,14 @@ def test_mixing_errors_name_the_problem():
     acts(input_ids=ids, adapter_names=["r", "__base__"])  # one non-linearity in the batch is fine
 
 
-def test_bf16_base_with_fp32_factors_in_inference_matches_the_autograd_path():
-    """In inference the fp32 factors on a bf16 base run through cached bf16 copies (no per-call
-    casts); the result stays within bf16 rounding of the plain path, for one adapter and mixed."""
+@pytest.mark.parametrize("cast", [False, True], ids=["cpu-rule", "accelerator-rule"])
+def test_bf16_base_with_fp32_factors_in_inference_matches_the_autograd_path(cast, monkeypatch):
+    """In inference, fp32 factors on a bf16 base run either in fp32 (the CPU rule) or through cached
+    bf16 copies (the rule on accelerators, forced here); both stay within bf16 rounding of the
+    plain autograd path, for one adapter and for a mixed batch."""
+    from deltatune.methods import lora
+
+    monkeypatch.setattr(lora, "cast_factors_on", lambda device: cast)
     model = _model("lora").to(torch.bfloat16)
     for _, layer in model.base_model.adapter_layers():        # factors back to fp32, as peft keeps them
         for name in layer.held:
