@@ -78,16 +78,3 @@ def cmd_doctor(args) -> int:
     findings = diagnose_path(args.path, model=args.model)
     print(json.dumps([f.to_dict() for f in findings], indent=2) if args.json else render(findings))
     return 1 if any(f.severity == "error" for f in findings) else 0
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
-    import sys
-
-    parser = argparse.ArgumentParser(prog="deltatune")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
