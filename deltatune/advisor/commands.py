@@ -1,7 +1,6 @@
 """CLI verbs ``plan`` and ``doctor``: flags in, one call into the advisor, a table or JSON out."""
 from __future__ import annotations
 
-import argparse
 import json
 
 
