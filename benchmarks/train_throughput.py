@@ -8,7 +8,11 @@ only), same LoRA (r=16, alpha=32, all linear layers), same global batch, steps, 
 * tokens/s: real (non-pad) tokens consumed by training divided by the training loop's wall time;
 * peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child at the end of training;
 * final eval loss: mean per-token cross-entropy on ``--eval-n`` rows spread over the held-out
-  file, computed by the same function for every contender.
+  file, computed by the same function for every contender;
+* MFU: the model FLOPs the steps need (``deltatune.training.flops``: the same count for every
+  contender, from the architecture, the examples' lengths and their label tokens) per second, over
+  this machine's matmul peak in the contender's compute dtype, measured afresh at the start of the
+  run (``peak_flops(refresh=True)``) with the children's thread count.
 
 Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding), ``deltatune`` with its
 default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32) and
@@ -108,7 +112,18 @@ def child_hf(args) -> dict:
     train_s = clock["t1"] - clock["t0"]
     return {"tokens": seen["tokens"], "padded_tokens": seen["padded"], "train_s": train_s,
             "tokens_per_s": seen["tokens"] / train_s, "peak_rss_mb": rss, "losses": losses,
+            "mfu": mfu(model, train_ds, args, train_s, torch.float32),
             "eval_loss": final_eval_loss(model, eval_ds), "dtype": "float32"}
+
+
+def mfu(model, train_ds, args, train_s: float, dtype) -> float:
+    """Model FLOPs of the ``steps x batch`` examples trained on, per second, over the cached peak."""
+    from deltatune.training.flops import FlopCounter, peak_flops
+
+    examples = [train_ds[i] for i in range(min(len(train_ds), args.steps * args.batch))]
+    labels = sum(sum(1 for t in e.labels if t != -100) for e in examples)
+    flops = FlopCounter(model).step([len(e) for e in examples], labels).total
+    return flops / train_s / peak_flops("cpu", dtype)
 
 
 def child_deltatune(args, dtype: str) -> dict:
@@ -131,7 +146,7 @@ def child_deltatune(args, dtype: str) -> dict:
         losses = [r["loss"] for r in trainer.log.records if "loss" in r]
     return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
             "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
-            "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
+            "mfu": result["mfu"], "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
             "dtype": str(trainer.dtype).replace("torch.", "")}
 
 
@@ -162,13 +177,13 @@ def run_child(name: str, args) -> dict:
 
 def table(results: dict) -> str:
     hf = results.get("hf")
-    lines = ["| contender | compute | tokens/s | peak RSS | final eval loss | speed vs HF | memory vs HF | eval loss vs HF |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| contender | compute | tokens/s | MFU | peak RSS | final eval loss | speed vs HF | memory vs HF | eval loss vs HF |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         rel = ("1.00x", "1.00x", "+0.0%") if name == "hf" or hf is None else (
             f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x", f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x",
             f"{100 * (r['eval_loss'] / hf['eval_loss'] - 1):+.1f}%")
-        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} MB | "
+        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_rss_mb']:,.0f} MB | "
                      f"{r['eval_loss']:.4f} | {rel[0]} | {rel[1]} | {rel[2]} |")
     return "\n".join(lines)
 
@@ -181,10 +196,12 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results)
     colors = ["tab:gray" if n == "hf" else "tab:blue" for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
-    for ax, key, title in zip(axes, ("tokens_per_s", "peak_rss_mb", "eval_loss"),
-                              ("tokens/s (higher is better)", "peak RSS, MB (lower is better)", "final eval loss")):
-        ax.bar(range(len(names)), [results[n][key] for n in names], color=colors)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), dpi=110)
+    for ax, key, title in zip(axes, ("tokens_per_s", "mfu", "peak_rss_mb", "eval_loss"),
+                              ("tokens/s (higher is better)", "MFU, % of this CPU's matmul peak",
+                               "peak RSS, MB (lower is better)", "final eval loss")):
+        scale = 100 if key == "mfu" else 1
+        ax.bar(range(len(names)), [results[n][key] * scale for n in names], color=colors)
         ax.set_xticks(range(len(names)), [n.replace("deltatune", "dt") for n in names])
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -192,6 +209,20 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def measure_peaks(args) -> dict:
+    """Measure (and cache, for the children) the matmul peak in fp32 and bf16 with the children's threads."""
+    import torch
+
+    from deltatune.training.flops import peak_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peaks = {str(d).removeprefix("torch."): round(peak_flops("cpu", d, refresh=True) / 1e9, 1)
+             for d in (torch.float32, torch.bfloat16)}
+    print("matmul peak, GFLOP/s:", peaks, flush=True)
+    return peaks
 
 
 def main() -> int:
@@ -220,6 +251,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
+    peaks = measure_peaks(args)
     with tempfile.TemporaryDirectory() as tmp:
         write_subsets(args, Path(tmp))
         results = {}
@@ -227,7 +259,7 @@ def main() -> int:
             print(f"running {name} ...", flush=True)
             results[name] = run_child(name, args)
             r = results[name]
-            print(f"  {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mb']:,.0f} MB, "
+            print(f"  {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}, peak RSS {r['peak_rss_mb']:,.0f} MB, "
                   f"eval loss {r['eval_loss']:.4f} ({r['wall_s']:.0f}s)", flush=True)
     from deltatune.checkpoint.io import atomic_path, atomic_write_json
 
@@ -236,7 +268,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
     setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
-                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg())
+                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg(), peak_gflops=peaks)
     atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup, "results": results, "table": md})
     with atomic_path(RESULTS / "train_throughput.png") as tmp:
         plot(results, tmp)

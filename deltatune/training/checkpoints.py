@@ -41,6 +41,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    model_flops: float = 0.0  # FLOPs the steps so far needed (training.flops), for the run's MFU
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -24,6 +24,7 @@ from deltatune.training.checkpoints import TrainState, find_checkpoint, load_che
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import Dataset
 from deltatune.training.evaluate import eval_loss, exact_match
+from deltatune.training.flops import FlopCounter, peak_flops
 from deltatune.training.loss import LossModule, unwrap
 from deltatune.training.metrics import MetricsLog, Progress, fmt_duration, plot_loss_curve
 from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
@@ -111,6 +112,9 @@ class Trainer:
         if config.use_grad_checkpointing:
             self._enable_grad_checkpointing()
         self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
+        # MFU: the FLOPs each step needs (FlopCounter) over the peak of every process's device.
+        self.flops = FlopCounter(self.model)
+        self.peak = peak_flops(self.device, self.dtype) * self.info.world
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -119,25 +123,29 @@ class Trainer:
         self._maybe_resume()
         self.model.train()
         progress = Progress(self.total_steps, self.state.step, cfg.progress and info.main)
-        window_tokens, window_time = 0, 0.0
+        window_tokens, window_time, window_flops = 0, 0.0, 0.0
         while self.state.step < self.total_steps:
             batches = self._epoch_batches(self.state.epoch)
             for b in range(self.state.batch_in_epoch, len(batches)):
                 t0 = time.perf_counter()
-                loss, grad_norm, tokens, lr = self._step(batches[b])
+                loss, grad_norm, tokens, lr, flops = self._step(batches[b])
                 dt = time.perf_counter() - t0
                 self.state.step += 1
                 self.state.batch_in_epoch = b + 1
                 self.state.tokens_seen += tokens
                 self.state.elapsed_s += dt
+                self.state.model_flops += flops
                 window_tokens, window_time = window_tokens + tokens, window_time + dt
+                window_flops += flops
                 tps = window_tokens / max(window_time, 1e-9)
-                progress.update(loss, tps, lr)
+                mfu = window_flops / max(window_time, 1e-9) / self.peak
+                progress.update(loss, tps, lr, mfu)
                 if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                     self.log.log({"step": self.state.step, "epoch": round(self._epoch_float(), 4),
                                   "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                  "tokens_per_s": round(tps, 1), "elapsed_s": round(self.state.elapsed_s, 3)})
-                    window_tokens, window_time = 0, 0.0
+                                  "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
+                                  "elapsed_s": round(self.state.elapsed_s, 3)})
+                    window_tokens, window_time, window_flops = 0, 0.0, 0.0
                 self._periodic(progress)
                 if self.state.step >= self.total_steps:
                     break
@@ -168,7 +176,7 @@ class Trainer:
         return directory
 
     # -- one step --------------------------------------------------------------------------------
-    def _step(self, global_batch: list[int]) -> tuple[float, float, int, float]:
+    def _step(self, global_batch: list[int]) -> tuple[float, float, int, float, float]:
         cfg, info = self.config, self.info
         examples = [self.train_data[i] for i in global_batch]
         n_labels = max(1, count_label_tokens(examples))
@@ -196,7 +204,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cpu" and (self.state.step + 1) % TRIM_EVERY == 0:
             release_free_heap()
-        return loss, grad_norm, sum(len(e) for e in examples), lr
+        lengths = [len(e) for e in examples]
+        return loss, grad_norm, sum(lengths), lr, self.flops.step(lengths, n_labels).total
 
     # -- around the steps ------------------------------------------------------------------------
     def _periodic(self, progress: Progress) -> None:
@@ -219,6 +228,9 @@ class Trainer:
         result = {"steps": self.state.step, "tokens": self.state.tokens_seen,
                   "train_time_s": round(self.state.elapsed_s, 2),
                   "tokens_per_s": round(self.state.tokens_seen / max(self.state.elapsed_s, 1e-9), 1),
+                  "mfu": round(self.state.model_flops / max(self.state.elapsed_s, 1e-9) / self.peak, 4),
+                  "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
+                  "peak_gflops": round(self.peak / 1e9, 1),
                   "final_loss": train_loss[-1] if train_loss else None}
         if self.eval_data is not None:
             exact = cfg.eval_exact_match and any(e.reference is not None for e in self.eval_data.examples)
@@ -233,7 +245,8 @@ class Trainer:
 
             atomic_write_json(self.out / "summary.json", result)
             print(f"trained {result['steps']} steps in {fmt_duration(result['train_time_s'])} "
-                  f"({result['tokens_per_s']:,.0f} tokens/s); adapter -> {result['adapter']}", flush=True)
+                  f"({result['tokens_per_s']:,.0f} tokens/s, MFU {result['mfu']:.1%} of "
+                  f"{result['peak_gflops']:,.0f} GFLOP/s); adapter -> {result['adapter']}", flush=True)
         return result
 
     def _maybe_resume(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deltatune.checkpoint.io import atomic_path, atomic_write_text
 
-_FIRST_COLUMNS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
+_FIRST_COLUMNS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s")
 
 
 class MetricsLog:
@@ -118,10 +118,11 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                             smoothing=0.1)
 
-    def update(self, loss: float, tokens_per_s: float, lr: float) -> None:
+    def update(self, loss: float, tokens_per_s: float, lr: float, mfu: float | None = None) -> None:
         if self.bar is None:
             return
-        self.bar.set_postfix_str(f"loss={loss:.4f} tok/s={tokens_per_s:,.0f} lr={lr:.2e}", refresh=False)
+        mfu_text = f" mfu={mfu:.1%}" if mfu is not None else ""
+        self.bar.set_postfix_str(f"loss={loss:.4f} tok/s={tokens_per_s:,.0f}{mfu_text} lr={lr:.2e}", refresh=False)
         self.bar.update(1)
 
     def write(self, text: str) -> None:
