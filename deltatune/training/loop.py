@@ -143,7 +143,7 @@ class Trainer:
                 if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                     self.log.log({"step": self.state.step, "epoch": round(self._epoch_float(), 4),
                                   "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                  "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
+                                  "tokens_per_s": round(tps, 1), "mfu": round(mfu, 6),
                                   "elapsed_s": round(self.state.elapsed_s, 3)})
                     window_tokens, window_time, window_flops = 0, 0.0, 0.0
                 self._periodic(progress)
@@ -228,7 +228,7 @@ class Trainer:
         result = {"steps": self.state.step, "tokens": self.state.tokens_seen,
                   "train_time_s": round(self.state.elapsed_s, 2),
                   "tokens_per_s": round(self.state.tokens_seen / max(self.state.elapsed_s, 1e-9), 1),
-                  "mfu": round(self.state.model_flops / max(self.state.elapsed_s, 1e-9) / self.peak, 4),
+                  "mfu": round(self.state.model_flops / max(self.state.elapsed_s, 1e-9) / self.peak, 6),
                   "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
                   "peak_gflops": round(self.peak / 1e9, 1),
                   "final_loss": train_loss[-1] if train_loss else None}
