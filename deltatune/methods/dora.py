@@ -38,6 +38,7 @@ from torch import nn
 from deltatune import registry
 from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import LoraConfig, PeftType
+from deltatune.merging import dora_merge, dora_unmerge
 from deltatune.methods.base import tensor_versions
 from deltatune.methods.lora import LoraConv2d, LoraEmbedding, LoraLinear, gather_lora, lora_bmm
 
@@ -160,18 +161,16 @@ class DoraMixin:
         """``(m / n) * (W + ΔW)``; remembers ``n`` so ``unmerged_weight`` can invert exactly."""
         if name not in self.lora_magnitude_vector:
             return super().merged_weight(weight, name)
-        rows = self._as_rows(weight + self.delta_weight(name).to(weight.device))    # (out, k)
-        n = torch.linalg.vector_norm(rows, dim=1)
-        self._merge_norms[name] = n
-        scale = self.magnitude(name).to(rows) / n
-        return self._from_rows(rows * scale[:, None], weight)
+        delta = self._as_rows(self.delta_weight(name).to(weight.device))             # (out, k)
+        rows, self._merge_norms[name] = dora_merge(self._as_rows(weight), delta, self.magnitude(name))
+        return self._from_rows(rows, weight)
 
     def unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
             return super().unmerged_weight(weight, name)
-        scale = self.magnitude(name).to(weight) / self._merge_norms.pop(name).to(weight)
-        rows = self._as_rows(weight) / scale[:, None]
-        return self._from_rows(rows, weight) - self.delta_weight(name).to(weight.device)
+        delta = self._as_rows(self.delta_weight(name).to(weight.device))
+        rows = dora_unmerge(self._as_rows(weight), delta, self.magnitude(name), self._merge_norms.pop(name))
+        return self._from_rows(rows, weight)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

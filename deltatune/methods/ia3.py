@@ -23,6 +23,7 @@ from torch import nn
 from deltatune import registry
 from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, PeftConfig, PeftType, _normalise_targets
+from deltatune.merging import ia3_merge, ia3_unmerge
 from deltatune.methods.base import AdapterLayer
 
 
@@ -172,10 +173,10 @@ class IA3Layer(AdapterLayer):
         return l.view(-1, 1, 1, 1) if self.is_conv else l.view(-1, 1)
 
     def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        return weight * self._weight_scale(name).to(weight.device)
+        return ia3_merge(weight, self._weight_scale(name))
 
     def unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        return weight / self._weight_scale(name).to(weight.device)
+        return ia3_unmerge(weight, self._weight_scale(name))
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         """Scale the weight (``merged_weight``) and, for output-side vectors, the bias too."""

@@ -18,6 +18,7 @@ from torch import nn
 from deltatune import registry
 from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
+from deltatune.merging import lora_delta
 from deltatune.methods.base import AdapterLayer
 
 
@@ -101,7 +102,8 @@ class LoraLayer(AdapterLayer):
     def hyper_key(self) -> tuple:
         """Scalings enter the bank (folded into B); dropout is read only while training, when the
         bank is rebuilt on every call anyway."""
-        return tuple(self.scaling.values())
+        return tuple(s if not isinstance(s, torch.Tensor) else (s.data_ptr(), s._version)
+                     for s in self.scaling.values())
 
     def per_adapter_tables(self) -> list[dict]:
         return [self.r, self.lora_alpha, self.scaling]
@@ -208,9 +210,7 @@ class LoraLinear(LoraLayer):
             self._residual_of.discard(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight.float()                   # (r, in)
-        B = self.lora_B[name].weight.float()                   # (out, r)
-        return (B @ A) * self.scaling[name]                    # (out, in)
+        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + B(A(dropout(x)) * s)`` for this call's adapter, or each row's in a mixed batch."""
@@ -243,7 +243,11 @@ class LoraLinear(LoraLayer):
                 return False
             A, B = self._factors_in(name, A, B, x.dtype)
         flat = result.view(-1, result.shape[-1])                                      # (M, out)
-        flat.addmm_(x.reshape(-1, x.shape[-1]) @ A.T, B.T, alpha=self.scaling[name])  # (M, r) @ (r, out)
+        h, s = x.reshape(-1, x.shape[-1]) @ A.T, self.scaling[name]                  # (M, r)
+        if isinstance(s, torch.Tensor):  # a tensor scaling (compiled hot-swap): no recompile when it changes
+            flat.addmm_(h * s.to(h.dtype), B.T)
+        else:
+            flat.addmm_(h, B.T, alpha=s)                                              # (M, r) @ (r, out)
         return True
 
     def _factors_in(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
@@ -320,9 +324,8 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(self.lora_embedding_B[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_embedding_A[name].float()                 # (r, vocab)
-        B = self.lora_embedding_B[name].float()                 # (dim, r)
-        return (B @ A).T * self.scaling[name]                   # (vocab, dim)
+        # A (r, vocab), B (dim, r): the delta of the (vocab, dim) table is (B A)ᵀ
+        return lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]).T
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)             # (..., dim)
@@ -387,10 +390,7 @@ class LoraConv2d(LoraLayer):
         raise ConfigError(f"init_lora_weights={init!r} is only for linear layers, not Conv2d")
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight.float()                   # (r, in, kh, kw)
-        B = self.lora_B[name].weight.float()                   # (out, r, 1, 1)
-        delta = F.conv2d(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, kh, kw)
-        return delta * self.scaling[name]
+        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in, kh, kw)
 
     def cannot_mix_reason(self) -> str:
         return ("LoRA on Conv2d has no per-row path yet; run rows for different adapters in "
