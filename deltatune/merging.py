@@ -268,12 +268,13 @@ def svd_factors(delta: torch.Tensor, rank: int, clamp: float | None = None, full
     entries (kohya's svd_merge_lora, as peft).
     """
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    B = U[:, :rank] @ torch.diag(S[:rank])                                  # (out, rank)
-    A = Vh[:rank, :]                                                        # (rank, in)
+    k = min(rank, S.numel())              # a rank above min(out, in) is zero-padded
+    B = U[:, :k] @ torch.diag(S[:k])                                        # (out, k)
+    A = Vh[:k, :]                                                           # (k, in)
     if clamp is not None:
         hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
-    return A, B
+    return _pad_rank(A, B, rank)
 
 
 def is_exact(combination_type: str, rank: int | None = None, full_rank: int | None = None) -> bool:

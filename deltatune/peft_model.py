@@ -336,6 +336,31 @@ class PeftModel(nn.Module):
         self.unmerge_adapter()
         return self.base_model.unload(merged=[])
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total", seed: int | None = None) -> None:
+        """Add adapter ``adapter_name``, the weighted combination of loaded ``adapters`` (peft's API).
+
+        ``combination_type``: ``linear``, ``cat``, ``svd``, ``ties``, ``ties_svd``, ``dare_linear``,
+        ``dare_ties``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``,
+        ``magnitude_prune_svd``; same results as peft's, with its rsLoRA scaling fixed, a warning
+        where the result is not the weighted sum of the deltas, and ``seed`` for DARE. Exact:
+        ``cat``, and ``svd`` with ``svd_rank`` >= the sum of ranks. What each type does, and for
+        which methods (LoRA, DoRA, IA3): ``deltatune.arithmetic``. The new adapter is not activated.
+
+        Raises:
+            ValueError (``arithmetic.CombineError``): the message names the adapter or argument;
+                the model is left as it was.
+        """
+        from deltatune.arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method,
+                             seed=seed)
+
     # -- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts (tied weights counted once)."""
