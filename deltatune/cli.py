@@ -69,6 +69,45 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    """Combine saved adapters into a new adapter directory (``deltatune.arithmetic.combine_adapters``).
+
+    The base model is loaded only for DoRA sources, whose delta depends on the base weights.
+    """
+    from deltatune.arithmetic import combine_adapters
+    from deltatune.checkpoint.peft_format import read_adapter, write_adapters
+
+    adapters = _parse_adapters(args.adapter or [])
+    if not adapters:
+        raise ValueError("no --adapter NAME=DIR given")
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    sources = [read_adapter(directory) for directory in adapters.values()]
+    base = {}
+
+    def base_weight(module: str):
+        from torch import nn
+
+        from deltatune import models, registry
+
+        if "model" not in base:
+            base["model"] = models.load(args.base)
+        layer = base["model"].get_submodule(module)
+        W = registry.get_weight(layer).detach().float()
+        return W.T if isinstance(layer, nn.Embedding) else W
+
+    config, tensors = combine_adapters(
+        sources, weights, combination_type=args.type, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+        density=args.density, majority_sign_method=args.majority_sign_method, seed=args.seed,
+        names=list(adapters), base_weight=base_weight)
+    write_adapters(args.out, {"": (config, tensors)})
+    loaded = " (base loaded for DoRA)" if base else ""
+    print(f"combined {', '.join(adapters)} ({args.type}, weights {weights}) -> {args.out}{loaded}")
+    return 0
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move directory ``new`` to ``target``; an existing ``target`` is swapped out, then removed."""
     old = None
@@ -291,9 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="lora")
     p.set_defaults(func=cmd_targets)
 
+    _add_combine(sub)
     _add_generate(sub)
     _register_optional_verbs(sub)
     return parser
+
+
+def _add_combine(sub) -> None:
+    from deltatune.merging import COMBINATION_TYPES
+
+    p = sub.add_parser("combine", help="combine saved adapters into one (add_weighted_adapter on files)",
+                       description="Weighted combination of saved adapters, written as a new adapter directory. "
+                                   "The base is loaded only for DoRA sources.")
+    p.add_argument("--base", default="default", help="base model, needed for DoRA sources only")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="a source adapter (repeatable)")
+    p.add_argument("--weights", required=True, help="comma-separated, one per --adapter (negative subtracts)")
+    p.add_argument("--type", default="svd", choices=COMBINATION_TYPES, help="combination type (default svd)")
+    p.add_argument("--density", type=float, help="fraction kept, for ties/dare/magnitude_prune types")
+    p.add_argument("--svd-rank", type=int, help="rank of the svd types' result (default: the largest source rank)")
+    p.add_argument("--svd-clamp", type=float, help="quantile to clamp the svd factors to")
+    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    p.add_argument("--seed", type=int, help="seed for DARE's random pruning")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=cmd_combine)
 
 
 def _add_generate(sub) -> None:

@@ -233,3 +233,49 @@ def test_bad_requests_name_the_problem_and_change_nothing(args, match, saved):
     assert sorted(model.peft_config) == ["a", "b", "c"]
     after = model.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _main(argv):
+    from deltatune.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_combine_cli_needs_no_base_for_lora(saved, tmp_path, monkeypatch):
+    def no_base(*_a, **_k):
+        raise AssertionError("combine loaded the base model for LoRA sources")
+
+    monkeypatch.setattr(deltatune.models, "load", no_base)
+    out = tmp_path / "ties"
+    assert _main(["combine", "--adapter", f"a={saved['a']}", "--adapter", f"b={saved['b']}", "--weights", "0.7,-0.4",
+                  "--type", "ties", "--density", "0.5", "--out", out]) == 0
+    model = _load(deltatune, saved, ["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_weighted_adapter(["a", "b"], WEIGHTS, "mix", combination_type="ties", density=0.5)
+    ids = token_batch()
+    loaded = PeftModel.from_pretrained(tiny_llama(), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, ids), _combined_logits(model, "mix", ids), rtol=0, atol=1e-6)
+
+
+def test_combine_cli_loads_the_base_for_dora(saved, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    out = tmp_path / "mix"
+    assert _main(["combine", "--base", base_dir, "--adapter", f"d={saved['dora']}", "--adapter", f"a={saved['a']}",
+                  "--weights", "0.7,-0.4", "--type", "svd", "--svd-rank", 8, "--out", out]) == 0
+    model = _load(deltatune, saved, ["dora", "a"])
+    model.add_weighted_adapter(["dora", "a"], WEIGHTS, "mix", combination_type="svd", svd_rank=8)
+    ids = token_batch()
+    loaded = PeftModel.from_pretrained(tiny_llama(), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, ids), _combined_logits(model, "mix", ids), rtol=0, atol=1e-5)
+
+
+def test_combine_cli_errors(saved, tmp_path, capsys):
+    assert _main(["combine", "--adapter", f"a={saved['a']}", "--weights", "x", "--out", tmp_path / "o"]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert _main(["combine", "--adapter", f"a={saved['a']}", "--adapter", f"c={saved['c']}", "--weights", "1,1",
+                  "--type", "linear", "--out", tmp_path / "o"]) == 2
+    assert "one rank" in capsys.readouterr().err and not (tmp_path / "o").exists()
