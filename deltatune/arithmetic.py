@@ -292,16 +292,17 @@ def _relative_error(A, B, As, Bs, w, s) -> float:
 
 def lora_config_for(config: LoraConfig, modules: dict[str, tuple[int, float]], use_rslora: bool) -> LoraConfig:
     """``config`` with ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern`` that give each module
-    its ``(rank, scaling)``: the most common pair as ``r``/``lora_alpha``, the others as patterns
+    its ``(rank, scaling)`` (scaling None: any): the most common pair as ``r``/``lora_alpha``, the others as patterns
     keyed by the module's escaped full name (peft's pattern rule matches it and nothing else)."""
     def alpha(rank: int, scaling: float) -> float:
         a = scaling * (math.sqrt(rank) if use_rslora else rank)
         return int(a) if float(a).is_integer() else a
 
+    scaled = {m: v for m, v in modules.items() if v[1] is not None}     # None: any scaling (a zeroed layer)
     r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0] if modules else config.r
-    a = Counter(alpha(*v) for v in modules.values()).most_common(1)[0][0] if modules else config.lora_alpha
+    a = Counter(alpha(*v) for v in scaled.values()).most_common(1)[0][0] if scaled else config.lora_alpha
     rank_pattern = {re.escape(m): rank for m, (rank, _) in modules.items() if rank != r}
-    alpha_pattern = {re.escape(m): alpha(*v) for m, v in modules.items() if alpha(*v) != a}
+    alpha_pattern = {re.escape(m): alpha(*v) for m, v in scaled.items() if alpha(*v) != a}
     return dataclasses.replace(config, r=r, lora_alpha=a, use_rslora=use_rslora,
                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 

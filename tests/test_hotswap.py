@@ -1,0 +1,209 @@
+"""Hot-swapping adapters in place: same tensors, other weights; compiled models do not recompile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune
+from deltatune import IA3Config, LoraConfig, PeftModel, get_peft_model, hotswap_adapter, \
+    prepare_model_for_compiled_hotswap
+from deltatune.hotswap import HotswapError
+from tests.conftest import logits_of, perturb_trainable, tiny_gpt2, tiny_llama, token_batch
+
+QKV, QV = ["q_proj", "k_proj", "v_proj"], ["q_proj", "v_proj"]
+
+
+def _save(directory, config, seed, build=tiny_llama):
+    model = get_peft_model(build(), config)
+    perturb_trainable(model, seed=seed, scale=0.3)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swap")
+    return {
+        "a": _save(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=QKV), 1),
+        "b": _save(root / "b", LoraConfig(r=8, lora_alpha=4, target_modules=QV), 2),           # other rank, subset
+        "a2": _save(root / "a2", LoraConfig(r=4, lora_alpha=32, target_modules=QKV), 3),       # same rank, new alpha
+        "small": _save(root / "small", LoraConfig(r=2, lora_alpha=2, target_modules=QKV), 4),
+        "rs": _save(root / "rs", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=QKV), 5),
+        "rs8": _save(root / "rs8", LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=QV), 6),
+        "rs2": _save(root / "rs2", LoraConfig(r=2, lora_alpha=8, use_rslora=True, target_modules=QV), 13),
+        "drop": _save(root / "drop", LoraConfig(r=4, lora_dropout=0.1, target_modules=QKV), 7),
+        "more": _save(root / "more", LoraConfig(r=4, target_modules=QKV + ["o_proj"]), 8),
+        "ia3": _save(root / "ia3", IA3Config(target_modules=["k_proj", "v_proj"]), 9),
+        "gpt2": _save(root / "gpt2", LoraConfig(r=4, target_modules=["c_attn"]), 10, tiny_gpt2),
+        "dora": _save(root / "dora", LoraConfig(r=4, use_dora=True, target_modules=QKV), 11),
+        "dora2": _save(root / "dora2", LoraConfig(r=2, use_dora=True, target_modules=QV), 12),
+    }
+
+
+IDS = token_batch()
+
+
+def _reference(saved, name):
+    with torch.no_grad():
+        return logits_of(PeftModel.from_pretrained(tiny_llama(), saved[name]).eval(), IDS)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return logits_of(model, IDS)
+
+
+def _tensors(model):
+    return {id(p): p.data_ptr() for p in model.parameters()}, [id(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("old, new", [("a", "a2"), ("a", "small"), ("rs", "rs2"), ("dora", "dora2")])
+def test_swap_gives_the_new_adapters_logits_in_the_same_tensors(old, new, saved):
+    model = PeftModel.from_pretrained(tiny_llama(), saved[old]).eval()
+    before = _tensors(model)
+    hotswap_adapter(model, saved[new])
+    torch.testing.assert_close(_logits(model), _reference(saved, new), rtol=0, atol=1e-5)
+    assert _tensors(model) == before          # same parameters, same storage, no new modules
+    hotswap_adapter(model, saved[old])
+    torch.testing.assert_close(_logits(model), _reference(saved, old), rtol=0, atol=1e-5)
+
+
+def test_subset_of_layers_zeroes_the_rest_and_saves_right(saved, tmp_path):
+    model = PeftModel.from_pretrained(tiny_llama(), saved["rs"]).eval()      # rsLoRA r=4 on q, k, v
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    hotswap_adapter(model, saved["rs8"])                                     # rsLoRA r=8 on q, v only
+    want = _reference(saved, "rs8")
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=1e-5)
+    k = model.base_model.model.model.layers[0].self_attn.k_proj
+    assert not k.lora_B["default"].weight.any()
+    model.save_pretrained(tmp_path)                                          # what the model holds, loadable
+    peft = pytest.importorskip("peft")
+    for lib in (deltatune, peft):
+        with torch.no_grad():
+            loaded = lib.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+            torch.testing.assert_close(logits_of(loaded, IDS), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("new, match", [
+    ("b", "rank 8.*prepare_model_for_compiled_hotswap"),
+    ("ia3", "IA3 adapter cannot replace a LORA"),
+    ("rs", "use_rslora"),
+    ("drop", "lora_dropout"),
+    ("dora", "use_dora"),
+    ("more", "o_proj.*cannot add layers"),
+    ("gpt2", "cannot add layers"),
+])
+def test_refusals_leave_the_old_adapter(new, match, saved):
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.peft_config["default"]
+    with pytest.raises(HotswapError, match=match):
+        hotswap_adapter(model, saved[new])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.peft_config["default"] is config
+    torch.testing.assert_close(_logits(model), _reference(saved, "a"), rtol=0, atol=0)
+
+
+def test_merged_and_unknown_adapters_are_refused(saved):
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
+    with pytest.raises(HotswapError, match="no adapter 'other'"):
+        hotswap_adapter(model, saved["a2"], adapter_name="other")
+    model.merge_adapter()
+    with pytest.raises(HotswapError, match="merged"):
+        hotswap_adapter(model, saved["a2"])
+
+
+def test_a_failure_while_writing_restores_the_old_adapter(saved, monkeypatch):
+    import deltatune.hotswap as hs
+
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
+    prepare_model_for_compiled_hotswap(model)           # tensor scalings: restored in place too
+    want = _reference(saved, "a")
+
+    def broken(layer, name, value):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(hs, "_set_scaling", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        hotswap_adapter(model, saved["a2"])             # the factors were written before the scalings
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+
+
+class CompileCounter:
+    """A torch.compile backend that counts the graphs it is given (each compile or recompile) and
+    runs them eagerly: the count is what matters, and inductor's C++ build would take minutes on CPU."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_compiled_model_swaps_without_recompiling(saved):
+    torch._dynamo.reset()
+    refs = {n: _reference(saved, n) for n in ("a", "b", "a2")}
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    torch.testing.assert_close(_logits(compiled), refs["a"], rtol=0, atol=1e-5)
+    compiles = counter.graphs
+    assert compiles >= 1
+    for name in ["b", "a2", "a", "b", "a"]:          # other ranks, alphas and target sets
+        hotswap_adapter(compiled, saved[name])
+        torch.testing.assert_close(_logits(compiled), refs[name], rtol=0, atol=1e-5)
+    assert counter.graphs == compiles
+
+
+def test_without_preparation_a_new_scaling_recompiles(saved):
+    """The control: the counter does see recompiles (a float scaling is a constant to dynamo)."""
+    torch._dynamo.reset()
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    _logits(compiled)
+    compiles = counter.graphs
+    hotswap_adapter(compiled, saved["a2"])             # same rank, other alpha
+    torch.testing.assert_close(_logits(compiled), _reference(saved, "a2"), rtol=0, atol=1e-5)
+    assert counter.graphs > compiles
+
+
+def test_prepare_checks(saved):
+    model = PeftModel.from_pretrained(tiny_llama(), saved["b"]).eval()
+    with pytest.raises(ValueError, match="rank 8 > target_rank=4"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    with pytest.raises(ValueError, match="before torch.compile"):
+        prepare_model_for_compiled_hotswap(torch.compile(model, backend="eager"), target_rank=8)
+    dora = PeftModel.from_pretrained(tiny_llama(), saved["dora"]).eval()
+    with pytest.raises(ValueError, match="DoRA"):
+        prepare_model_for_compiled_hotswap(dora, target_rank=8)
+    with pytest.raises(TypeError, match="PeftModel"):
+        prepare_model_for_compiled_hotswap(tiny_llama(), target_rank=8)
+
+
+def test_prepared_model_trains_and_saves_its_padded_rank(saved, tmp_path):
+    model = PeftModel.from_pretrained(tiny_llama(), saved["a"], is_trainable=True)
+    want = _reference(saved, "a")
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    model.eval()
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=1e-5)
+    assert model.peft_config["default"].r == 8 and model.peft_config["default"].lora_alpha == 16
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-5)
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss                # tensor scalings carry gradients to A, B
+    loss.backward()
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad is not None
+
+
+def test_ia3_swaps_too(tmp_path):
+    kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    x = _save(tmp_path / "x", IA3Config(**kw), 1)
+    y = _save(tmp_path / "y", IA3Config(**kw), 2)
+    model = PeftModel.from_pretrained(tiny_llama(), x).eval()
+    hotswap_adapter(model, y)
+    torch.testing.assert_close(_logits(model), logits_of(PeftModel.from_pretrained(tiny_llama(), y).eval(), IDS),
+                               rtol=0, atol=1e-5)
