@@ -1,0 +1,227 @@
+"""The engine's adapters: named, versioned, in three tiers (ready in the model, host memory, disk).
+
+- *ready*: injected into the ``PeftModel`` (at most ``max_loras``); each layer's bank stacks them
+  and a mixed batch gathers every row's factors from it.
+- *cpu*: the tensors read from the adapter's file, kept in host memory (at most ``max_cpu_loras``);
+  made ready in milliseconds on first use, evicting the least recently used ready adapter that
+  no running sequence uses.
+- *disk*: only the path; read again on first use.
+
+A name maps to its current *version*; each version lives in the model under its own internal
+name (``name@version``), so ``add_adapter(name, path, replace=True)`` (vLLM's ``load_inplace``)
+makes a new version while requests already submitted finish on the one they pinned: a request
+never sees a mix. A replaced or removed version stays (in memory, never re-read from a file that
+may have changed) until its last request ends. Not thread-safe: the engine calls it under its
+locks (and model changes only between forward passes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltatune.adapter_set import BASE_NAME
+from deltatune.serving.errors import AdapterLoadError, UnknownModel
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``Engine.adapters()`` lists: ``state`` is "ready", "cpu" or "disk"."""
+
+    name: str
+    path: str
+    rank: int
+    state: str
+    version: int
+
+
+@dataclass(eq=False)
+class Version:
+    """One loaded version of a named adapter."""
+
+    name: str
+    version: int
+    path: str
+    config: object
+    tensors: dict | None          # host copy; None in the "disk" tier
+    rank: int
+    refs: int = 0                 # requests (waiting or running) pinned to this version
+    retired: bool = False         # replaced or removed: goes away with its last request
+    last_used: int = 0
+
+    @property
+    def internal(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def adapter_rank(config) -> int:
+    """Largest rank an adapter config asks for (``r`` and ``rank_pattern``); 0 for rank-free methods."""
+    ranks = [getattr(config, "r", 0) or 0, *(getattr(config, "rank_pattern", None) or {}).values()]
+    return max(int(r) for r in ranks)
+
+
+def read_version_files(path) -> tuple[object, dict]:
+    """``(config, tensors)`` of an adapter directory, every problem as an ``AdapterLoadError``
+    naming the file (missing directory, bad JSON, unknown method, corrupt weights, PiSSA)."""
+    from deltatune.checkpoint.convert import require_plain_lora
+    from deltatune.checkpoint.peft_format import read_adapter
+
+    try:
+        config, tensors = read_adapter(path)
+        require_plain_lora(config, path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:   # ConfigError/CheckpointError are ValueErrors
+        raise AdapterLoadError(f"cannot load adapter from {os.fspath(path)!r}: {exc}", "lora_path") from None
+    return dataclasses.replace(config, inference_mode=True), tensors
+
+
+class AdapterPool:
+    """Named adapter versions over one base model (see the module doc)."""
+
+    def __init__(self, model, max_loras: int, max_cpu_loras: int, max_lora_rank: int) -> None:
+        self.model = model                 # the transformers model; wrapped in place by PeftModel
+        self.peft = None                   # PeftModel, made with the first adapter
+        self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
+        self.current: dict[str, Version] = {}
+        self.versions: dict[str, Version] = {}              # internal name -> every live version
+        self.ready: OrderedDict[str, Version] = OrderedDict()
+        self._clock = 0
+        self._next_version: dict[str, int] = {}
+
+    # -- lookups -------------------------------------------------------------------------------
+    def resolve(self, name: str) -> Version:
+        """The current version of ``name``. Raises UnknownModel."""
+        if name not in self.current:
+            raise UnknownModel(f"the model {name!r} does not exist (adapters: {sorted(self.current)})")
+        return self.current[name]
+
+    def state(self, v: Version) -> str:
+        if v.internal in self.ready:
+            return "ready"
+        return "cpu" if v.tensors is not None else "disk"
+
+    def infos(self) -> list:
+        return [AdapterInfo(v.name, v.path, v.rank, self.state(v), v.version) for v in self.current.values()]
+
+    # -- adding and removing -------------------------------------------------------------------
+    def add(self, name: str, path, config, tensors, replace: bool, busy: set) -> Version:
+        """Register ``name`` -> a new version from ``(config, tensors)`` read from ``path``, checked
+        by injecting it into the model now (shapes, targets, mixability). Raises AdapterLoadError;
+        on error nothing changed."""
+        if not isinstance(name, str) or not name or name == BASE_NAME or "@" in name:
+            raise AdapterLoadError(f"invalid adapter name {name!r}: a non-empty string without '@', "
+                                   f"not {BASE_NAME!r}", "lora_name")
+        if name in self.current and not replace:
+            raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first or reload it in place "
+                                   "(load_inplace / replace=True)", "lora_name")
+        rank = adapter_rank(config)
+        if rank > self.max_lora_rank:
+            raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: rank r={rank} is above max_lora_rank="
+                                   f"{self.max_lora_rank}; start the server with a larger --max-lora-rank",
+                                   "lora_path")
+        number = self._next_version.get(name, 0) + 1
+        v = Version(name, number, os.fspath(path), config, tensors, rank)
+        self._inject(v)
+        self._next_version[name] = number
+        old = self.current.get(name)
+        self.current[name] = v
+        self.versions[v.internal] = v
+        self.touch(v)
+        if old is not None:
+            old.retired = True
+        self.collect()
+        self._fit(busy | {v.internal})
+        return v
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``: its version retires (requests pinned to it finish first). Raises UnknownModel."""
+        v = self.resolve(name)
+        del self.current[name]
+        v.retired = True
+        self.collect()
+
+    def collect(self) -> None:
+        """Drop retired versions no request uses any more (out of the model and memory)."""
+        for internal, v in list(self.versions.items()):
+            if v.retired and v.refs == 0:
+                if internal in self.ready:
+                    self._eject(v)
+                del self.versions[internal]
+
+    # -- tiers ---------------------------------------------------------------------------------
+    def touch(self, v: Version) -> None:
+        self._clock += 1
+        v.last_used = self._clock
+
+    def make_ready(self, v: Version, busy: set) -> bool:
+        """Put ``v`` in the model, evicting the least recently used ready version not in ``busy``
+        (internal names of versions running sequences use). False when every ready slot is busy.
+        Raises AdapterLoadError when its file cannot be read or no longer fits."""
+        self.touch(v)
+        if v.internal in self.ready:
+            self.ready.move_to_end(v.internal)
+            return True
+        if len(self.ready) >= self.max_loras and not self._evict_one(busy):
+            return False
+        if v.tensors is None:
+            config, v.tensors = read_version_files(v.path)
+        self._inject(v)
+        self._fit(busy | {v.internal})
+        return True
+
+    def _evict_one(self, busy: set) -> bool:
+        idle = [v for v in self.ready.values() if v.internal not in busy]
+        if not idle:
+            return False
+        self._eject(min(idle, key=lambda v: v.last_used))
+        return True
+
+    def _fit(self, busy: set) -> None:
+        """Keep the tiers within ``max_loras`` ready and ``max_cpu_loras`` in host memory."""
+        while len(self.ready) > self.max_loras and self._evict_one(busy):
+            pass
+        held = [v for v in self.versions.values()
+                if v.internal not in self.ready and v.tensors is not None and not v.retired]
+        for v in sorted(held, key=lambda v: v.last_used)[:max(0, len(held) - self.max_cpu_loras)]:
+            v.tensors = None
+
+    # -- the model -----------------------------------------------------------------------------
+    def _inject(self, v: Version) -> None:
+        """Add ``v`` to the model and copy its tensors in; checks that the whole model can mix it.
+        On error the model is as before and AdapterLoadError says why."""
+        from deltatune.peft_model import PeftModel
+
+        where = f"adapter {v.name!r} ({v.path})"
+        try:
+            if self.peft is None:
+                self.peft = PeftModel(self.model, v.config, v.internal)
+            else:
+                self.peft.add_adapter(v.internal, v.config)
+        except (ValueError, NotImplementedError, TypeError) as exc:
+            raise AdapterLoadError(f"{where} does not fit this base model: {exc}", "lora_path") from None
+        try:
+            self.peft._load_weights(v.internal, v.tensors, v.path)
+            self._check_mixable(v)
+        except (ValueError, AdapterLoadError) as exc:
+            self.peft.delete_adapter(v.internal)
+            if isinstance(exc, AdapterLoadError):
+                raise
+            raise AdapterLoadError(f"{where} does not fit this base model: {exc}", "lora_path") from None
+        self.peft.eval()
+        self.ready[v.internal] = v
+
+    def _check_mixable(self, v: Version) -> None:
+        where = f"adapter {v.name!r} ({v.path})"
+        if self.peft.base_model.trains_biases(v.internal):
+            raise AdapterLoadError(f"{where}: adapter_config.json has bias={v.config.bias!r}: rows of one batch "
+                                   "cannot have different biases; serve adapters trained with bias='none'",
+                                   "lora_path")
+        for module, layer in self.peft.base_model.adapter_layers():
+            if v.internal in layer.held and not layer.mixable:
+                raise AdapterLoadError(f"{where}: module {module} ({type(layer).__name__}) cannot serve mixed "
+                                       f"batches: {layer.cannot_mix_reason()}", "lora_path")
+
+    def _eject(self, v: Version) -> None:
+        self.peft.delete_adapter(v.internal)
+        del self.ready[v.internal]

@@ -1,0 +1,109 @@
+"""A preallocated KV cache with one slot per running sequence, shared by a batch in which every
+row is at its own position (continuous batching).
+
+Per layer ``K, V (slots, kv_heads, max_model_len, head_dim)`` are allocated once; running
+sequences occupy slots ``0 .. B-1`` (the engine keeps them compact by moving the last sequence
+into a freed slot), so a decode step attends to the view ``K[:B, :, :L]`` with no copy, and a
+4D mask hides each row's positions past its own length. Memory is therefore bounded by the
+allocation and reused by every request: nothing grows over a long run. Positions are zeroed the
+first time any row reads them (``ensure_clean``), so on CPU the pages of a long context are
+touched only when some sequence gets that long.
+
+Two modes, set by the engine before each forward:
+
+- prefill of ``n`` new sequences, left-padded to one length ``T``: ``update`` writes each row's
+  real positions into its slot and returns the new keys themselves (the prompt attends to itself);
+- decode of the ``B`` running sequences, one token each at position ``pos[i]``: ``update`` writes
+  that position and returns ``K[:B, :, :L]``.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    """``transformers`` cache whose rows are slots of a preallocated buffer (see the module doc)."""
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(layers=[])
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots, self.max_len = slots, max_len
+        self.clean = 0                       # positions [0, clean) of every slot hold finite values
+        self._mode: tuple = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (keys and values of every layer)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def ensure_clean(self, length: int) -> None:
+        """Zero positions up to ``length`` before any is written or read: a never-written position
+        is masked, but a masked NaN would still poison the attention's weighted sum. Must run
+        before writes there (it would wipe them)."""
+        if length > self.clean:
+            for t in self.keys + self.values:
+                t[:, :, self.clean:length].zero_()
+            self.clean = length
+
+    def for_prefill(self, first_slot: int, lengths: list[int], padded: int) -> None:
+        """Next forward: rows are new sequences for slots ``first_slot ..``, each ``lengths[i]``
+        tokens left-padded to ``padded``."""
+        self._mode = ("prefill", first_slot, lengths, padded)
+
+    def for_decode(self, positions: torch.Tensor, length: int) -> None:
+        """Next forward: row ``i`` (slot ``i``) adds one token at ``positions[i]``; attend to ``length``."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        self._mode = ("decode", rows, positions, length)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        K, V = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode[0] == "prefill":
+            _, first, lengths, padded = self._mode
+            for i, n in enumerate(lengths):                     # (kv_heads, n, head_dim) per row
+                K[first + i, :, :n] = key_states[i, :, padded - n:]
+                V[first + i, :, :n] = value_states[i, :, padded - n:]
+            return key_states, value_states
+        _, rows, positions, length = self._mode
+        K[rows, :, positions] = key_states[:, :, 0]            # (B, kv_heads, head_dim)
+        V[rows, :, positions] = value_states[:, :, 0]
+        B = rows.shape[0]
+        return K[:B, :, :length], V[:B, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions to slot ``dst`` (compaction)."""
+        for t in self.keys + self.values:
+            t[dst, :, :length] = t[src, :, :length]
+
+    # -- what transformers may ask of a cache -----------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_len
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def prefill_mask(lengths: list[int], padded: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask (n, 1, T, T) for left-padded prompts: causal within each prompt; a padding
+    query sees only itself, so no row is all-masked and padding stays finite."""
+    t = torch.arange(padded, device=device)
+    start = padded - torch.tensor(lengths, device=device)[:, None, None]           # (n, 1, 1)
+    allowed = (t[None, None, :] <= t[None, :, None]) & ((t[None, None, :] >= start) | (t[None, None, :] == t[None, :, None]))
+    return _additive(allowed[:, None], dtype)
+
+
+def decode_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, 1, L): row ``i`` sees positions ``0 .. positions[i]``."""
+    t = torch.arange(length, device=positions.device)
+    return _additive((t[None, :] <= positions[:, None])[:, None, None], dtype)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
