@@ -310,7 +310,8 @@ class Engine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
+        """Stop the loop; requests still waiting or running end with finish_reason "abort". The
+        engine can be started again (or used through ``generate``) afterwards."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
@@ -324,6 +325,7 @@ class Engine:
             for req in list(self._waiting):
                 self._complete(req)
             self._waiting.clear()
+            self._stopping = False   # usable again: generate() or start()
 
     def __enter__(self) -> "Engine":
         self.start()
