@@ -272,7 +272,7 @@ def test_bad_adapters_are_refused_and_serving_goes_on(dirs, tmp_path):
     cases = {
         "missing": (tmp_path / "nowhere", "not found"),
         "corrupt": (_corrupt(dirs["a"], tmp_path / "corrupt"), "adapter_model.safetensors"),
-        "other base": (_other_base(tmp_path), "does not fit this base model"),
+        "other base": (_other_base(tmp_path), "made for another base"),
         "rank": (dirs["d"], "r=16 is above max_lora_rank=8"),
         "targets": (_with_config(dirs["a"], tmp_path / "targets", target_modules=["nope_proj"]), "nope_proj"),
         "pissa": (_with_config(dirs["a"], tmp_path / "pissa", init_lora_weights="pissa"), "init_lora_weights"),
@@ -306,6 +306,9 @@ def test_bad_requests_name_the_field(dirs):
         with pytest.raises(BadRequest) as err:
             SamplingParams(**{field: value})
         assert err.value.param == field and field in err.value.message
+    with pytest.raises(BadRequest, match="max_num_seqs") as err:
+        engine.submit([5], sampling=SamplingParams(n=64))
+    assert err.value.param == "n"
     for prompt in ("", [], [999]):
         with pytest.raises(BadRequest) as err:
             engine.submit(prompt)

@@ -199,7 +199,7 @@ class AdapterPool:
             else:
                 self.peft.add_adapter(v.internal, v.config)
         except (ValueError, NotImplementedError, TypeError) as exc:
-            raise AdapterLoadError(f"{where} does not fit this base model: {exc}", "lora_path") from None
+            raise AdapterLoadError(f"{where} cannot be applied to this model: {exc}", "lora_path") from None
         try:
             self.peft._load_weights(v.internal, v.tensors, v.path)
             self._check_mixable(v)
@@ -207,7 +207,7 @@ class AdapterPool:
             self.peft.delete_adapter(v.internal)
             if isinstance(exc, AdapterLoadError):
                 raise
-            raise AdapterLoadError(f"{where} does not fit this base model: {exc}", "lora_path") from None
+            raise AdapterLoadError(f"{where} cannot be applied to this model: {exc}", "lora_path") from None
         self.peft.eval()
         self.ready[v.internal] = v
 

@@ -198,6 +198,9 @@ class Engine:
         params = sampling if sampling is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise BadRequest(f"sampling must be SamplingParams, got {type(params).__name__}", "sampling")
+        if params.n > self.max_num_seqs:
+            raise BadRequest(f"n={params.n} is above max_num_seqs={self.max_num_seqs}: the completions of a request "
+                             "run together", "n")
         text, ids = self._tokenize(prompt)
         room = self.max_model_len - len(ids)
         if room < 1:
@@ -375,15 +378,14 @@ class Engine:
 
     def _admit(self) -> list[_Seq]:
         joined: list[_Seq] = []
-        padded = 0
+        longest = 0
         while self._waiting:
             req = self._waiting[0]
             n = len(req.seqs)
             if len(self._running) + n > self.max_num_seqs:
                 break
-            longest = max(padded // max(len(joined), 1), len(req.prompt_ids))
-            if joined and longest * (len(joined) + n) > self.max_prefill_tokens:
-                break
+            if joined and max(longest, len(req.prompt_ids)) * (len(joined) + n) > self.max_prefill_tokens:
+                break   # the rest join at the next step
             if req.version is not None:
                 try:
                     ok = self.pool.make_ready(req.version, self._busy())
@@ -400,7 +402,7 @@ class Engine:
                 s.row = len(self._running)
                 self._running.append(s)
                 joined.append(s)
-            padded = longest * len(joined)
+            longest = max(longest, len(req.prompt_ids))
         return joined
 
     def _reap(self) -> None:
