@@ -150,6 +150,7 @@ class Engine:
         self._running: list[_Seq] = []
         self._requests: dict[str, _Request] = {}
         self._thread: threading.Thread | None = None
+        self._route: tuple | None = None        # (row adapter names, slot tensor) of the last mixed forward
         self._stopping = False
         self._ids = itertools.count()
         self._stats = dict(requests_total=0, requests_finished=0, tokens_generated_total=0, prompt_tokens_total=0,
@@ -422,8 +423,25 @@ class Engine:
                 out = self.model(**kwargs)
             else:
                 with self.pool.peft.applying(names):
+                    self._keep_route(names)
                     out = self.model(**kwargs)
         return out.logits[:, -1].float()                                   # (B, V)
+
+    def _keep_route(self, names: list[str]) -> None:
+        """Route this call's rows with the previous call's slot tensor when the rows' adapters are
+        the same: layers then reuse their gathered factors at once (``AdapterLayer.gathered``'s
+        identity check, the path ``generate`` takes on every step) instead of re-checking their
+        banks first. Safe here: a version's tensors never change while a request runs on it (a
+        reload is a new version), and gathered factors are copies, untouched by other adapters
+        being loaded or evicted."""
+        adapter_set = self.pool.peft.adapter_set
+        route = adapter_set.route()
+        if not isinstance(route, torch.Tensor):
+            return
+        if self._route is not None and self._route[0] == names:
+            adapter_set._route = (self._route[1],)
+        else:
+            self._route = (list(names), route)
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         lengths = [len(s.req.prompt_ids) for s in seqs]
