@@ -25,6 +25,7 @@ CONFIGS = {
     "b": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]),
     "c": LoraConfig(r=2, lora_alpha=8, target_modules=["down_proj", "up_proj"]),
     "d": LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"),
+    "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "o_proj"]),
 }
 PROMPTS = [[5, 6, 7], [9, 12], [3], [20, 21, 22, 23, 24], [40, 41], [50, 51, 52], [60], [70, 71, 72, 73]]
 ROUTE = ["a", None, "b", "a", "c", "d", None, "b"]
@@ -338,3 +339,19 @@ def test_many_threads_submitting_while_the_loop_runs(dirs):
         alone[i] = engine.generate(PROMPTS[i], adapter=ROUTE[i], sampling=GREEDY)[0].outputs[0].token_ids
     for i, out in results.items():
         assert out.outputs[0].token_ids == alone[i % len(PROMPTS)]
+
+
+def test_dora_beside_lora_and_the_core_rule_on_shared_modules(dirs):
+    engine = engine_for(dirs, names=("a", "dora"))          # LoRA on q/v, DoRA on k/o: side by side
+    outs = engine.generate(PROMPTS[:3], adapter=["dora", "a", "dora"], sampling=GREEDY)
+    for prompt, name, out in zip(PROMPTS, ["dora", "a", "dora"], outs):
+        want, gaps = reference(dirs, name, prompt, GREEDY.max_tokens)
+        assert_same_greedy(out.outputs[0].token_ids, want, gaps)
+    engine.add_adapter("b", dirs["b"])       # plain LoRA joins the DoRA layers on k/o
+    out = engine.generate(PROMPTS[0], adapter="b", sampling=GREEDY)[0]
+    assert_same_greedy(out.outputs[0].token_ids, *reference(dirs, "b", PROMPTS[0], GREEDY.max_tokens))
+    # the other way round the core refuses (a plain LoRA layer cannot take a DoRA adapter): said at load
+    plain_first = engine_for(dirs, names=("b",))
+    with pytest.raises(AdapterLoadError, match="already holds") as err:
+        plain_first.add_adapter("dora", dirs["dora"])
+    assert err.value.param == "lora_path" and [i.name for i in plain_first.adapters()] == ["b"]
