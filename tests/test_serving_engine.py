@@ -355,3 +355,20 @@ def test_dora_beside_lora_and_the_core_rule_on_shared_modules(dirs):
     with pytest.raises(AdapterLoadError, match="already holds") as err:
         plain_first.add_adapter("dora", dirs["dora"])
     assert err.value.param == "lora_path" and [i.name for i in plain_first.adapters()] == ["b"]
+
+
+def test_a_failing_step_fails_its_requests_and_serving_goes_on(dirs, monkeypatch):
+    engine = engine_for(dirs, names=("a",))
+    real, calls = engine._forward, []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kernel failure")
+        return real(*args)
+    monkeypatch.setattr(engine, "_forward", broken_once)
+    with pytest.raises(Exception, match="simulated kernel failure"):
+        engine.generate([[5, 6], [7]], adapter=["a", None], sampling=GREEDY)
+    assert engine.stats()["running"] == 0 and engine.pool.versions["a@1"].refs == 0
+    out = engine.generate([[5, 6]], adapter="a", sampling=GREEDY)[0]
+    assert out.outputs[0].token_ids == reference(dirs, "a", [5, 6], GREEDY.max_tokens)[0]

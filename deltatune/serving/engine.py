@@ -135,6 +135,7 @@ class Engine:
         self.tokenizer = models.load_tokenizer(base)
         self.base_name = served_name or (models.DEFAULT if base == models.DEFAULT else Path(os.fspath(base)).name)
         cfg = self.model.config
+        self._vocab = self.model.get_input_embeddings().num_embeddings   # before adapters wrap the embedding
         limit = getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         self.max_model_len = min(limit, max_model_len or DEFAULT_MAX_MODEL_LEN)
         self.max_num_seqs, self.max_waiting, self.max_prefill_tokens = max_num_seqs, max_waiting, max_prefill_tokens
@@ -244,7 +245,7 @@ class Engine:
             return prompt, list(self.tokenizer(prompt)["input_ids"])
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                                for t in prompt):
-            vocab = self.model.get_input_embeddings().num_embeddings
+            vocab = self._vocab
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise BadRequest(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
@@ -279,7 +280,7 @@ class Engine:
         done = 0
         while done < len(handles):
             if not self.running:
-                self._step()
+                self._guarded_step()
             else:
                 handles[done].result()
             now = sum(h.finished for h in handles)
@@ -345,11 +346,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            try:
-                self._step()
-            except Exception as exc:  # keep serving: fail what was in the batch, log why
-                log.exception("engine step failed")
-                self._fail_all(exc)
+            self._guarded_step()
+
+    def _guarded_step(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # keep serving: fail what was in the batch (their handles raise), log why
+            log.exception("engine step failed")
+            self._fail_all(exc)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._model_lock, self._lock:
