@@ -13,9 +13,9 @@ are completed with exactly ``--new-tokens`` greedy tokens:
 - peft: ``model.generate(**left_padded_batch, adapter_names=[...], max_new_tokens=N,
   min_new_tokens=N, do_sample=False)``.
 
-Also the base model alone through the engine and through HF ``generate``, for scale. Timing: one
-warm-up per configuration and library, then ``--reps`` rounds, libraries alternating within a
-round; the figure is the median; tokens/s = prompts x new tokens / seconds. Each row's engine
+Also the base model alone through the engine and through HF ``generate``, for scale. Timing: a
+2-token warm-up of every configuration and library, then ``--reps`` rounds, libraries alternating
+within a round; the figure is the median; tokens/s = prompts x new tokens / seconds. Each row's engine
 tokens are compared with peft's (``rows_matching``; fp32 differs only in summation order, so
 rows may part only at a near-tie).
 
@@ -28,6 +28,7 @@ machine info) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -90,23 +91,23 @@ def main(argv=None) -> int:
         peft_model = mixed.load_models(base, dirs, ["peft"])["peft"]
         sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
 
-        def ours(names):
-            outs = engine.generate(prompt_ids, adapter=names, sampling=sampling)
+        def ours(names, new_tokens):
+            outs = engine.generate(prompt_ids, adapter=names, sampling=dataclasses.replace(sampling, max_tokens=new_tokens))
             return torch.tensor([o.outputs[0].token_ids for o in outs])
 
-        calls = {("base", "deltatune"): lambda: ours(None),
-                 ("base", "peft"): lambda: mixed.generate(base, batch, args.new_tokens, None, pad)}
+        calls = {("base", "deltatune"): lambda t: ours(None, t),
+                 ("base", "peft"): lambda t: mixed.generate(base, batch, t, None, pad)}
         for k in ks:
             names = mixed.row_names(k, args.prompts)
-            calls[(str(k), "deltatune")] = lambda n=names: ours(n)
-            calls[(str(k), "peft")] = lambda n=names: mixed.generate(peft_model, batch, args.new_tokens, n, pad)
+            calls[(str(k), "deltatune")] = lambda t, n=names: ours(n, t)
+            calls[(str(k), "peft")] = lambda t, n=names: mixed.generate(peft_model, batch, t, n, pad)
+        for call in calls.values():                          # warm-up: every path once, 2 tokens
+            call(2)
         tokens, times = {}, {key: [] for key in calls}
-        for key, call in calls.items():                      # warm-up, and the tokens to compare
-            tokens[key] = call()
         for rep in range(args.reps):
             for key, call in calls.items():
                 start = time.perf_counter()
-                call()
+                tokens[key] = call(args.new_tokens)
                 times[key].append(time.perf_counter() - start)
             print(f"[rep {rep + 1}/{args.reps}] " + ", ".join(f"{k[0]}/{k[1]} {times[k][-1]:.2f}s" for k in calls),
                   flush=True)
