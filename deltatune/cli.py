@@ -19,13 +19,17 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    """Describe a saved adapter directory."""
+    """Describe a saved adapter directory, or a diffusers/kohya LoRA file."""
     from deltatune.checkpoint.peft_format import adapter_summary
+    from deltatune.diffusion import files as diffusion_files
 
-    info = adapter_summary(args.adapter)
+    diffusion = diffusion_files.is_lora_file(args.adapter)
+    info = diffusion_files.lora_file_summary(args.adapter) if diffusion else adapter_summary(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    if diffusion:
+        return _print_rows(diffusion_files.summary_rows(info))
     targets = info["target_modules"]
     rows = [
         ("adapter", info["directory"]),
@@ -38,6 +42,10 @@ def cmd_info(args) -> int:
         ("trainable params", f"{info['parameters']:,d} in {info['tensors']} tensors ({', '.join(info['dtypes'])})"),
         ("file size", _human_bytes(info["file_bytes"])),
     ]
+    return _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -312,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("info", help="describe a saved adapter directory")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p = sub.add_parser("info", help="describe a saved adapter directory or a diffusers/kohya LoRA file")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors), or a "
+                                   "diffusers/kohya LoRA .safetensors file (or its directory)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -400,6 +400,11 @@ class LoraConv2d(LoraLayer):
     forward = LoraLinear.forward
     delta = LoraLinear.delta
 
+    def _add_delta_(self, result: torch.Tensor, name: str, x: torch.Tensor) -> bool:
+        """No in-place GEMM path for convolutions (``forward`` then runs ``delta``); without this
+        inference under ``no_grad`` failed on Conv2d LoRA (a diffusion UNet's resnets)."""
+        return False
+
 
 def _register() -> None:
     from transformers.pytorch_utils import Conv1D
