@@ -2,14 +2,14 @@
 
 1. A small denoising UNet (diffusers ``UNet2DModel`` + ``DDPMScheduler``) learns the 8x8
    handwritten digits scikit-learn ships, digits 0-4 only.
-2. A LoRA (rank 8 on attention and resnet convolutions, ~4% of the parameters) learns a "style"
+2. A LoRA (rank 4 on attention and the resnets' first convolution, 4.2% of the parameters) learns a "style"
    the base never saw: digits 5-9. Only the adapter trains; the base stays frozen.
 3. A small classifier (logistic regression on the 64 pixels, trained on real digits 0-9)
    measures which share of generated samples are 5-9, for the base, base + LoRA and the LoRA
    merged into the UNet. A PNG grid shows samples of each; the adapter is written as a
    diffusers LoRA file (``deltatune info`` reads it; diffusers' ``load_lora_adapter`` too).
 
-    python examples/diffusion_digits.py                      # ~3-4 min on 2 shared CPU cores
+    python examples/diffusion_digits.py                      # ~4 min of CPU time (1 thread)
     python examples/diffusion_digits.py --base-steps 400 --lora-steps 200 --samples 64   # quick look
 
 An example script, not ``deltatune train --task diffusion``: ``deltatune train`` is built around
@@ -43,12 +43,12 @@ NEW_STYLE = (5, 6, 7, 8, 9)
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-steps", type=int, default=2500, help="base training steps on digits 0-4")
-    p.add_argument("--lora-steps", type=int, default=1200, help="LoRA training steps on digits 5-9")
+    p.add_argument("--base-steps", type=int, default=800, help="base training steps on digits 0-4")
+    p.add_argument("--lora-steps", type=int, default=400, help="LoRA training steps on digits 5-9")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (4-8 keeps it under 5%% of the parameters)")
+    p.add_argument("--r", type=int, default=4, help="LoRA rank (4: 4.2%% of the parameters)")
     p.add_argument("--samples", type=int, default=256, help="samples drawn per model for the classifier")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDPM denoising steps when sampling")
+    p.add_argument("--sample-steps", type=int, default=40, help="DDPM denoising steps when sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: these tensors are tiny; more threads only contend on a shared CPU)")
@@ -157,10 +157,10 @@ def main() -> None:
     base_s = sample(unet, scheduler, args.samples, args.sample_steps, args.seed + 1)
 
     config = LoraConfig(r=args.r, lora_alpha=2 * args.r, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
     model = get_peft_model(unet, config)
     trainable, total = model.get_nb_trainable_parameters()
-    lora_loss = train(model, scheduler, images[new], args.lora_steps, 3e-3, args.batch, "LoRA on 5-9")
+    lora_loss = train(model, scheduler, images[new], args.lora_steps, 5e-3, args.batch, "LoRA on 5-9")
     lora_s = sample(model, scheduler, args.samples, args.sample_steps, args.seed + 1)
     with model.disable_adapter():
         base_again = sample(model, scheduler, args.samples, args.sample_steps, args.seed + 1)
@@ -179,6 +179,7 @@ def main() -> None:
         "final_loss": {"base": base_loss, "lora": lora_loss},
         "samples_per_model": args.samples, "base_steps": args.base_steps, "lora_steps": args.lora_steps,
         "lora_file": str(lora_file), "seconds": time.perf_counter() - start,
+        "load_average_at_end": os.getloadavg(), "torch_threads": args.threads,
     }
     grid_png([("base (0-4)", base_s), ("base + LoRA", lora_s), ("merged", merged_s)], out / "samples.png")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
