@@ -109,6 +109,17 @@ def test_deltatune_file_loads_in_diffusers_pipeline_with_same_outputs(tmp_path, 
     assert close(unet_out(back), expected)
 
 
+def test_dora_file_loads_in_diffusers_with_same_outputs(tmp_path):
+    """DoRA (magnitude vectors, Conv2d's stored (1, out, 1, 1) as peft does) through diffusers."""
+    model = trained_like(LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["to_q", "to_v", "conv1"]))
+    expected = unet_out(model)
+    save_lora_weights(model, tmp_path)
+    pipe = tiny_pipeline(tiny_unet())
+    pipe.load_lora_weights(tmp_path)
+    assert close(unet_out(pipe.unet), expected)
+    assert close(unet_out(load_lora_weights(tiny_unet(), tmp_path)), expected)
+
+
 def test_diffusers_file_keys_and_metadata(tmp_path):
     model = trained_like(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "conv1"]))
     save_lora_weights(model, tmp_path)

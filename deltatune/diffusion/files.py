@@ -61,6 +61,8 @@ def save_lora_weights(peft_model, directory: str | os.PathLike, prefix: str | No
         for module, layer in peft_model.base_model.adapter_layers():
             if name not in layer.held:
                 continue
+            if not hasattr(layer, "lora_A"):
+                raise ValueError(f"kohya layout: {module} ({type(layer).__name__}) has no lora_A/lora_B factors")
             flat = tag + module.replace(".", "_")
             keyed[f"{flat}.lora_down.weight"] = layer.lora_A[name].weight
             keyed[f"{flat}.lora_up.weight"] = layer.lora_B[name].weight
@@ -181,15 +183,17 @@ def lora_file_summary(path: str | os.PathLike) -> dict:
     header = formats.read_header_metadata(path)
     kohya = formats.is_kohya(tensors)
     groups: dict[str, dict] = {}
+    kohya_tags = [tag for tags in KOHYA_TAGS.values() for tag in tags]
     for key, t in tensors.items():
-        if kohya:
-            name, _, suffix = key.partition(".")
-            tag = next((t for tags in KOHYA_TAGS.values() for t in tags if name.startswith(t)), "other")
-            component, module = tag.strip("_") if tag != "other" else tag, name
-        else:
-            component, _, rest = key.partition(".") if key.split(".", 1)[0] in formats.COMPONENTS else ("", "", key)
-            module, suffix = formats.module_of(rest), rest[len(formats.module_of(rest)) + 1:]
-        g = groups.setdefault(component or "(no prefix)", {"modules": set(), "ranks": set(), "alphas": set()})
+        if kohya:                      # lora_unet_<flat name>.lora_down.weight
+            module, _, suffix = key.partition(".")
+            component = next((tag.strip("_") for tag in kohya_tags if module.startswith(tag)), "other")
+        else:                          # [unet.]<module>.lora_A.weight
+            head, _, rest = key.partition(".")
+            component, rest = (head, rest) if head in formats.COMPONENTS else ("(no prefix)", key)
+            module = formats.module_of(rest)
+            suffix = rest[len(module) + 1:]
+        g = groups.setdefault(component, {"modules": set(), "ranks": set(), "alphas": set()})
         g["modules"].add(module)
         if suffix in ("lora_A.weight", "lora_down.weight"):
             g["ranks"].add(int(t.shape[0]))
