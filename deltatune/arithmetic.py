@@ -39,12 +39,12 @@ import torch
 
 from deltatune import merging
 from deltatune.config import LoraConfig, PeftConfig, PeftType
+from deltatune.methods.dora import MAGNITUDE
 
 Source = tuple[PeftConfig, dict[str, torch.Tensor]]
 # key suffix of a LoRA factor -> (which factor, the dimension holding the rank)
 LORA_KEYS = {"lora_A.weight": ("A", 0), "lora_B.weight": ("B", 1),
              "lora_embedding_A": ("A", 0), "lora_embedding_B": ("B", 1)}
-MAGNITUDE = "lora_magnitude_vector"
 
 
 class CombineError(ValueError):

@@ -27,9 +27,9 @@ import warnings
 import torch
 from torch import nn
 
-from deltatune.arithmetic import LORA_KEYS, MAGNITUDE, lora_config_for, module_scaling
-from deltatune.checkpoint.io import CheckpointError
+from deltatune.arithmetic import LORA_KEYS, lora_config_for, module_scaling
 from deltatune.config import PeftType
+from deltatune.methods.dora import MAGNITUDE
 
 CHECKED_FIELDS = {PeftType.LORA: ("use_rslora", "lora_dropout", "use_dora"), PeftType.IA3: ()}
 

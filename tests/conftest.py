@@ -115,3 +115,14 @@ def perturb_trainable(model, seed: int = 123, scale: float = 0.05) -> None:
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def save_perturbed_adapter(directory, config, seed: int, build=tiny_llama, scale: float = 0.3):
+    """Wrap ``build()`` with ``config``, move its trainable tensors (``perturb_trainable``) and save
+    the adapter to ``directory``; returns ``directory``."""
+    from deltatune import get_peft_model
+
+    model = get_peft_model(build(), config)
+    perturb_trainable(model, seed=seed, scale=scale)
+    model.save_pretrained(directory)
+    return directory

@@ -7,22 +7,15 @@ import pytest
 import torch
 
 import deltatune
-from deltatune import LoraConfig, PeftModel, get_peft_model, merging
+from deltatune import LoraConfig, PeftModel, merging
 from deltatune.arithmetic import CombineError
 from deltatune.methods.ia3 import IA3Config
-from tests.conftest import logits_of, perturb_trainable, tiny_llama, token_batch
+from tests.conftest import logits_of, save_perturbed_adapter, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
 
 TYPES = list(merging.COMBINATION_TYPES)
 WEIGHTS = [0.7, -0.4]
-
-
-def _save(directory, config, seed):
-    model = get_peft_model(tiny_llama(), config)
-    perturb_trainable(model, seed=seed, scale=0.3)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +24,12 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     qv = ["q_proj", "v_proj"]
     return {
-        "a": _save(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=qv), 1),
-        "b": _save(root / "b", LoraConfig(r=4, lora_alpha=16, target_modules=qv), 2),
-        "c": _save(root / "c", LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "k_proj", "down_proj"]), 3),
-        "rs1": _save(root / "rs1", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=qv), 4),
-        "rs2": _save(root / "rs2", LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=qv), 5),
-        "dora": _save(root / "dora", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=qv), 6),
+        "a": save_perturbed_adapter(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=qv), 1),
+        "b": save_perturbed_adapter(root / "b", LoraConfig(r=4, lora_alpha=16, target_modules=qv), 2),
+        "c": save_perturbed_adapter(root / "c", LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "k_proj", "down_proj"]), 3),
+        "rs1": save_perturbed_adapter(root / "rs1", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=qv), 4),
+        "rs2": save_perturbed_adapter(root / "rs2", LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=qv), 5),
+        "dora": save_perturbed_adapter(root / "dora", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=qv), 6),
     }
 
 
@@ -185,11 +178,7 @@ def test_dora_sources_combine_their_merged_deltas(saved):
 
 def test_ia3_linear_is_the_weighted_sum_and_matches_peft(tmp_path):
     kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    for name, seed in (("x", 1), ("y", 2)):
-        model = get_peft_model(tiny_llama(), IA3Config(**kw))
-        perturb_trainable(model, seed=seed, scale=0.3)
-        model.save_pretrained(tmp_path / name)
-    saved = {"x": tmp_path / "x", "y": tmp_path / "y"}
+    saved = {name: save_perturbed_adapter(tmp_path / name, IA3Config(**kw), seed) for name, seed in (("x", 1), ("y", 2))}
     ours, theirs = _load(deltatune, saved, ["x", "y"]), _load(peft, saved, ["x", "y"])
     ours.add_weighted_adapter(["x", "y"], [0.25, 0.75], "mix", combination_type="linear")
     theirs.add_weighted_adapter(["x", "y"], [0.25, 0.75], "mix")    # weights summing to 1: the same rule

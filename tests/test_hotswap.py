@@ -5,38 +5,30 @@ import pytest
 import torch
 
 import deltatune
-from deltatune import IA3Config, LoraConfig, PeftModel, get_peft_model, hotswap_adapter, \
-    prepare_model_for_compiled_hotswap
+from deltatune import IA3Config, LoraConfig, PeftModel, hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hotswap import HotswapError
-from tests.conftest import logits_of, perturb_trainable, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import logits_of, save_perturbed_adapter, tiny_gpt2, tiny_llama, token_batch
 
 QKV, QV = ["q_proj", "k_proj", "v_proj"], ["q_proj", "v_proj"]
-
-
-def _save(directory, config, seed, build=tiny_llama):
-    model = get_peft_model(build(), config)
-    perturb_trainable(model, seed=seed, scale=0.3)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("swap")
     return {
-        "a": _save(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=QKV), 1),
-        "b": _save(root / "b", LoraConfig(r=8, lora_alpha=4, target_modules=QV), 2),           # other rank, subset
-        "a2": _save(root / "a2", LoraConfig(r=4, lora_alpha=32, target_modules=QKV), 3),       # same rank, new alpha
-        "small": _save(root / "small", LoraConfig(r=2, lora_alpha=2, target_modules=QKV), 4),
-        "rs": _save(root / "rs", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=QKV), 5),
-        "rs8": _save(root / "rs8", LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=QV), 6),
-        "rs2": _save(root / "rs2", LoraConfig(r=2, lora_alpha=8, use_rslora=True, target_modules=QV), 13),
-        "drop": _save(root / "drop", LoraConfig(r=4, lora_dropout=0.1, target_modules=QKV), 7),
-        "more": _save(root / "more", LoraConfig(r=4, target_modules=QKV + ["o_proj"]), 8),
-        "ia3": _save(root / "ia3", IA3Config(target_modules=["k_proj", "v_proj"]), 9),
-        "gpt2": _save(root / "gpt2", LoraConfig(r=4, target_modules=["c_attn"]), 10, tiny_gpt2),
-        "dora": _save(root / "dora", LoraConfig(r=4, use_dora=True, target_modules=QKV), 11),
-        "dora2": _save(root / "dora2", LoraConfig(r=2, use_dora=True, target_modules=QV), 12),
+        "a": save_perturbed_adapter(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=QKV), 1),
+        "b": save_perturbed_adapter(root / "b", LoraConfig(r=8, lora_alpha=4, target_modules=QV), 2),           # other rank, subset
+        "a2": save_perturbed_adapter(root / "a2", LoraConfig(r=4, lora_alpha=32, target_modules=QKV), 3),       # same rank, new alpha
+        "small": save_perturbed_adapter(root / "small", LoraConfig(r=2, lora_alpha=2, target_modules=QKV), 4),
+        "rs": save_perturbed_adapter(root / "rs", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=QKV), 5),
+        "rs8": save_perturbed_adapter(root / "rs8", LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=QV), 6),
+        "rs2": save_perturbed_adapter(root / "rs2", LoraConfig(r=2, lora_alpha=8, use_rslora=True, target_modules=QV), 13),
+        "drop": save_perturbed_adapter(root / "drop", LoraConfig(r=4, lora_dropout=0.1, target_modules=QKV), 7),
+        "more": save_perturbed_adapter(root / "more", LoraConfig(r=4, target_modules=QKV + ["o_proj"]), 8),
+        "ia3": save_perturbed_adapter(root / "ia3", IA3Config(target_modules=["k_proj", "v_proj"]), 9),
+        "gpt2": save_perturbed_adapter(root / "gpt2", LoraConfig(r=4, target_modules=["c_attn"]), 10, tiny_gpt2),
+        "dora": save_perturbed_adapter(root / "dora", LoraConfig(r=4, use_dora=True, target_modules=QKV), 11),
+        "dora2": save_perturbed_adapter(root / "dora2", LoraConfig(r=2, use_dora=True, target_modules=QV), 12),
     }
 
 
@@ -201,8 +193,8 @@ def test_prepared_model_trains_and_saves_its_padded_rank(saved, tmp_path):
 
 def test_ia3_swaps_too(tmp_path):
     kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    x = _save(tmp_path / "x", IA3Config(**kw), 1)
-    y = _save(tmp_path / "y", IA3Config(**kw), 2)
+    x = save_perturbed_adapter(tmp_path / "x", IA3Config(**kw), 1)
+    y = save_perturbed_adapter(tmp_path / "y", IA3Config(**kw), 2)
     model = PeftModel.from_pretrained(tiny_llama(), x).eval()
     hotswap_adapter(model, y)
     torch.testing.assert_close(_logits(model), logits_of(PeftModel.from_pretrained(tiny_llama(), y).eval(), IDS),
