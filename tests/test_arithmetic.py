@@ -60,10 +60,12 @@ def _combined_logits(model, name, ids):
         return logits_of(model, ids)
 
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind", TYPES + ["svd-clamped"])
 def test_every_type_matches_peft(kind, saved, monkeypatch):
-    names = ["a", "b"] if kind not in ("cat", "svd") else ["a", "c"]   # cat/svd: other ranks and targets
+    names = ["a", "b"] if kind not in ("cat", "svd", "svd-clamped") else ["a", "c"]   # other ranks and targets
     kw = {"density": 0.5} if kind in merging.PRUNING_TYPES else {}
+    if kind == "svd-clamped":
+        kind, kw = "svd", {"svd_clamp": 0.9, "svd_rank": 3}
     _seeded_peft_dare(monkeypatch, 11)
     theirs, ours = _load(peft, saved, names), _load(deltatune, saved, names)
     theirs.add_weighted_adapter(names, WEIGHTS, "mix", combination_type=kind, **kw)

@@ -12,6 +12,15 @@ from tests.conftest import logits_of, save_perturbed_adapter, tiny_gpt2, tiny_ll
 QKV, QV = ["q_proj", "k_proj", "v_proj"], ["q_proj", "v_proj"]
 
 
+def _wider_llama():
+    """Another base with the same module names: hidden size 48 instead of 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("swap")
@@ -29,6 +38,7 @@ def saved(tmp_path_factory):
         "gpt2": save_perturbed_adapter(root / "gpt2", LoraConfig(r=4, target_modules=["c_attn"]), 10, tiny_gpt2),
         "dora": save_perturbed_adapter(root / "dora", LoraConfig(r=4, use_dora=True, target_modules=QKV), 11),
         "dora2": save_perturbed_adapter(root / "dora2", LoraConfig(r=2, use_dora=True, target_modules=QV), 12),
+        "wider": save_perturbed_adapter(root / "wider", LoraConfig(r=4, target_modules=QKV), 14, _wider_llama),
     }
 
 
@@ -84,6 +94,7 @@ def test_subset_of_layers_zeroes_the_rest_and_saves_right(saved, tmp_path):
     ("dora", "use_dora"),
     ("more", "o_proj.*cannot add layers"),
     ("gpt2", "cannot add layers"),
+    ("wider", "shape .* another base"),
 ])
 def test_refusals_leave_the_old_adapter(new, match, saved):
     model = PeftModel.from_pretrained(tiny_llama(), saved["a"]).eval()
