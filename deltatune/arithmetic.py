@@ -94,49 +94,21 @@ def combine_adapters(sources: Sequence[Source], weights: Sequence[float], combin
                            "combine with each other, and (IA)³ adapters with each other")
     for (config, _), name in zip(sources, names):
         _check_lora_source(config, name)
-    if len(sources) == 1:
-        combination_type = "linear"
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    modules = _lora_modules(sources, module_order)
-    kind = combination_type
-    dora = [name for (config, _), name in zip(sources, names) if config.use_dora]
-    if dora and not kind.endswith("svd"):
-        raise CombineError(f"adapter(s) {dora} use DoRA: their magnitudes do not combine factor-wise; use an svd "
-                           f"combination type (their merged deltas are combined, then factored), not {kind!r}")
-    if dora and base_weight is None:
-        raise CombineError(f"adapter(s) {dora} use DoRA: combining them needs the base model's weights")
-    ranks = _source_ranks(sources)
-    if kind in merging.FACTORWISE_TYPES and len(set(ranks)) > 1:
-        raise CombineError(f"combination_type={kind!r} needs adapters of one rank; {names} have ranks {ranks} "
-                           "(use 'cat' or an svd type for different ranks)")
-    rank = {"cat": sum(ranks)}.get(kind, svd_rank or max(ranks)) if kind not in merging.FACTORWISE_TYPES else ranks[0]
-
+    kind = "linear" if len(sources) == 1 else combination_type
+    rank = _combined_rank(sources, names, kind, svd_rank, base_weight)
+    options = dict(density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+                   svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, base_weight=base_weight,
+                   generator=torch.Generator().manual_seed(seed) if seed is not None else None)
     out: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, float]] = {}
     worst = (0.0, None)
+    modules = _lora_modules(sources, module_order)
     for module, present in modules.items():
-        parts = [(i, _factors(sources[i], module)) for i in present]
-        w = [weights[i] for i, _ in parts]
-        s = [f[2] for _, f in parts]
-        As, Bs = [f[0] for _, f in parts], [f[1] for _, f in parts]
-        if kind == "cat":
-            A, B = merging.cat_factors(As, Bs, w, s, rank)
-        elif kind.endswith("svd"):
-            deltas = [_full_delta(sources[i], module, f, base_weight) for i, f in parts]
-            delta = merging.combine_tensors(kind, deltas, w, density, majority_sign_method, generator)
-            A, B = merging.svd_factors(delta.flatten(1) if delta.dim() == 4 else delta, rank, svd_clamp,
-                                       svd_full_matrices, svd_driver)
-            if As[0].dim() == 4:                                   # Conv2d: back to kernels
-                A = A.reshape(A.shape[0], *As[0].shape[1:])
-                B = B.reshape(*B.shape, 1, 1)
-        else:
-            A, B = merging.factorwise(kind, As, Bs, w, s, density, majority_sign_method, generator)
-            err = _relative_error(A, B, As, Bs, w, s)
-            if err > worst[0]:
-                worst = (err, module)
-        keys = _factor_keys(sources[present[0]][1], module)
-        out[keys["A"]], out[keys["B"]] = A.to(As[0].dtype).contiguous(), B.to(Bs[0].dtype).contiguous()
+        keys, A, B, err = _combine_module(kind, [sources[i] for i in present], [weights[i] for i in present],
+                                          module, rank, **options)
+        out[keys["A"]], out[keys["B"]] = A, B
         shapes[module] = (A.shape[0], 1.0)
+        worst = max(worst, (err, module), key=lambda t: t[0])
     if worst[0] > 1e-4:
         warnings.warn(
             f"add_weighted_adapter(combination_type={kind!r}) combines the A and B factors separately (peft's "
@@ -191,6 +163,45 @@ def add_weighted_adapter(model, adapters: Sequence[str], weights: Sequence[float
         model._discard(adapter_name)
         model._refresh()
         raise
+
+
+def _combined_rank(sources: Sequence[Source], names, kind: str, svd_rank, base_weight) -> int:
+    """The combined adapter's rank; raises where the sources cannot be combined with ``kind``."""
+    dora = [name for (config, _), name in zip(sources, names) if config.use_dora]
+    if dora and not kind.endswith("svd"):
+        raise CombineError(f"adapter(s) {dora} use DoRA: their magnitudes do not combine factor-wise; use an svd "
+                           f"combination type (their merged deltas are combined, then factored), not {kind!r}")
+    if dora and base_weight is None:
+        raise CombineError(f"adapter(s) {dora} use DoRA: combining them needs the base model's weights")
+    ranks = _source_ranks(sources)
+    if kind in merging.FACTORWISE_TYPES:
+        if len(set(ranks)) > 1:
+            raise CombineError(f"combination_type={kind!r} needs adapters of one rank; {names} have ranks {ranks} "
+                               "(use 'cat' or an svd type for different ranks)")
+        return ranks[0]
+    return sum(ranks) if kind == "cat" else svd_rank or max(ranks)
+
+
+def _combine_module(kind: str, sources: Sequence[Source], weights, module: str, rank: int, density,
+                    majority_sign_method, svd_clamp, svd_full_matrices, svd_driver, base_weight, generator):
+    """One module's combined factors: ``(keys, A, B, relative error)`` (the error of the factor-wise
+    types against the weighted sum of the deltas; 0 for the others)."""
+    factors = [_factors(source, module) for source in sources]
+    As, Bs, s = [f[0] for f in factors], [f[1] for f in factors], [f[2] for f in factors]
+    err = 0.0
+    if kind == "cat":
+        A, B = merging.cat_factors(As, Bs, weights, s, rank)
+    elif kind.endswith("svd"):
+        deltas = [_full_delta(source, module, f, base_weight) for source, f in zip(sources, factors)]
+        delta = merging.combine_tensors(kind, deltas, weights, density, majority_sign_method, generator)
+        A, B = merging.svd_factors(delta.flatten(1), rank, svd_clamp, svd_full_matrices, svd_driver)
+        if As[0].dim() == 4:                                   # Conv2d: back to kernels
+            A, B = A.reshape(A.shape[0], *As[0].shape[1:]), B.reshape(*B.shape, 1, 1)
+    else:
+        A, B = merging.factorwise(kind, As, Bs, weights, s, density, majority_sign_method, generator)
+        err = _relative_error(A, B, As, Bs, weights, s)
+    keys = _factor_keys(sources[0][1], module)
+    return keys, A.to(As[0].dtype).contiguous(), B.to(Bs[0].dtype).contiguous(), err
 
 
 # -- LoRA helpers ------------------------------------------------------------------------------
