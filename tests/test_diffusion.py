@@ -309,3 +309,23 @@ def test_transformer_backbones_roundtrip_with_diffusers(tmp_path):
         with torch.no_grad():
             assert close(theirs(**inputs).sample, expected)
             assert close(ours(**inputs).sample, expected)
+
+
+def test_other_components_are_skipped_unknown_prefixes_are_errors(tmp_path):
+    """A pipeline file's text-encoder part (diffusers 'text_encoder.*', kohya 'lora_te_*') is not
+    the UNet's: skipped. A key under no known component is an error naming it."""
+    state = kohya_file(tmp_path / "k.safetensors", KOHYA_MODULES)
+    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 16)
+    state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(16, 4)
+    save_file(state, str(tmp_path / "with_te.safetensors"))
+    assert close(unet_out(load_lora_weights(tiny_unet(), tmp_path / "with_te.safetensors")),
+                 unet_out(load_lora_weights(tiny_unet(), tmp_path / "k.safetensors")), 0)
+    model = trained_like(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))  # rewritten files lose the header
+    save_lora_weights(model, tmp_path)
+    state = load_file(tmp_path / WEIGHT_NAME)
+    save_file({**state, "text_encoder.text_model.q_proj.lora_A.weight": torch.zeros(4, 16)},
+              str(tmp_path / "pipe.safetensors"))
+    assert close(unet_out(load_lora_weights(tiny_unet(), tmp_path / "pipe.safetensors")), unet_out(model))
+    save_file({**state, "vae.decoder.conv_in.lora_A.weight": torch.zeros(4, 16)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match="vae.decoder.conv_in.lora_A.weight"):
+        load_lora_weights(tiny_unet(), tmp_path / "odd.safetensors")
