@@ -1,17 +1,18 @@
 """deltatune: parameter-efficient fine-tuning with peft-compatible names and adapter files."""
 from deltatune import models  # noqa: F401
 from deltatune.advisor import plan
-from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
+from deltatune.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.quant import dequantize_model, prepare_model_for_kbit_training, quantize
+from deltatune.quant.loftq import replace_lora_weights_loftq
 from deltatune.training import train
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftType",
-           "TaskType", "dequantize_model", "get_peft_model", "hotswap_adapter", "models", "plan",
-           "prepare_model_for_compiled_hotswap", "prepare_model_for_kbit_training",
-           "quantize", "train"]
+__all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftModel",
+           "PeftType", "TaskType", "dequantize_model", "get_peft_model", "hotswap_adapter", "models", "plan",
+           "prepare_model_for_compiled_hotswap", "prepare_model_for_kbit_training", "quantize",
+           "replace_lora_weights_loftq", "train"]

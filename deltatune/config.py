@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -174,7 +175,11 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
-            base weight keeps the residual).
+            base weight keeps the residual), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
+            linear layers become a 4-bit NF4 base and the factors start from the rank-r part of the
+            rounding error; needs ``loftq_config``; see ``deltatune.quant.loftq``).
+        loftq_config: ``LoftQConfig`` (or its dict) for ``init_lora_weights="loftq"``; kept as a
+            dict, as peft does. Given with another init it is ignored with a warning (as in peft).
         rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the
             end of the module name.
         layers_to_transform / layers_pattern: restrict to these layer indices (list-form targets).
@@ -187,7 +192,7 @@ class LoraConfig(PeftConfig):
     peft_extra_defaults: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
         "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
-        "layer_replication": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
+        "layer_replication": None, "lora_bias": False, "lora_ga_config": None,
         "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
         "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
         "use_bdlora": None, "use_qalora": False, "velora_config": None,
@@ -208,6 +213,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,11 +226,12 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa")
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq")
                 or (isinstance(init, str) and init.startswith("pissa_niter_")
                     and init[len("pissa_niter_"):].isdigit())):
             raise ConfigError(f"init_lora_weights={init!r} must be True, False, 'gaussian', "
-                              "'pissa' or 'pissa_niter_N'")
+                              "'pissa', 'pissa_niter_N' or 'loftq'")
+        self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -236,6 +243,49 @@ class LoraConfig(PeftConfig):
                               "not a regex string")
         _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
         _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings (Li et al. 2023, arXiv:2310.08659), peft's names and defaults.
+
+    Pass as ``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``.
+
+    Attributes:
+        loftq_bits: bits of the quantized base; 4 (NF4, bitsandbytes' layout) is the only value
+            deltatune supports (peft also has 8).
+        loftq_iter: alternating steps (quantize ``W - B A``, then an SVD of the residual), >= 1.
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits != 4 or isinstance(self.loftq_bits, bool):
+            raise ConfigError(f"loftq_config.loftq_bits={self.loftq_bits!r}: only 4 (NF4) is supported")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_config.loftq_iter={self.loftq_iter!r} must be an integer >= 1")
+
+
+def _loftq_dict(value, init) -> dict:
+    """``loftq_config`` as peft keeps it: a plain dict, checked; ``{}`` unless init is "loftq"."""
+    if isinstance(value, LoftQConfig):
+        value = dataclasses.asdict(value)
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"loftq_config must be a LoftQConfig or a dict, got {value!r}")
+    if init != "loftq":
+        if value:
+            warnings.warn(f"loftq_config={value!r} is ignored: init_lora_weights is {init!r}, not 'loftq'",
+                          stacklevel=4)
+        return {}
+    if not value:
+        raise ConfigError("init_lora_weights='loftq' needs loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=N)")
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(LoftQConfig)})
+    if unknown:
+        raise ConfigError(f"loftq_config: unknown key {unknown[0]!r}; known: loftq_bits, loftq_iter")
+    return dataclasses.asdict(LoftQConfig(**value))
 
 
 def _normalise_targets(name: str, value):

@@ -194,6 +194,10 @@ class PeftModel(nn.Module):
         except BaseException:
             self._discard(adapter_name)
             raise
+        for _, layer in self.base_model.adapter_layers():
+            keep = getattr(layer, "keep_init", None)
+            if keep is not None and adapter_name in layer.held:
+                keep(adapter_name)
         self._refresh()
 
     def _discard(self, adapter_name: str) -> None:
@@ -416,16 +420,20 @@ class PeftModel(nn.Module):
             FileNotFoundError, ConfigError, CheckpointError: the message names the file and key;
                 ``model`` is left as it was.
         """
-        from deltatune.checkpoint.peft_format import read_adapter
+        from deltatune.checkpoint.peft_format import loftq_of, read_adapter
 
         config, tensors = read_adapter(model_id, config)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        loftq = loftq_of(model_id, config)
+        config = dataclasses.replace(config, inference_mode=not is_trainable,
+                                     **({"init_lora_weights": True, "loftq_config": {}} if loftq else {}))
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._load_weights(adapter_name, tensors, model_id)
         except BaseException:
             peft_model._discard(adapter_name)
             raise
+        if loftq:
+            peft_model._loaded_loftq(adapter_name, loftq, model_id)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -433,17 +441,39 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **_ignored) -> None:
         """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``)."""
-        from deltatune.checkpoint.peft_format import read_adapter
+        from deltatune.checkpoint.peft_format import loftq_of, read_adapter
 
         config, tensors = read_adapter(model_id)
-        self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))
+        loftq = loftq_of(model_id, config)
+        self.add_adapter(adapter_name, dataclasses.replace(
+            config, inference_mode=not is_trainable,
+            **({"init_lora_weights": True, "loftq_config": {}} if loftq else {})))
         try:
             self._load_weights(adapter_name, tensors, model_id)
         except BaseException:
             self._discard(adapter_name)
             self._refresh()
             raise
+        if loftq:
+            self._loaded_loftq(adapter_name, loftq, model_id)
         self._refresh()
+
+    def _loaded_loftq(self, adapter_name: str, loftq: dict, source) -> None:
+        """A LoftQ adapter was loaded as plain LoRA (no LoftQ redone): record its init again, so
+        saving keeps the mark, and warn when its layers sit on full-precision weights."""
+        from deltatune.quant import is_4bit
+
+        config = self.adapter_set.configs[adapter_name]
+        self.adapter_set.configs[adapter_name] = dataclasses.replace(config, init_lora_weights="loftq",
+                                                                     loftq_config=loftq)
+        dense = [n for n, layer in self.base_model.adapter_layers()
+                 if adapter_name in layer.held and not is_4bit(layer.get_base_layer())]
+        if dense:
+            warnings.warn(
+                f"{source}: adapter {adapter_name!r} was initialised by LoftQ for a 4-bit NF4 base, but {len(dense)} "
+                f"of its layers (e.g. {dense[0]}) are full precision here: its factors start from the NF4 rounding "
+                "error, so on the original weights they change the model. Load it onto the 4-bit base it was made "
+                "for (with loftq_iter=1 that is deltatune.quantize(base)).", stacklevel=3)
 
     def _load_weights(self, adapter_name: str, tensors: dict, source) -> None:
         """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly: every

@@ -86,6 +86,25 @@ def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...]
     return method
 
 
+# init_lora_weights values implemented outside ``methods/`` (they change the base layer's type),
+# imported on first use: value -> module that calls ``register_init``.
+INIT_MODULES: dict[str, str] = {"loftq": "deltatune.quant.loftq"}
+_INITS: dict[str, Callable] = {}
+
+
+def register_init(value: str, fn: Callable) -> None:
+    """Declare ``fn(layer, adapter_name, config, module_name)`` as the initialisation for
+    ``init_lora_weights=value``; it sets the layer's factors (and may replace its base layer)."""
+    _INITS[value] = fn
+
+
+def init_for(value) -> Callable | None:
+    """The registered initialisation for ``init_lora_weights=value``, or None (the layer's own)."""
+    if isinstance(value, str) and value in INIT_MODULES and value not in _INITS:
+        importlib.import_module(INIT_MODULES[value])
+    return _INITS.get(value) if isinstance(value, str) else None
+
+
 def register_layer(peft_type: str, base_type: type, layer_cls: type, variant: str | None = None) -> None:
     """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type``.
 

@@ -9,6 +9,7 @@ so saving and loading cannot drift apart.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,9 @@ from deltatune.config import ConfigError, PeftConfig
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# safetensors metadata key marking an adapter initialised by LoftQ: its factors belong to the 4-bit
+# base LoftQ made (value: the loftq_config as JSON). peft and other loaders ignore it.
+LOFTQ_METADATA = "deltatune_loftq_config"
 
 
 def to_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,9 +89,43 @@ def write_adapters(root: str | os.PathLike, adapters: dict[str, tuple[PeftConfig
         for rel, (config, tensors) in adapters.items():
             target = tmp / rel if rel else tmp
             target.mkdir(parents=True, exist_ok=True)
+            config, marker = file_form(config)
             atomic_save_tensors({k: v.detach().cpu() for k, v in to_file_keys(tensors).items()},
-                                target / WEIGHTS_NAME, metadata=metadata or {"format": "pt"})
+                                target / WEIGHTS_NAME, metadata={**(metadata or {"format": "pt"}), **marker})
             write_config(target, config, inference_mode=True)  # as peft: loading decides trainability
+
+
+def file_form(config: PeftConfig) -> tuple[PeftConfig, dict[str, str]]:
+    """``(config as written, extra safetensors metadata)``.
+
+    A LoftQ adapter (``init_lora_weights="loftq"``) is written as plain LoRA
+    (``init_lora_weights: true``, as peft's LoftQ example saves it), so that no loader redoes
+    LoftQ on load; its ``loftq_config`` goes into the weights file's metadata instead
+    (``LOFTQ_METADATA``), which ``loftq_of`` reads back.
+    """
+    if getattr(config, "init_lora_weights", None) != "loftq":
+        return config, {}
+    plain = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
+    return plain, {LOFTQ_METADATA: json.dumps(config.loftq_config, sort_keys=True)}
+
+
+def loftq_of(directory: str | os.PathLike, config: PeftConfig) -> dict | None:
+    """The ``loftq_config`` an adapter directory was initialised with, or None.
+
+    Read from the weights file's metadata (deltatune's files) or from the config itself
+    (``init_lora_weights: "loftq"``, as peft writes unless told otherwise).
+    """
+    if getattr(config, "init_lora_weights", None) == "loftq":
+        return dict(config.loftq_config)
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            value = (fh.metadata() or {}).get(LOFTQ_METADATA)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by read_adapter, not here
+        return None
+    return json.loads(value) if value else None
 
 
 def read_adapter(directory: str | os.PathLike, config: PeftConfig | None = None):

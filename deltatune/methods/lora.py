@@ -108,6 +108,12 @@ class LoraLayer(AdapterLayer):
     def per_adapter_tables(self) -> list[dict]:
         return [self.r, self.lora_alpha, self.scaling]
 
+    def delete_adapter(self, name: str) -> None:
+        """Also drop the adapter's dropout module (a ModuleDict, not a per-adapter table)."""
+        super().delete_adapter(name)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         """Create adapter ``name`` for this layer from ``config`` (``module_name`` picks patterns)."""
         if config.use_dora:
@@ -119,7 +125,11 @@ class LoraLayer(AdapterLayer):
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_factors(name, r)
-        self.init_factors(name, config.init_lora_weights, module_name)
+        init = registry.init_for(config.init_lora_weights)   # e.g. LoftQ (deltatune.quant.loftq)
+        if init is not None:
+            init(self, name, config, module_name)
+        else:
+            self.init_factors(name, config.init_lora_weights, module_name)
         self._register(name)
 
     def create_factors(self, name: str, r: int) -> None:  # pragma: no cover
@@ -157,6 +167,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._residual_of: set[str] = set()   # adapters whose init left the base weight a residual (PiSSA)
+        self._undo_init: dict[str, object] = {}  # adapter -> callable restoring the base its init replaced (LoftQ)
         self._cast: dict[str, tuple] = {}      # name -> (versions, A, B) in an input dtype (inference)
 
     def per_adapter_tables(self) -> list[dict]:
@@ -202,12 +213,20 @@ class LoraLinear(LoraLayer):
         self._residual_of.add(name)
 
     def undo_init(self, name: str) -> None:
-        """Give the base weight back what PiSSA's initialisation took from it (a failed add)."""
+        """Give the base weight back what PiSSA's initialisation took from it, or the base layer
+        LoftQ's replaced (a failed add)."""
+        restore = self._undo_init.pop(name, None)
+        if restore is not None:
+            restore()
         if name in self._residual_of:
             with torch.no_grad():
                 W = registry.get_weight(self.base_layer).float()
                 registry.set_weight(self.base_layer, W + self.delta_weight(name))
             self._residual_of.discard(name)
+
+    def keep_init(self, name: str) -> None:
+        """The adapter was added: drop what ``undo_init`` would have needed (LoftQ's dense base)."""
+        self._undo_init.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in)

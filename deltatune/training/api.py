@@ -63,6 +63,10 @@ def adapter_config(config: TrainConfig):
     except TypeError:  # a method whose config has required fields: pass everything through
         fields = set(generic)
     kwargs = {k: v for k, v in generic.items() if k in fields}
+    init = config.lora_init()
+    if init and "init_lora_weights" not in fields:
+        raise ValueError(f"init={config.init!r}: method {config.method!r} has no init_lora_weights (use a LoRA method)")
+    kwargs.update(init)
     kwargs.update(config.method_args or {})
     return registry.make_config(config.method, **kwargs)
 
@@ -72,7 +76,8 @@ def load_model(config: TrainConfig, device: torch.device):
 
     In bf16 compute the frozen base is loaded in bf16 (adapter parameters stay fp32). With
     ``config.quantize`` the base's linear layers are stored in 4 bits (``deltatune.quantize``)
-    on ``device`` first: QLoRA.
+    on ``device`` first: QLoRA. With ``init="loftq[:N]"`` LoftQ makes the 4-bit base instead,
+    while the adapter goes on (``deltatune.quant.loftq``).
     """
     from deltatune import get_peft_model, models
     from deltatune.training.precision import bound_cpu_kernel_caches, resolve_dtype
@@ -82,15 +87,20 @@ def load_model(config: TrainConfig, device: torch.device):
         bound_cpu_kernel_caches()
     tokenizer = models.load_tokenizer(config.model)
     base = models.load(config.model, dtype=dtype).to(device)
+    adapter = adapter_config(config)
     if config.quantize:
+        from deltatune import targeting
         from deltatune.quant import quantize
 
+        # LoftQ quantizes the layers it targets itself (while the adapter goes on); the rest here.
+        loftq = getattr(adapter, "init_lora_weights", None) == "loftq"
         # On CPUs the 4-bit layers pick their own fast matmul dtype (resolve_compute_dtype);
         # elsewhere they compute in the run's dtype.
         quantize(base, quant_type=config.quantize, double_quant=config.double_quant,
-                 compute_dtype=None if device.type == "cpu" else dtype)
+                 compute_dtype=None if device.type == "cpu" else dtype,
+                 skip_modules=targeting.select(base, adapter) if loftq else None)
     torch.manual_seed(config.seed)  # adapter initialisation is part of the run's seed
-    return get_peft_model(base, adapter_config(config)), tokenizer
+    return get_peft_model(base, adapter), tokenizer
 
 
 def load_data(config: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:

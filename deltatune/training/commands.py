@@ -42,6 +42,9 @@ def _add_train(sub) -> None:
                    help="QLoRA: store the base's linear layers in 4 bits (bitsandbytes layout) before training")
     g.add_argument("--no-double-quant", dest="double_quant", **_NOT,
                    help="with --quantize: keep the block scales in fp32 (4.5 instead of 4.127 bits per weight)")
+    g.add_argument("--init", metavar="INIT",
+                   help="LoRA init: loftq[:N] (with --quantize nf4: LoftQ, N iterations, default 1), gaussian, "
+                        "pissa, pissa_niter_N, false")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training JSONL (messages | prompt+completion | text lines)")
     g.add_argument("--eval", dest="eval_data", help="held-out JSONL for eval loss and exact match")

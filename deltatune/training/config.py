@@ -33,6 +33,10 @@ class TrainConfig:
         quantize: ``"nf4"`` (QLoRA) or ``"fp4"``: store the base's linear layers (all but the
             output head) in 4 bits with ``deltatune.quantize`` before the adapter goes on;
             ``double_quant`` also quantizes the block scales (4.127 bits per weight). None: dense.
+        init: LoRA's ``init_lora_weights`` (None: its default). ``"loftq"`` / ``"loftq:N"``: LoftQ
+            with N alternating iterations (default 1; needs ``quantize="nf4"`` with ``double_quant``):
+            the 4-bit base and the factors are made together from the dense weights. Other
+            values (``gaussian``, ``pissa``, ``pissa_niter_N``, ``false``) pass through as given.
     Data:
         data, eval_data: JSONL files (``messages`` / ``prompt``+``completion`` / ``text`` lines).
         max_length: tokens per example; longer ones are truncated (and reported) or, with
@@ -78,6 +82,7 @@ class TrainConfig:
     method_args: dict = field(default_factory=dict)
     quantize: Optional[str] = None
     double_quant: bool = True
+    init: Optional[str] = None
 
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -145,6 +150,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(message)
+        self.lora_init()
+
+    def lora_init(self) -> dict:
+        """``init`` as LoraConfig fields: ``{}``, ``{"init_lora_weights": ...}`` and, for LoftQ,
+        ``loftq_config``. TrainConfigError for a malformed ``loftq:N`` or LoftQ without nf4."""
+        if self.init is None:
+            return {}
+        init = str(self.init)
+        if init.lower() in ("true", "false", "default"):
+            return {"init_lora_weights": init.lower() != "false"}
+        head, _, count = init.partition(":")
+        if head != "loftq":
+            return {"init_lora_weights": init}
+        if count and not (count.isdigit() and int(count) >= 1):
+            raise TrainConfigError(f"init={init!r}: write loftq or loftq:N with N >= 1 iterations")
+        if self.quantize != "nf4" or not self.double_quant:
+            raise TrainConfigError(f"init={init!r} makes an NF4 base with double quantization: it needs "
+                                   "quantize='nf4' (--quantize nf4) and not --no-double-quant")
+        return {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": int(count or 1)}}
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
