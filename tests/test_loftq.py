@@ -18,7 +18,9 @@ pytest.importorskip("bitsandbytes")
 import deltatune  # noqa: E402
 from deltatune import LoftQConfig, LoraConfig, PeftModel, get_peft_model, quant  # noqa: E402
 from deltatune.config import ConfigError  # noqa: E402
-from deltatune.quant.loftq import loftq_decompose, replace_lora_weights_loftq  # noqa: E402
+from deltatune.checkpoint.io import CheckpointError  # noqa: E402
+from deltatune.quant.loftq import (load_4bit_layers, loftq_decompose, replace_lora_weights_loftq,  # noqa: E402
+                                   save_4bit_layers)
 from deltatune.quant.nf4 import Linear4bit  # noqa: E402
 
 from conftest import logits_of, tiny_gpt2, tiny_llama, token_batch  # noqa: E402
@@ -149,6 +151,21 @@ def test_saved_adapter_is_plain_peft_lora_and_loads_onto_its_4bit_base(tmp_path)
     loaded.save_pretrained(tmp_path / "b")                     # the mark survives a second save
     with safe_open(str(tmp_path / "b" / "adapter_model.safetensors"), "pt") as fh:
         assert "deltatune_loftq_config" in fh.metadata()
+
+    # the 4-bit base itself travels as a file, and goes back into a freshly loaded dense model
+    assert save_4bit_layers(loaded, tmp_path / "base.safetensors") == 2 * len(TARGETS)
+    fresh = load_4bit_layers(tiny_llama(), tmp_path / "base.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = PeftModel.from_pretrained(fresh, tmp_path / "a")
+    assert torch.equal(logits_of(again, ids), logits_of(loaded, ids))
+    with pytest.raises(CheckpointError, match="layer 'model.layers.0.mlp.up_proj' is 64x32, the model's"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        load_4bit_layers(other, tmp_path / "base.safetensors")
+    assert not any(isinstance(m, Linear4bit) for m in other.modules())   # nothing replaced
 
 
 def test_one_iteration_adapter_loads_onto_a_freshly_quantized_base(tmp_path):
@@ -321,3 +338,10 @@ def test_cli_train_with_loftq(tmp_path):
     assert len([r for r in read_metrics(out) if "loss" in r]) == 4
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as fh:
         assert json.loads(fh.metadata()["deltatune_loftq_config"])["loftq_iter"] == 2
+    # deltatune eval / chat put the run's 4-bit base back under the adapter: no warning
+    from deltatune.training.api import load_inference_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        net, *_ = load_inference_model(str(model_dir), str(out / "adapter"), dtype="float32", device="cpu")
+    assert sum(isinstance(m, Linear4bit) for m in net.modules()) == 2 * 7

@@ -235,7 +235,7 @@ def _assert_untouched(model, before, types):
     ("truncated", "not a readable safetensors file"),
     ("other-method", "peft_type is 'IA3', expected 'LORA'|IA3"),
     ("bad-json", "invalid JSON at line"),
-    ("unsupported-field", "field 'loftq_config'"),
+    ("unsupported-field", "field 'use_qalora'"),
 ])
 def test_bad_adapter_files_are_named_errors_and_leave_model_as_it_was(tmp_path, corruption, message):
     from safetensors.torch import load_file, save_file
@@ -263,7 +263,7 @@ def test_bad_adapter_files_are_named_errors_and_leave_model_as_it_was(tmp_path, 
     elif corruption == "bad-json":
         cfg_path.write_text('{"peft_type": "LORA",\n "r": }')
     elif corruption == "unsupported-field":
-        cfg["loftq_config"] = {"loftq_bits": 4}
+        cfg["use_qalora"] = True
         cfg_path.write_text(json.dumps(cfg))
 
     model = tiny_llama()

@@ -43,7 +43,8 @@ from deltatune.config import ConfigError
 from deltatune.quant import dense_weight, is_4bit
 from deltatune.quant.nf4 import Linear4bit, check_backend
 
-__all__ = ["LoftQResult", "loftq_decompose", "low_rank_factors", "replace_lora_weights_loftq"]
+__all__ = ["LoftQResult", "loftq_decompose", "low_rank_factors", "replace_lora_weights_loftq", "save_4bit_layers",
+           "load_4bit_layers", "BASE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,3 +322,87 @@ def replace_lora_weights_loftq(peft_model, model_path: str | os.PathLike | None 
         report[name] = {"before": before, "after": after}
     return report
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the base: with loftq_iter > 1 the 4-bit weights are not NF4(W), so they travel with the adapter
+
+BASE_FILE = "loftq_base.safetensors"     # beside adapter_model.safetensors; peft ignores it
+_LAYOUT_KEY = "deltatune_4bit_layers"
+
+
+def _plain_name(name: str) -> str:
+    """Module name in the user's model: without PeftModel's prefix and adapter layers' ``base_layer``."""
+    for head in ("base_model.model.", "model.base_model.model."):
+        if name.startswith(head):
+            name = name[len(head):]
+            break
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def save_4bit_layers(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write every ``Linear4bit`` of ``model`` (a PeftModel or a plain model) to a safetensors file.
+
+    Keys are ``<module name in the user's model>.<tensor>``; the layers' shapes and settings go
+    into the file's metadata. The file is written atomically. Returns the number of layers.
+    ``load_4bit_layers`` puts them back into a freshly loaded dense model, bit for bit.
+    """
+    from deltatune.checkpoint.io import atomic_save_tensors
+
+    tensors, layout = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            key = _plain_name(name)
+            layout[key] = {"in": module.in_features, "out": module.out_features, "bias": module.bias is not None,
+                           "quant_type": module.quant_type, "double_quant": module.double_quant}
+            for tname, t in module.state_dict().items():
+                tensors[f"{key}.{tname}"] = t.detach().cpu()
+    atomic_save_tensors(tensors, path, metadata={"format": "pt", _LAYOUT_KEY: json.dumps(layout)})
+    return len(layout)
+
+
+def load_4bit_layers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Replace ``model``'s dense layers named in a ``save_4bit_layers`` file by those 4-bit layers.
+
+    Call it on the dense base before ``PeftModel.from_pretrained``; the model is changed only
+    once every layer has been read and checked. Returns ``model``.
+
+    Raises:
+        CheckpointError: the file is unreadable or not such a file; a layer it names is missing
+            from ``model`` or has another shape (named).
+    """
+    from deltatune.checkpoint.io import CheckpointError, load_tensors
+    from deltatune.surgery import replace_module
+
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        layout = json.loads((fh.metadata() or {}).get(_LAYOUT_KEY, "null") or "null")
+    if not isinstance(layout, dict):
+        raise CheckpointError(f"{path}: no {_LAYOUT_KEY!r} metadata; not a file written by save_4bit_layers")
+    built = {}
+    for name, spec in layout.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: layer {name!r} is not in the model") from None
+        have = registry.features(dense) if registry.is_linear(dense) else None
+        if have != (spec["in"], spec["out"]):
+            raise CheckpointError(f"{path}: layer {name!r} is {spec['out']}x{spec['in']}, the model's is "
+                                  f"{type(dense).__name__} {have}")
+        layer = Linear4bit(spec["in"], spec["out"], spec["bias"], spec["quant_type"], spec["double_quant"],
+                           device="meta")
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: layer {name!r}: {exc}") from None
+        layer.weight.requires_grad_(False)
+        layer.weight.deltatune_params_per_element = 2
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        built[name] = layer.to(next(iter(dense.parameters())).device)
+    for name, layer in built.items():
+        replace_module(model, name, layer)
+    return model

@@ -149,6 +149,11 @@ def train(config: TrainConfig | dict | str | os.PathLike | None = None, *, model
                 print(ds.report.summary(), flush=True)
     trainer = Trainer(model, tokenizer, cfg, train_set, eval_set, device=device)
     metrics = trainer.fit()
+    if info.main and cfg.lora_init().get("init_lora_weights") == "loftq":
+        from deltatune.quant.loftq import BASE_FILE, save_4bit_layers
+
+        # LoftQ's 4-bit base is not NF4 of the dense weights (iterations > 1): keep it with the adapter
+        save_4bit_layers(model, Path(cfg.out) / "adapter" / BASE_FILE)
     return TrainResult(model, tokenizer, trainer, metrics)
 
 
@@ -168,6 +173,10 @@ def load_inference_model(model: str = "default", adapter: str | None = None, dty
     tokenizer = models.load_tokenizer(model)
     net = models.load(model, dtype=dt).to(dev)
     if adapter:
+        from deltatune.quant.loftq import BASE_FILE, load_4bit_layers
+
+        if (Path(adapter) / BASE_FILE).is_file():   # a LoftQ run's 4-bit base (see ``train``)
+            load_4bit_layers(net, Path(adapter) / BASE_FILE)
         net = PeftModel.from_pretrained(net, adapter)
     return net.eval(), tokenizer, dev, autocast_for(dt, dev)
 
