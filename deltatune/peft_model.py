@@ -424,9 +424,7 @@ class PeftModel(nn.Module):
 
         config, tensors = read_adapter(model_id, config)
         loftq = loftq_of(model_id, config)
-        config = dataclasses.replace(config, inference_mode=not is_trainable,
-                                     **({"init_lora_weights": True, "loftq_config": {}} if loftq else {}))
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, _for_loading(config, is_trainable, loftq), adapter_name)
         try:
             peft_model._load_weights(adapter_name, tensors, model_id)
         except BaseException:
@@ -445,9 +443,7 @@ class PeftModel(nn.Module):
 
         config, tensors = read_adapter(model_id)
         loftq = loftq_of(model_id, config)
-        self.add_adapter(adapter_name, dataclasses.replace(
-            config, inference_mode=not is_trainable,
-            **({"init_lora_weights": True, "loftq_config": {}} if loftq else {})))
+        self.add_adapter(adapter_name, _for_loading(config, is_trainable, loftq))
         try:
             self._load_weights(adapter_name, tensors, model_id)
         except BaseException:
@@ -500,6 +496,13 @@ def _as_plain_lora(config: PeftConfig, tensors: dict, initial_dir) -> tuple[Peft
                          f"not {config.peft_type.value}{' with DoRA' if getattr(config, 'use_dora', False) else ''}")
     _, initial = read_adapter(initial_dir)
     return pissa_to_lora(config, {k: v.detach() for k, v in tensors.items()}, initial, source=initial_dir)
+
+
+def _for_loading(config: PeftConfig, is_trainable: bool, loftq: dict | None) -> PeftConfig:
+    """A saved adapter's config as it is added before its tensors are copied in: inference mode
+    unless trainable, and a LoftQ adapter as plain LoRA (its factors go onto the base as it is)."""
+    plain = {"init_lora_weights": True, "loftq_config": {}} if loftq else {}
+    return dataclasses.replace(config, inference_mode=not is_trainable, **plain)
 
 
 def _for_task(config: PeftConfig) -> PeftConfig:
