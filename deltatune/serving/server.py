@@ -1,0 +1,402 @@
+"""`deltatune serve`: the OpenAI-compatible HTTP server over one :class:`~deltatune.serving.Engine`.
+
+Endpoints (vLLM's surface): ``GET /v1/models``, ``POST /v1/completions``, ``POST
+/v1/chat/completions`` (JSON or server-sent events with ``stream: true``), ``POST
+/v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``GET /health``, ``GET /metrics``
+(Prometheus) and ``GET /`` (the playground page). The ``model`` field picks the base (its served
+name) or an adapter. Every request only *submits* to the engine, whose background thread runs the
+continuously batched decode loop; tokens come back through ``RequestHandle`` async iteration, so
+one event loop serves any number of concurrent clients. A client that goes away aborts its
+request, which frees its slot at the next engine step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import sys
+import time
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deltatune.serving import protocol
+from deltatune.serving.metrics import Metrics
+from deltatune.serving.protocol import ApiError
+
+DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+
+
+def create_app(engine, *, api_key: str | None = None, model_path: str | None = None,
+               manage_engine: bool = True):
+    """The FastAPI application serving ``engine``.
+
+    Args:
+        engine: a :class:`deltatune.serving.Engine` (its base is served under ``engine.base_name``).
+        api_key: when set, every ``/v1/*`` request must carry ``Authorization: Bearer <api_key>``
+            (else 401); ``/``, ``/health`` and ``/metrics`` stay open, as in vLLM.
+        model_path: what ``/v1/models`` reports as the base's ``root`` (default: its served name).
+        manage_engine: start the engine's loop when the app starts and shut it down when it stops.
+
+    Returns:
+        A ``fastapi.FastAPI`` instance (run it with uvicorn, or use :func:`serve`).
+    """
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                engine.shutdown()
+
+    app = FastAPI(title="deltatune serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    metrics = Metrics()
+    app.state.engine, app.state.metrics = engine, metrics
+    created = protocol.now()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return JSONResponse(protocol.error_body(exc.status, exc.message, exc.param), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc):  # unknown route, wrong method: still OpenAI's shape
+        return JSONResponse(protocol.error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.count_request(request.url.path, "", 401)
+                return JSONResponse(protocol.error_body(401, "missing or wrong API key: send the header "
+                                                        "'Authorization: Bearer <key>'"), status_code=401)
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 — last resort: an answer in the error shape, not a dropped socket
+            print(f"deltatune serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
+            return JSONResponse(protocol.error_body(500, f"internal error: {exc}"), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return resources.files("deltatune.serving").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models():
+        cards = [protocol.model_card(engine.base_name, model_path or engine.base_name, None, created,
+                                     engine.max_model_len)]
+        for info in engine.adapters():
+            card = protocol.model_card(info.name, str(info.path), engine.base_name, created, engine.max_model_len)
+            card["lora"] = {"rank": info.rank, "state": info.state, "version": info.version}
+            cards.append(card)
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        body = protocol.parse(protocol.LoadLoraRequest, await request.body())
+        if body.lora_name == engine.base_name:
+            raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name", "lora_name")
+        known = {a.name for a in engine.adapters()}
+        if body.lora_name in known and not body.load_inplace:
+            raise ApiError(400, f"lora_name: the adapter {body.lora_name!r} is already loaded; send "
+                                "load_inplace: true to replace it", "lora_name")
+        try:  # reading and checking files: off the event loop
+            info = await run_in_threadpool(engine.add_adapter, body.lora_name, body.lora_path,
+                                           replace=body.load_inplace)
+        except Exception as exc:  # noqa: BLE001 — engine errors map to their status, the rest to 400 below
+            raise _as_api_error(exc, default_param="lora_path") from None
+        verb = "reloaded" if body.lora_name in known else "added"
+        return PlainTextResponse(f"Success: LoRA adapter '{info.name}' {verb} successfully "
+                                 f"(rank {info.rank}, version {info.version}).")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
+        try:
+            engine.remove_adapter(body.lora_name)
+        except Exception as exc:  # noqa: BLE001
+            raise _as_api_error(exc, default_param="lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(request, protocol.CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(request, protocol.ChatCompletionRequest, chat=True)
+
+    async def _generate(request: Request, model_cls, chat: bool):
+        arrived = time.perf_counter()
+        endpoint = request.url.path
+        model = "?"
+        try:
+            body = protocol.parse(model_cls, await request.body())
+            model = body.model
+            handles = _submit(engine, body, chat)
+        except ApiError as exc:
+            metrics.count_request(endpoint, model, exc.status)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            err = _as_api_error(exc)
+            metrics.count_request(endpoint, model, err.status)
+            raise err from None
+        run = _Run(handles, body, chat, arrived, metrics, endpoint)
+        if body.stream:
+            return StreamingResponse(run.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        answer = await run.collect(request)
+        if answer is None:  # the client went away; nobody reads this (nginx's "client closed request")
+            return Response(status_code=499)
+        return JSONResponse(answer)
+
+    return app
+
+
+def _submit(engine, body, chat: bool) -> list:
+    """Validate the request through the engine and enqueue one request per prompt (all or none)."""
+    from deltatune.serving import SamplingParams
+
+    if chat:
+        max_tokens, prompts = body.limit(), [_chat_prompt(engine.tokenizer, body)]
+    else:
+        max_tokens, prompts = body.max_tokens, body.prompts()
+    sampling = SamplingParams(**body.sampling_kwargs(max_tokens))
+    adapter = None if body.model == engine.base_name else body.model
+    handles = []
+    try:
+        for prompt in prompts:
+            handles.append(engine.submit(prompt, adapter=adapter, sampling=sampling))
+    except BaseException:
+        for handle in handles:
+            handle.abort()
+        raise
+    return handles
+
+
+def _chat_prompt(tokenizer, body) -> list[int]:
+    """Token ids of the conversation through the base's chat template, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "messages: the base model's tokenizer has no chat template; use /v1/completions",
+                       "messages")
+    try:
+        text = tokenizer.apply_chat_template(body.conversation(), tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 — templates raise their own errors (e.g. roles out of order)
+        raise ApiError(400, f"messages: the chat template refused them: {exc}", "messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _as_api_error(exc: Exception, default_param: str | None = None) -> ApiError:
+    """Engine errors -> HTTP: unknown model 404, full queue 503, every other refusal 400."""
+    from deltatune.serving import QueueFull, ServingError, UnknownModel
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, exc.message, exc.param or "model")
+    if isinstance(exc, QueueFull):
+        return ApiError(503, exc.message, exc.param)
+    if isinstance(exc, ServingError):
+        return ApiError(400, exc.message, exc.param or default_param)
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return ApiError(400, str(exc), default_param)
+    raise exc
+
+
+class _Run:
+    """One HTTP request's engine requests (one per prompt, each with ``n`` outputs), as an SSE
+    stream or one JSON body; records TTFT and inter-token latency; aborts whatever is left when the
+    client goes away."""
+
+    def __init__(self, handles: list, body, chat: bool, arrived: float, metrics: Metrics, endpoint: str) -> None:
+        self.handles, self.body, self.chat, self.arrived = handles, body, chat, arrived
+        self.metrics, self.endpoint = metrics, endpoint
+        self.n = body.n
+        self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = protocol.now()
+        self.completion_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self._last: dict[int, float] = {}
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, object]]:
+        """(choice index, StreamDelta) from every handle, as they come; timing recorded here."""
+        if len(self.handles) == 1:
+            async for delta in self.handles[0]:
+                yield self._observe(delta.index, delta), delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(p: int, handle) -> None:
+            try:
+                async for delta in handle:
+                    await queue.put((p * self.n + delta.index, delta))
+            except Exception as exc:  # noqa: BLE001 — handed to the consumer, raised there
+                await queue.put((None, exc))
+            finally:
+                await queue.put((None, None))
+
+        tasks = [asyncio.ensure_future(pump(p, h)) for p, h in enumerate(self.handles)]
+        try:
+            live = len(tasks)
+            while live:
+                index, item = await queue.get()
+                if index is None:
+                    if item is None:
+                        live -= 1
+                        continue
+                    raise item
+                yield self._observe(index, item), item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _observe(self, index: int, delta) -> int:
+        now = time.perf_counter()
+        new = len(delta.token_ids)
+        if new:
+            if not self._last:
+                self.metrics.observe_ttft(now - self.arrived)
+            elif index in self._last:
+                self.metrics.observe_itl(now - self._last[index], new)
+            self._last[index] = now
+        self.completion_tokens[index] = delta.completion_tokens
+        if delta.finish_reason is not None:
+            self.finished.add(index)
+        return index
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(h.prompt_tokens for h in self.handles)
+
+    def _usage(self) -> dict:
+        return protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+
+    def _abort_unfinished(self) -> bool:
+        """Abort the engine requests that have not finished; True if any had not."""
+        if len(self.finished) >= len(self.handles) * self.n:
+            return False
+        for handle in self.handles:
+            handle.abort()
+        return True
+
+    async def collect(self, request) -> dict | None:
+        """The non-streaming answer; None (engine requests aborted) if the client disconnects first."""
+        texts: dict[int, list[str]] = {}
+        reasons: dict[int, str | None] = {}
+
+        async def gather() -> None:
+            async for index, delta in self._deltas():
+                texts.setdefault(index, []).append(delta.text)
+                if delta.finish_reason is not None:
+                    reasons[index] = delta.finish_reason
+
+        task = asyncio.ensure_future(gather())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    self._abort_unfinished()
+                    self.metrics.count_request(self.endpoint, self.body.model, "aborted")
+                    return None
+            task.result()
+        except asyncio.CancelledError:
+            self._abort_unfinished()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._abort_unfinished()
+            err = _as_api_error(exc)
+            self.metrics.count_request(self.endpoint, self.body.model, err.status)
+            raise err from None
+        make = protocol.chat_choice if self.chat else protocol.completion_choice
+        choices = [make(i, "".join(texts.get(i, [])), reasons.get(i)) for i in range(len(self.handles) * self.n)]
+        self.metrics.count_request(self.endpoint, self.body.model, 200)
+        return protocol.envelope(self.id, self.object, self.body.model, self.created, choices, usage=self._usage())
+
+    def _chunk(self, choices: list) -> str:
+        extra = {"usage": None} if self.body.include_usage else {}
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        payload = protocol.envelope(self.id, obj, self.body.model, self.created, choices, **extra)
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's shapes: role first (chat), text deltas, one chunk per choice
+        with its ``finish_reason``, a ``usage`` chunk when asked, then ``data: [DONE]``."""
+        status: int | str = 200
+        try:
+            if self.chat:
+                yield self._chunk([protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""}, None)
+                                   for i in range(len(self.handles) * self.n)])
+            async for index, delta in self._deltas():
+                if delta.text:
+                    yield self._chunk([self._choice(index, delta.text, None)])
+                if delta.finish_reason is not None:
+                    yield self._chunk([self._choice(index, None, delta.finish_reason)])
+            if self.body.include_usage:
+                payload = protocol.envelope(self.id, "chat.completion.chunk" if self.chat else "text_completion",
+                                            self.body.model, self.created, [], usage=self._usage())
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "aborted"  # the client went away: Starlette cancels the response
+            raise
+        except Exception as exc:  # noqa: BLE001 — headers are sent: report in the stream, as vLLM does
+            err = _as_api_error(exc)
+            status = err.status
+            yield f"data: {json.dumps(protocol.error_body(err.status, err.message, err.param))}\n\n"
+            yield DONE
+        finally:
+            self._abort_unfinished()
+            self.metrics.count_request(self.endpoint, self.body.model, status)
+
+    def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        if self.chat:
+            return protocol.chat_chunk_choice(index, {} if text is None else {"content": text}, finish_reason)
+        return protocol.completion_choice(index, text or "", finish_reason)
+
+
+def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_path: str | None = None, log_level: str = "info") -> None:
+    """Run the server until interrupted (Ctrl-C / SIGTERM), then shut the engine down.
+
+    The socket is bound before uvicorn starts, so ``port=0`` picks a free port; the first line on
+    stdout is ``deltatune serve: listening on http://HOST:PORT`` with the real port (tests and
+    scripts read it).
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"deltatune serve: listening on http://{shown}:{bound} (base {engine.base_name!r}, "
+          f"{len(engine.adapters())} adapter(s); playground at /, API under /v1)", flush=True)
+    app = create_app(engine, api_key=api_key, model_path=model_path)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                            access_log=log_level in ("debug", "trace"))
+    uvicorn.Server(config).run(sockets=[sock])
