@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serving_http import Server, make_adapter, make_base
+from tests.serving_fixtures import KEY, serving  # noqa: F401 (the shared server fixture)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((path for name in BROWSERS if (path := shutil.which(name))), None)
@@ -103,16 +103,6 @@ class DevTools:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    base = make_base(root / "base")
-    adapter = make_adapter(base, root / "sql", 1)
-    srv = Server(base, "--adapter", f"sql={adapter}", log=root / "server.log")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     proc = subprocess.Popen([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -148,21 +138,22 @@ def run_in_page(tab: DevTools, url: str, timeout: float = 60.0) -> str:
     return state
 
 
-def test_playground_streams_an_answer_in_a_real_browser(server, browser):
+def test_playground_streams_an_answer_in_a_real_browser(serving, browser):  # noqa: F811
+    url = serving["url"]
     prompt = "w5 w9 w17 w33"
-    query = urllib.parse.urlencode({"model": "sql", "mode": "completion", "prompt": prompt, "max_tokens": 24,
-                                    "temperature": 0, "run": 1})
-    state = run_in_page(browser, f"{server.url}/?{query}")
+    query = urllib.parse.urlencode({"model": "b", "mode": "completion", "prompt": prompt, "max_tokens": 24,
+                                    "temperature": 0, "key": KEY, "run": 1})
+    state = run_in_page(browser, f"{url}/?{query}")
     assert state == "done", browser.evaluate("document.getElementById('error').textContent")
 
     options = browser.evaluate("[...document.querySelectorAll('#model option')].map(o => o.textContent)")
-    assert any(o.startswith("sql") and "adapter on" in o for o in options) and any("(base)" in o for o in options)
+    assert any(o.startswith("b ") and "adapter on" in o for o in options) and any("(base)" in o for o in options)
     answer = browser.evaluate("document.getElementById('answer').textContent")
     pieces = int(browser.evaluate("document.getElementById('answer').dataset.pieces || '0'"))
     stats = browser.evaluate("document.getElementById('stats').textContent")
 
-    expected = httpx.post(f"{server.url}/v1/completions", timeout=60,
-                          json={"model": "sql", "prompt": prompt, "max_tokens": 24, "temperature": 0}).json()
+    expected = httpx.post(f"{url}/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "b", "prompt": prompt, "max_tokens": 24, "temperature": 0}).json()
     text = expected["choices"][0]["text"]
     assert answer == text and text.strip()
     assert pieces > 1, "the answer arrived in one piece: the page did not stream"

@@ -1,214 +1,33 @@
 """`deltatune serve`: the real server in a subprocess, spoken to with the official `openai` client and
 with plain HTTP (httpx): every endpoint, streamed and not, and every error the issue lists.
 
-The base is a tiny random Llama with a word-level tokenizer (``w0`` .. ``w127``) and a chat template;
-the adapters are LoRA files written by deltatune. Greedy answers are checked against the same prompt
-run alone through ``PeftModel`` (see :func:`alone`), so a server that routed a request to the wrong
-adapter, or mixed two, would fail here.
+The server and its tiny world (see tests/serving_fixtures.py): a random Llama with a word-level
+tokenizer (``w3`` .. ``w127``, id = number) and a chat template, adapters ``a``..``h`` written by
+deltatune. Greedy answers are checked against the same prompt run alone through ``PeftModel``
+(:func:`alone`), so a server that routed a request to the wrong adapter, or mixed two, fails here.
 """
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
-import subprocess
-import sys
-import threading
 import time
-import warnings
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from deltatune import LoraConfig, PeftModel, get_peft_model, models
+from tests.serving_fixtures import (CONTEXT, KEY, MAX_WAITING, alone, assert_same_greedy, ids_of,
+                                    serving, sse_events)  # noqa: F401 (serving: the server fixture)
 
 openai = pytest.importorskip("openai")
 
-KEY = "sk-test-key"
-CHAT_TEMPLATE = ("{% for m in messages %}w10 {{ m['content'] }} w11 {% endfor %}"
-                 "{% if add_generation_prompt %}w12{% endif %}")
-EOS, SPECIAL = 2, {0, 1, 2}  # w2 ends a completion; w0 (unk), w1 (pad), w2 are not in decoded text
-CONTEXT = 256
+
+@pytest.fixture
+def setup(serving):
+    return serving
 
 
-# -- fixtures shared with test_serving_load.py and test_serving_browser.py -------------------------
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def make_base(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer random Llama (context ``CONTEXT``) with the word-level tokenizer, saved to ``directory``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                      bos_token_id=1, eos_token_id=EOS)
-    LlamaForCausalLM(cfg).eval().save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
-
-
-ADAPTER_SPECS = [dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                 dict(r=8, lora_alpha=8, target_modules=["o_proj", "up_proj", "down_proj"]),
-                 dict(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj"])]
-
-
-def make_adapter(base: Path, directory: Path, seed: int, **spec) -> Path:
-    """A LoRA adapter on ``base`` with random, non-zero factors (a stand-in for a trained one)."""
-    spec = spec or ADAPTER_SPECS[seed % len(ADAPTER_SPECS)]
-    torch.manual_seed(1000 + seed)
-    with warnings.catch_warnings():  # the doctor's advice on tiny ranks and q/v-only targets
-        warnings.simplefilter("ignore")
-        model = get_peft_model(models.load(base), LoraConfig(init_lora_weights=False, **spec))
-    with torch.no_grad():  # large enough that each adapter's greedy answer differs from the base's
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(3.0)
-    model.save_pretrained(directory)
-    return directory
-
-
-class Server:
-    """``deltatune serve`` in a subprocess on a free loopback port (``--port 0``; the server prints it)."""
-
-    def __init__(self, base: Path, *args: str, log: Path, timeout: float = 90.0) -> None:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-        self.log = log
-        self._err = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--model", str(base),
-                                      "--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *args],
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(f"server did not start in {timeout} s:\n{log.read_text()}") from None
-            match = re.search(r"listening on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-                break
-        while httpx.get(f"{self.url}/health", timeout=10).status_code != 200:  # uvicorn up: the app answers
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.close()
-
-    def metrics(self) -> dict[str, float]:
-        from deltatune.serving.metrics import parse_text
-
-        return parse_text(httpx.get(f"{self.url}/metrics", timeout=10).text)
-
-
-def ids_of(text: str) -> list[int]:
-    """Token ids of a decoded answer (the word-level tokenizer is invertible: ``w17`` is id 17)."""
-    return [int(word[1:]) for word in text.split()]
-
-
-def alone(base: Path, adapter: Path | None, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy decoding of one prompt by itself through ``PeftModel`` (no batch, no cache): the new
-    token ids up to eos, and at each step the gap between the two highest logits."""
-    model = _model(base, adapter)
-    ids, new, gaps = list(prompt_ids), [], []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            top = logits.topk(2).values
-            gaps.append(float(top[0] - top[1]))
-            token = int(logits.argmax())
-            if token == EOS:
-                break
-            new.append(token)
-            ids.append(token)
-    return new, gaps
-
-
-_models: dict = {}
-
-
-def _model(base: Path, adapter: Path | None):
-    key = (str(base), str(adapter), adapter.stat().st_mtime_ns if adapter else 0)
-    if key not in _models:
-        model = models.load(base)
-        _models[key] = (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
-    return _models[key]
-
-
-def assert_same_greedy(text: str, expected: tuple[list[int], list[float]], tol: float = 1e-4) -> None:
-    """The server's greedy ``text`` equals the alone run's tokens; a first difference is allowed only
-    at a step where the alone run's two best logits were within ``tol`` (a near tie that a different
-    order of float sums in a batch may flip)."""
-    got = ids_of(text)
-    new, gaps = expected
-    want = [t for t in new if t not in SPECIAL]
-    if got == want:
-        return
-    step = next(i for i, (a, b) in enumerate(zip(got + [None], want + [None])) if a != b)
-    assert step < len(gaps) and gaps[step] < tol, (
-        f"answer differs from the request alone at token {step} where the alone run's top-2 logit gap "
-        f"was {gaps[step] if step < len(gaps) else None}: got {got}, alone {want}")
-
-
-def sse_events(response: httpx.Response) -> list:
-    """The ``data:`` payloads of a server-sent event stream (JSON decoded; ``[DONE]`` kept as text)."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-        else:
-            assert line == "", f"unexpected line in the event stream: {line!r}"
-    return events
-
-
-# -- this module's server ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = make_base(root / "base")
-    other_base = make_base(root / "other-base", hidden=48)
-    paths = {name: make_adapter(base, root / name, seed) for seed, name in enumerate(["a", "b", "c", "a2"])}
-    paths["big"] = make_adapter(base, root / "big", 9, r=32, lora_alpha=32, target_modules=["q_proj"])
-    paths["foreign"] = make_adapter(other_base, root / "foreign", 5)
-    corrupt = root / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "adapter_config.json").write_text((paths["a"] / "adapter_config.json").read_text())
-    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
-    paths["corrupt"] = corrupt
-    server = Server(base, "--adapter", f"a={paths['a']}", "--adapter", f"b={paths['b']}",
-                    "--api-key", KEY, "--max-lora-rank", "16", "--max-num-seqs", "2", "--max-waiting", "2",
-                    log=root / "server.log")
-    yield dict(base=base, paths=paths, server=server, url=server.url)
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(setup):
-    return openai.OpenAI(base_url=f"{setup['url']}/v1", api_key=KEY, max_retries=0, timeout=60)
+@pytest.fixture(scope="session")
+def client(serving):
+    return openai.OpenAI(base_url=f"{serving['url']}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def http(setup, method: str, path: str, **kw) -> httpx.Response:
@@ -236,7 +55,7 @@ def assert_error(response: httpx.Response, status: int, param, *fragments: str) 
 def test_models_lists_the_base_and_adapters_with_their_parent(setup, client):
     cards = {m.id: m for m in client.models.list().data}
     base = next(m for m in cards.values() if getattr(m, "parent", None) is None)
-    assert {"a", "b"} <= set(cards) and len(cards) == 3
+    assert {"a", "b"} <= set(cards) and len(cards) >= 3
     for name in ("a", "b"):
         assert cards[name].parent == base.id
         assert cards[name].root == str(setup["paths"][name])
@@ -371,34 +190,34 @@ def test_playground_page_is_served(setup):
 def test_load_reload_unload_adapter_at_runtime(setup, client):
     paths = setup["paths"]
     prompt = [5, 9, 17]
-    response = http(setup, "POST", "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(paths["c"])})
+    response = http(setup, "POST", "/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": str(paths["x"])})
     assert response.status_code == 200 and "Success" in response.text
-    assert "c" in {m.id for m in client.models.list().data}
-    first = client.completions.create(model="c", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
-    assert_same_greedy(first, alone(setup["base"], paths["c"], prompt, 8))
+    assert "new" in {m.id for m in client.models.list().data}
+    first = client.completions.create(model="new", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    assert_same_greedy(first, alone(setup["base"], paths["x"], prompt, 8))
 
-    again = http(setup, "POST", "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(paths["a2"])})
+    again = http(setup, "POST", "/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": str(paths["h2"])})
     assert_error(again, 400, "lora_name", "already loaded", "load_inplace")
 
     response = http(setup, "POST", "/v1/load_lora_adapter",
-                    json={"lora_name": "c", "lora_path": str(paths["a2"]), "load_inplace": True})
+                    json={"lora_name": "new", "lora_path": str(paths["h2"]), "load_inplace": True})
     assert response.status_code == 200, response.text
-    card = next(m for m in http(setup, "GET", "/v1/models").json()["data"] if m["id"] == "c")
-    assert card["root"] == str(paths["a2"]) and card["lora"]["version"] >= 2
-    second = client.completions.create(model="c", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
-    assert_same_greedy(second, alone(setup["base"], paths["a2"], prompt, 8))
+    card = next(m for m in http(setup, "GET", "/v1/models").json()["data"] if m["id"] == "new")
+    assert card["root"] == str(paths["h2"]) and card["lora"]["version"] >= 2
+    second = client.completions.create(model="new", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    assert_same_greedy(second, alone(setup["base"], paths["h2"], prompt, 8))
     assert second != first
 
-    response = http(setup, "POST", "/v1/unload_lora_adapter", json={"lora_name": "c"})
+    response = http(setup, "POST", "/v1/unload_lora_adapter", json={"lora_name": "new"})
     assert response.status_code == 200, response.text
-    assert "c" not in {m.id for m in client.models.list().data}
-    with pytest.raises(openai.NotFoundError, match="c"):
-        client.completions.create(model="c", prompt=prompt, max_tokens=2)
-    assert_error(http(setup, "POST", "/v1/unload_lora_adapter", json={"lora_name": "c"}), 404, "lora_name", "c")
+    assert "new" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError, match="new"):
+        client.completions.create(model="new", prompt=prompt, max_tokens=2)
+    assert_error(http(setup, "POST", "/v1/unload_lora_adapter", json={"lora_name": "new"}), 404, "lora_name", "new")
 
 
 @pytest.mark.parametrize("which, reason", [
-    ("missing", "adapter_config.json"),
+    ("missing", "not found"),
     ("corrupt", "safetensors"),
     ("foreign", "shape"),
     ("big", "16"),
@@ -470,17 +289,18 @@ def test_unknown_route_is_404_in_the_error_shape(setup):
     assert_error(http(setup, "GET", "/v1/nothing-here"), 404, None)
 
 
-def test_full_queue_is_503_and_an_aborted_stream_frees_its_slot(setup):
-    """2 running + 2 waiting fill this server (--max-num-seqs 2 --max-waiting 2): the next request is
-    refused with 503 instead of queueing without bound; closing the streams frees everything."""
+def test_full_queue_is_503_and_aborted_streams_free_their_slots(setup):
+    """32 running + 48 waiting fill the server (--max-num-seqs 32 --max-waiting 48): the next request
+    is refused with 503 instead of queueing without bound; closing the streams frees every slot."""
     body = {"model": "a", "prompt": [5, 9], "max_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0,
             "stream": True}
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=setup["url"], headers=headers, timeout=60) as http_client:
-        streams = []
+    before = setup["server"].metrics()
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+    with httpx.Client(base_url=setup["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      limits=limits) as http_client:
+        streams, refused = [], None
         try:
-            refused = None
-            for _ in range(6):
+            for _ in range(32 + MAX_WAITING + 8):
                 response = http_client.send(http_client.build_request("POST", "/v1/completions", json=body),
                                             stream=True)
                 if response.status_code == 503:
@@ -489,27 +309,31 @@ def test_full_queue_is_503_and_an_aborted_stream_frees_its_slot(setup):
                     break
                 assert response.status_code == 200
                 streams.append(response)
-            assert refused is not None, "six long requests and no 503"
-            assert len(streams) == 4
-            assert_error(refused, 503, None, "queue")
+            assert refused is not None, f"{len(streams)} long requests and no 503"
+            assert_error(refused, 503, None, "max_waiting")
+            assert len(streams) == 32 + MAX_WAITING
         finally:
             for response in streams:
                 response.close()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while (m := setup["server"].metrics())["deltatune:num_requests_running"] + \
             m["deltatune:num_requests_waiting"] > 0:
         assert time.monotonic() < deadline, f"aborted streams still hold slots: {m}"
         time.sleep(0.1)
-    assert m["deltatune:generation_tokens_total"] < 1000  # the 4 x 253 tokens were not all generated
+    aborted = 'deltatune:http_requests_total{endpoint="/v1/completions",model="a",status="aborted"}'
+    assert m[aborted] - before.get(aborted, 0) == len(streams)
+    generated = m["deltatune:generation_tokens_total"] - before["deltatune:generation_tokens_total"]
+    assert generated < len(streams) * (CONTEXT - 3) / 2  # they stopped early
 
 
-def test_serve_refuses_a_bad_startup_adapter(setup, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "deltatune", "serve", "--model", str(setup["base"]),
-                           "--adapter", f"x={tmp_path / 'missing'}", "--port", "0"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert f"--adapter x={tmp_path / 'missing'}" in proc.stderr and "listening" not in proc.stdout
+def test_serve_refuses_a_bad_startup_adapter(setup, tmp_path, capsys):
+    from deltatune.cli import main
+
+    missing = tmp_path / "missing"
+    assert main(["serve", "--model", str(setup["base"]), "--adapter", f"x={missing}", "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert f"--adapter x={missing}" in captured.err and "not found" in captured.err
+    assert "listening" not in captured.out
 
 
 def base_name(client) -> str:

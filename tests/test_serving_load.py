@@ -19,24 +19,18 @@ import time
 import httpx
 import pytest
 
-from tests.test_serving_http import Server, alone, assert_same_greedy, ids_of, make_adapter, make_base
+from tests.serving_fixtures import KEY, SERVED, alone, assert_same_greedy, serving  # noqa: F401 (fixture)
 
 openai = pytest.importorskip("openai")
 
-ADAPTERS = [f"a{i}" for i in range(8)]
+ADAPTERS = SERVED  # a..h; "h" is reloaded in place (file h2) while the load runs
 CLIENTS = 64
 LOAD_TIMEOUT = 240.0
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load")
-    base = make_base(root / "base")
-    paths = {name: make_adapter(base, root / name, seed) for seed, name in enumerate(ADAPTERS + ["x", "a0v2", "gone"])}
-    args = [arg for name in ADAPTERS + ["gone"] for arg in ("--adapter", f"{name}={paths[name]}")]
-    server = Server(base, *args, "--max-num-seqs", "32", "--max-loras", "8", log=root / "server.log")
-    yield dict(base=base, paths=paths, server=server, url=server.url)
-    server.stop()
+@pytest.fixture
+def setup(serving):  # noqa: F811
+    return serving
 
 
 def requests_plan(seed: int = 0) -> list[dict]:
@@ -70,19 +64,20 @@ async def ask(client, base_name: str, req: dict, delay: float = 0.0) -> str:
 
 async def admin(url: str, path: str, body: dict, delay: float) -> httpx.Response:
     await asyncio.sleep(delay)
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
         return await http.post(f"{url}{path}", json=body)
 
 
 def test_64_clients_8_adapters_with_adapter_churn(setup):
     url, paths, base = setup["url"], setup["paths"], setup["base"]
     plan = requests_plan()
-    reload_plan = [dict(model="a0", prompt=[7, 8, 9, 10], max_tokens=10, stream=i % 2 == 0) for i in range(6)]
+    reload_plan = [dict(model="h", prompt=[7, 8, 9, 10], max_tokens=10, stream=i % 2 == 0) for i in range(6)]
     late = [dict(model="x", prompt=[11, 12, 13], max_tokens=8, stream=False)]
     gone = dict(model="gone", prompt=[20, 21, 22], max_tokens=12, stream=True)
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=LOAD_TIMEOUT)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=LOAD_TIMEOUT,
+                                    http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200)))
         base_name = next(m.id for m in (await client.models.list()).data if m.parent is None)
         started = time.monotonic()
         # the "gone" request starts first; its adapter is unloaded while the load runs (it must finish on it)
@@ -90,17 +85,18 @@ def test_64_clients_8_adapters_with_adapter_churn(setup):
         load = [ask(client, base_name, req, delay=0.002 * i) for i, req in enumerate(plan)]
         churn = [admin(url, "/v1/unload_lora_adapter", {"lora_name": "gone"}, 0.05),
                  admin(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(paths["x"])}, 0.05),
-                 admin(url, "/v1/load_lora_adapter", {"lora_name": "a0", "lora_path": str(paths["a0v2"]),
+                 admin(url, "/v1/load_lora_adapter", {"lora_name": "h", "lora_path": str(paths["h2"]),
                                                       "load_inplace": True}, 0.1)]
         reloads = [ask(client, base_name, req, delay=0.03 * i) for i, req in enumerate(reload_plan)]
         results = await asyncio.gather(gone_task, asyncio.gather(*load), asyncio.gather(*churn),
                                        asyncio.gather(*reloads))
-        late_answers = [await ask(client, base_name, req) for req in late]
+        late_answers = [await ask(client, base_name, req) for req in late + reload_plan[:1]]
         with pytest.raises(openai.NotFoundError, match="gone"):
             await client.completions.create(model="gone", prompt=[5], max_tokens=2)
         await client.close()
         return results, late_answers, time.monotonic() - started
 
+    before = setup["server"].metrics()
     (gone_answer, answers, churn, reload_answers), late_answers, seconds = \
         asyncio.run(asyncio.wait_for(main(), LOAD_TIMEOUT))
 
@@ -108,28 +104,25 @@ def test_64_clients_8_adapters_with_adapter_churn(setup):
     assert len(answers) == CLIENTS  # every request answered (gather raises on any failure)
     for req, text in zip(plan, answers):
         adapter = paths[req["model"]] if req["model"] else None
-        if req["model"] == "a0":  # sent around the reload: the old version or the new one, whole
-            assert _matches_one(text, base, [paths["a0"], paths["a0v2"]], req), (req, text)
+        if req["model"] == "h":  # sent around the reload: the old version or the new one, whole
+            assert _matches_one(text, base, [paths["h"], paths["h2"]], req), (req, text)
         else:
             assert_same_greedy(text, alone(base, adapter, req["prompt"], req["max_tokens"]))
     for req, text in zip(reload_plan, reload_answers):
-        assert _matches_one(text, base, [paths["a0"], paths["a0v2"]], req), (req, text)
+        assert _matches_one(text, base, [paths["h"], paths["h2"]], req), (req, text)
     assert_same_greedy(gone_answer, alone(base, paths["gone"], gone["prompt"], gone["max_tokens"]))
     assert_same_greedy(late_answers[0], alone(base, paths["x"], late[0]["prompt"], late[0]["max_tokens"]))
-    # the reload happened while requests ran: later ones get the new version
-    assert ids_of(reload_answers[-1]) != ids_of(_first_alone(base, paths["a0"], reload_plan[-1]))
+    # once the reload is done, requests get the new version (which answers this prompt differently)
+    old, new = (alone(base, paths[v], reload_plan[0]["prompt"], 10) for v in ("h", "h2"))
+    assert old[0] != new[0]
+    assert_same_greedy(late_answers[1], new)
 
     metrics = setup["server"].metrics()
     assert metrics["deltatune:num_requests_running"] == 0 and metrics["deltatune:num_requests_waiting"] == 0
-    ok = sum(v for k, v in metrics.items() if k.startswith("deltatune:http_requests_total") and 'status="200"' in k
-             and "/v1/completions" in k)
-    assert ok == CLIENTS + len(reload_plan) + len(late) + 1
+    ok = sum(v - before.get(k, 0) for k, v in metrics.items()
+             if k.startswith('deltatune:http_requests_total{endpoint="/v1/completions"') and 'status="200"' in k)
+    assert ok == CLIENTS + len(reload_plan) + len(late) + 2  # every request answered, none twice
     print(f"\n{CLIENTS + len(reload_plan) + 1} concurrent requests in {seconds:.1f} s")
-
-
-def _first_alone(base, adapter, req) -> str:
-    new, _ = alone(base, adapter, req["prompt"], req["max_tokens"])
-    return " ".join(f"w{t}" for t in new)
 
 
 def _matches_one(text: str, base, adapters, req) -> bool:
@@ -146,7 +139,8 @@ CLIENT_SCRIPT = """
 import sys, httpx
 body = {"model": sys.argv[2], "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True, "temperature": 0,
         "stream": True}
-with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=60) as r:
+headers = {"Authorization": "Bearer " + sys.argv[3]}
+with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, headers=headers, timeout=60) as r:
     for line in r.iter_lines():
         if line.startswith("data: "):
             print("chunk", flush=True)
@@ -156,8 +150,8 @@ with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=60
 def test_killed_client_frees_its_slot_and_the_server_lives_on(setup):
     url = setup["url"]
     before = setup["server"].metrics()
-    steady = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, "a1"], stdout=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, "a2"], stdout=subprocess.PIPE, text=True)
+    steady = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, "b", KEY], stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, "c", KEY], stdout=subprocess.PIPE, text=True)
     try:
         for proc in (steady, victim):
             assert proc.stdout.readline().strip() == "chunk"  # both streams are running
@@ -178,8 +172,9 @@ def test_killed_client_frees_its_slot_and_the_server_lives_on(setup):
     while (m := setup["server"].metrics())["deltatune:num_requests_running"] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    aborted = 'deltatune:http_requests_total{endpoint="/v1/completions",model="a2",status="aborted"}'
+    aborted = 'deltatune:http_requests_total{endpoint="/v1/completions",model="c",status="aborted"}'
     assert m.get(aborted, 0) - before.get(aborted, 0) == 1
     assert m["deltatune:generation_tokens_total"] - before["deltatune:generation_tokens_total"] < 2 * 240
-    out = httpx.post(f"{url}/v1/completions", json={"model": "a3", "prompt": [5, 6], "max_tokens": 4}, timeout=60)
+    out = httpx.post(f"{url}/v1/completions", json={"model": "d", "prompt": [5, 6], "max_tokens": 4}, timeout=60,
+                     headers={"Authorization": f"Bearer {KEY}"})
     assert out.status_code == 200 and out.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltatune.serving import protocol
+from deltatune.serving import QueueFull, SamplingParams, ServingError, UnknownModel, protocol
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
 
@@ -131,6 +131,8 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
         body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
         try:
             engine.remove_adapter(body.lora_name)
+        except UnknownModel as exc:
+            raise ApiError(404, exc.message, "lora_name") from None
         except Exception as exc:  # noqa: BLE001
             raise _as_api_error(exc, default_param="lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
@@ -172,8 +174,6 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
 
 def _submit(engine, body, chat: bool) -> list:
     """Validate the request through the engine and enqueue one request per prompt (all or none)."""
-    from deltatune.serving import SamplingParams
-
     if chat:
         max_tokens, prompts = body.limit(), [_chat_prompt(engine.tokenizer, body)]
     else:
@@ -205,8 +205,6 @@ def _chat_prompt(tokenizer, body) -> list[int]:
 
 def _as_api_error(exc: Exception, default_param: str | None = None) -> ApiError:
     """Engine errors -> HTTP: unknown model 404, full queue 503, every other refusal 400."""
-    from deltatune.serving import QueueFull, ServingError, UnknownModel
-
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnknownModel):
