@@ -240,6 +240,9 @@ def test_unknown_model_is_404_naming_it(setup, client):
     assert "nope" in str(info.value)
     assert_error(http(setup, "POST", "/v1/chat/completions",
                       json={"model": "nope", "messages": [{"role": "user", "content": "w5"}]}), 404, "model", "nope")
+    metrics = setup["server"].metrics()  # counted, but not under a label the client chose
+    assert metrics['deltatune:http_requests_total{endpoint="/v1/completions",model="(other)",status="404"}'] >= 1
+    assert not any("nope" in key for key in metrics)
 
 
 @pytest.mark.parametrize("body, param, fragment", [

@@ -31,6 +31,7 @@ from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
 
 DONE = "data: [DONE]\n\n"
+OTHER = "(other)"  # metrics label of requests naming no served model
 DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 
 
@@ -76,7 +77,7 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
         if api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.count_request(request.url.path, "", 401)
+                metrics.count_request("(any)", OTHER, 401)  # not the path: clients choose it
                 return JSONResponse(protocol.error_body(401, "missing or wrong API key: send the header "
                                                         "'Authorization: Bearer <key>'"), status_code=401)
         try:
@@ -148,10 +149,10 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
     async def _generate(request: Request, model_cls, chat: bool):
         arrived = time.perf_counter()
         endpoint = request.url.path
-        model = "?"
+        model = OTHER
         try:
             body = protocol.parse(model_cls, await request.body())
-            model = body.model
+            model = _label(engine, body.model)
             handles = _submit(engine, body, chat)
         except ApiError as exc:
             metrics.count_request(endpoint, model, exc.status)
@@ -160,7 +161,7 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
             err = _as_api_error(exc)
             metrics.count_request(endpoint, model, err.status)
             raise err from None
-        run = _Run(handles, body, chat, arrived, metrics, endpoint)
+        run = _Run(handles, body, chat, arrived, metrics, endpoint, model)
         if body.stream:
             return StreamingResponse(run.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -189,6 +190,14 @@ def _submit(engine, body, chat: bool) -> list:
             handle.abort()
         raise
     return handles
+
+
+def _label(engine, model: str) -> str:
+    """The ``model`` label of a request's metrics: a served name, else OTHER (labels taken from client
+    input would let anyone grow /metrics without bound)."""
+    if model == engine.base_name or model in {a.name for a in engine.adapters()}:
+        return model
+    return OTHER
 
 
 def _chat_prompt(tokenizer, body) -> list[int]:
@@ -223,9 +232,10 @@ class _Run:
     stream or one JSON body; records TTFT and inter-token latency; aborts whatever is left when the
     client goes away."""
 
-    def __init__(self, handles: list, body, chat: bool, arrived: float, metrics: Metrics, endpoint: str) -> None:
+    def __init__(self, handles: list, body, chat: bool, arrived: float, metrics: Metrics, endpoint: str,
+                 label: str) -> None:
         self.handles, self.body, self.chat, self.arrived = handles, body, chat, arrived
-        self.metrics, self.endpoint = metrics, endpoint
+        self.metrics, self.endpoint, self.label = metrics, endpoint, label
         self.n = body.n
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.object = "chat.completion" if chat else "text_completion"
@@ -313,7 +323,7 @@ class _Run:
                 if not task.done() and await request.is_disconnected():
                     task.cancel()
                     self._abort_unfinished()
-                    self.metrics.count_request(self.endpoint, self.body.model, "aborted")
+                    self.metrics.count_request(self.endpoint, self.label, "aborted")
                     return None
             task.result()
         except asyncio.CancelledError:
@@ -322,11 +332,11 @@ class _Run:
         except Exception as exc:  # noqa: BLE001
             self._abort_unfinished()
             err = _as_api_error(exc)
-            self.metrics.count_request(self.endpoint, self.body.model, err.status)
+            self.metrics.count_request(self.endpoint, self.label, err.status)
             raise err from None
         make = protocol.chat_choice if self.chat else protocol.completion_choice
         choices = [make(i, "".join(texts.get(i, [])), reasons.get(i)) for i in range(len(self.handles) * self.n)]
-        self.metrics.count_request(self.endpoint, self.body.model, 200)
+        self.metrics.count_request(self.endpoint, self.label, 200)
         return protocol.envelope(self.id, self.object, self.body.model, self.created, choices, usage=self._usage())
 
     def _chunk(self, choices: list) -> str:
@@ -363,7 +373,7 @@ class _Run:
             yield DONE
         finally:
             self._abort_unfinished()
-            self.metrics.count_request(self.endpoint, self.body.model, status)
+            self.metrics.count_request(self.endpoint, self.label, status)
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
         if self.chat:
