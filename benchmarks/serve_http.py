@@ -209,10 +209,11 @@ def chart(result: dict, path: Path) -> None:
                label="naive: request p99 (computed: clients x mean request time)")
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="p99 latency")
     right.set_xticks(clients, [str(c) for c in clients])
-    right.legend(fontsize=8)
-    setup = result["setup"]
+    right.legend(fontsize=8, loc="upper left")
+    setup, machine = result["setup"], result["machine"]
     fig.suptitle(f"{setup['model']}, {setup['adapters']} LoRA adapters, {setup['new_tokens']} tokens per request, "
-                 f"fp32 CPU ({result['machine']['cpu_count']} cores)", fontsize=9)
+                 f"fp32 CPU, {setup['threads']} thread(s) each side ({machine['cpu_count']} cores, load average "
+                 f"{machine['load_average_1min_end']} at the end)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -221,7 +222,8 @@ def chart(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", default="1,8,32,64", help="concurrent client counts, comma-separated")
-    ap.add_argument("--requests", type=int, default=64, help="requests per client count (at least the clients)")
+    ap.add_argument("--requests", type=int, default=64,
+                    help="requests at each client count: max(this, clients); the 64-client figure uses 64")
     ap.add_argument("--naive-requests", type=int, default=64, help="requests run through peft one at a time")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)

@@ -402,7 +402,7 @@ def cmd_serve(args) -> int:
                     max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
                     max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                     device=None if args.device == "auto" else args.device,
-                    dtype=None if args.dtype == "auto" else args.dtype)
+                    dtype=None if args.dtype == "auto" else args.dtype, served_name=args.served_model_name)
     for name, directory in adapters.items():
         try:
             engine.add_adapter(name, directory)
@@ -422,6 +422,8 @@ def _add_serve(sub) -> None:
                     "The request's `model` field picks the base or an adapter.")
     p.add_argument("--model", default="default", help="'default', a transformers directory or a .gguf file")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter served as NAME (repeatable)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base's `model` name in the API (default: 'default' or the model directory's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on the first line)")
     p.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),

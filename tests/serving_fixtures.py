@@ -186,6 +186,7 @@ def sse_events(response: httpx.Response) -> list:
 # -- the server all three serving test modules talk to (one start: ~10 s) ----------------------------
 
 SERVED = list("abcdefgh")  # 8 adapters served from the start, plus "gone" (the load test unloads it)
+BASE_NAME = "tiny-base"    # --served-model-name
 MAX_WAITING = 48           # 32 running + 48 waiting: the load test's 71 requests fit, the queue test fills it
 
 
@@ -219,6 +220,7 @@ def _start_server(root: Path) -> dict:
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
     paths["corrupt"] = corrupt
     adapters = [arg for name in SERVED + ["gone"] for arg in ("--adapter", f"{name}={paths[name]}")]
-    server = Server(base, *adapters, "--api-key", KEY, "--max-lora-rank", "16", "--max-num-seqs", "32",
-                    "--max-waiting", str(MAX_WAITING), "--max-loras", "8", log=root / "server.log")
+    server = Server(base, *adapters, "--api-key", KEY, "--served-model-name", BASE_NAME, "--max-lora-rank", "16",
+                    "--max-num-seqs", "32", "--max-waiting", str(MAX_WAITING), "--max-loras", "8",
+                    log=root / "server.log")
     return dict(base=base, paths=paths, server=server, url=server.url)

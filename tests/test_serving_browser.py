@@ -31,8 +31,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 BROWSER = next((path for name in BROWSERS if (path := shutil.which(name))), None)
 if BROWSER is None and os.path.exists("/usr/bin/chromium"):
     BROWSER = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(BROWSER is None, reason=f"no headless browser installed (looked for {', '.join(BROWSERS)}); "
-                                                        "install Chromium (apt-get install chromium) to run the playground test")
+pytestmark = pytest.mark.skipif(
+    BROWSER is None, reason=f"no headless browser installed (looked for {', '.join(BROWSERS)}); "
+                            "install Chromium (apt-get install chromium) to run the playground test")
 
 
 class DevTools:
@@ -42,8 +43,9 @@ class DevTools:
         url = urllib.parse.urlparse(ws_url)
         self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {url.path} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall((f"GET {url.path} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(4096)
@@ -158,7 +160,8 @@ def test_playground_streams_an_answer_in_a_real_browser(serving, browser):  # no
     assert answer == text and text.strip()
     assert pieces > 1, "the answer arrived in one piece: the page did not stream"
     tokens = expected["usage"]["completion_tokens"]
-    assert re.fullmatch(rf"{tokens} tokens? in \d+\.\d\d s · \d+\.\d tokens/s · first token after \d+ ms", stats), stats
+    shown = rf"{tokens} tokens? in \d+\.\d\d s · \d+\.\d tokens/s · first token after \d+ ms"
+    assert re.fullmatch(shown, stats), stats
 
     shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     assert shot.startswith(b"\x89PNG") and len(shot) > 10_000

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving_fixtures import (CONTEXT, KEY, MAX_WAITING, alone, assert_same_greedy, ids_of,
+from tests.serving_fixtures import (BASE_NAME, CONTEXT, KEY, MAX_WAITING, alone, assert_same_greedy, ids_of,
                                     serving, sse_events)  # noqa: F401 (serving: the server fixture)
 
 openai = pytest.importorskip("openai")
@@ -59,7 +59,7 @@ def test_models_lists_the_base_and_adapters_with_their_parent(setup, client):
     for name in ("a", "b"):
         assert cards[name].parent == base.id
         assert cards[name].root == str(setup["paths"][name])
-    assert base.root == str(setup["base"])
+    assert base.id == BASE_NAME and base.root == str(setup["base"])  # --served-model-name
     raw = http(setup, "GET", "/v1/models").json()
     assert raw["object"] == "list" and all(c["object"] == "model" for c in raw["data"])
 
