@@ -8,7 +8,7 @@ fp32 on CPU). For each k in ``--adapters`` the 32 chat prompts (row j uses adapt
 are completed with exactly ``--new-tokens`` greedy tokens:
 
 - deltatune: ``engine.generate(prompt_ids, adapter=[...], SamplingParams(temperature=0,
-  max_tokens=N, ignore_eos=True))``: all requests are queued at once, prefilled in one forward
+  max_tokens=N, min_tokens=N))`` (eos masked until N tokens, as peft's ``min_new_tokens``): all requests are queued at once, prefilled in one forward
   (unpadded prompts, left-padded inside the engine) and decoded together over the slot KV cache;
 - peft: ``model.generate(**left_padded_batch, adapter_names=[...], max_new_tokens=N,
   min_new_tokens=N, do_sample=False)``.
@@ -89,10 +89,11 @@ def main(argv=None) -> int:
         for i, d in enumerate(dirs):
             engine.add_adapter(f"a{i}", d)
         peft_model = mixed.load_models(base, dirs, ["peft"])["peft"]
-        sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, min_tokens=args.new_tokens)
 
         def ours(names, new_tokens):
-            outs = engine.generate(prompt_ids, adapter=names, sampling=dataclasses.replace(sampling, max_tokens=new_tokens))
+            outs = engine.generate(prompt_ids, adapter=names,
+                                   sampling=dataclasses.replace(sampling, max_tokens=new_tokens, min_tokens=new_tokens))
             return torch.tensor([o.outputs[0].token_ids for o in outs])
 
         calls = {("base", "deltatune"): lambda t: ours(None, t),

@@ -150,6 +150,11 @@ def test_stop_strings_max_tokens_and_streamed_text(dirs):
     eos = engine.generate([[5, 6, 7]], adapter="b", sampling=SamplingParams(
         temperature=0, max_tokens=12, stop_token_ids=[full.token_ids[2]]))[0].outputs[0]
     assert eos.token_ids == full.token_ids[:3] and eos.finish_reason == "stop" and eos.stop_reason == full.token_ids[2]
+    # min_tokens masks the stop tokens until then (HF's min_new_tokens)
+    late = engine.generate([[5, 6, 7]], adapter="b", sampling=SamplingParams(
+        temperature=0, max_tokens=12, min_tokens=12, stop_token_ids=[full.token_ids[2]]))[0].outputs[0]
+    assert len(late.token_ids) == 12 and late.token_ids[:2] == full.token_ids[:2]
+    assert full.token_ids[2] not in late.token_ids and late.finish_reason == "length"
 
 
 async def _collect(handle):
@@ -303,7 +308,7 @@ def test_bad_requests_name_the_field(dirs):
         engine.submit([5, 6], sampling=SamplingParams(max_tokens=63))
     assert err.value.param == "max_tokens" and "62" in err.value.message
     for field, value in [("max_tokens", -1), ("temperature", "hot"), ("top_p", 0), ("n", 0), ("stop", [""]),
-                         ("top_k", 1.5), ("seed", "x")]:
+                         ("top_k", 1.5), ("seed", "x"), ("min_tokens", 99)]:
         with pytest.raises(BadRequest) as err:
             SamplingParams(**{field: value})
         assert err.value.param == field and field in err.value.message

@@ -483,6 +483,9 @@ class Engine:
     # -- after a forward -----------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Sample each row's token, stream the deltas, complete finished requests, compact the batch."""
+        for row, s in enumerate(seqs):
+            if len(s.tokens) < s.req.params.min_tokens:
+                logits[row, self._banned(s.req.params)] = float("-inf")
         tokens = sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
         with self._lock:
             outbox: dict[_Request, list[StreamDelta]] = {}
@@ -495,6 +498,10 @@ class Engine:
                 else:
                     req.handle._push(deltas)
             self._compact()
+
+    def _banned(self, params: SamplingParams) -> list[int]:
+        """Tokens that would end a completion (masked before ``min_tokens``)."""
+        return sorted(set(params.stop_token_ids) | self._eos)
 
     def _append(self, s: _Seq, token: int) -> StreamDelta:
         """Add ``token`` to ``s``, decide whether it finished, and return the delta to stream."""

@@ -31,6 +31,8 @@ class SamplingParams:
         seed: the same seed gives the same text (a per-request ``torch.Generator``).
         stop_token_ids: token ids that end the completion besides eos.
         ignore_eos: keep generating past eos (benchmarks).
+        min_tokens: eos and ``stop_token_ids`` cannot end a completion before this many tokens
+            (their logits are masked until then, as HF's ``min_new_tokens``).
 
     Raises:
         BadRequest: a field with a wrong type or value; ``param`` names it.
@@ -45,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,9 @@ class SamplingParams:
             raise BadRequest(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}",
                              "stop_token_ids")
         self.stop_token_ids = list(ids)
+        if not _is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise BadRequest(f"min_tokens must be an integer in 0..max_tokens, got {self.min_tokens!r}", "min_tokens")
         if not isinstance(self.ignore_eos, bool):
             raise BadRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
 
