@@ -218,13 +218,31 @@ class Linear4bit(nn.Module):
                              f"does not match this layer (64, {self.quant_type}, nested={self.double_quant})")
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.weight.deltatune_params_per_element = 2
-        self.absmax = state.absmax
+        as_params = "absmax" in self._parameters   # statistics held as parameters stay so
+        stats = {"absmax": state.absmax}
         if self.double_quant:
             if state.state2.blocksize != BLOCKSIZE2 or not torch.equal(
                     state.state2.code.float().cpu(), _shared_code("dynamic", torch.device("cpu"))):
                 raise ValueError("double quantization with a non-standard second level is not supported")
-            self.absmax2 = state.state2.absmax.float()
-            self.absmax_offset = state.offset.reshape(()).float()
+            stats.update(absmax2=state.state2.absmax.float(), absmax_offset=state.offset.reshape(()).float())
+        for name, t in stats.items():
+            setattr(self, name, nn.Parameter(t.reshape(-1) if t.dim() == 0 else t, requires_grad=False)
+                    if as_params else t)
+
+    STATS = ("absmax", "absmax2", "absmax_offset")
+
+    def stats_as_parameters_(self) -> None:
+        """Hold the block statistics as frozen parameters instead of buffers (idempotent).
+
+        FSDP shards and all-gathers parameters only; as parameters, the statistics are cut and
+        gathered with the packed codes they describe (``deltatune.training.fsdp``). The 0-dim
+        offset becomes shape (1,) (a shard needs a dim 0). Values and dtypes are unchanged.
+        """
+        for name in self.STATS:
+            t = self._buffers.pop(name, None)
+            if t is not None:
+                self.register_parameter(name, nn.Parameter(t.reshape(-1) if t.dim() == 0 else t,
+                                                           requires_grad=False))
 
     # -- reading -------------------------------------------------------------------------------
     def quant_state(self, dtype: torch.dtype = torch.float32):
@@ -238,7 +256,7 @@ class Linear4bit(nn.Module):
         return fn.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
                              code=_shared_code(self.quant_type, device), blocksize=BLOCKSIZE,
                              quant_type=self.quant_type, dtype=dtype,
-                             offset=self.absmax_offset if self.double_quant else None, state2=state2)
+                             offset=self.absmax_offset.reshape(()) if self.double_quant else None, state2=state2)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (out, in) in ``dtype``, exactly as ``bitsandbytes.functional.dequantize_4bit``."""
@@ -284,11 +302,16 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         """Move with the model but keep the storage dtypes: ``model.half()`` must not touch scales."""
         before = {name: t for name, t in self._buffers.items() if t is not None}
+        stats = {name: self._parameters[name] for name in self.STATS if self._parameters.get(name) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        for name, old in stats.items():   # statistics held as parameters (stats_as_parameters_)
+            new = self._parameters[name]
+            if new.dtype != old.dtype:
+                self._parameters[name] = nn.Parameter(old.detach().to(new.device), requires_grad=False)
         return self
 
     def extra_repr(self) -> str:

@@ -87,6 +87,9 @@ def _add_train(sub) -> None:
                    help="continue from the latest checkpoint in --out (or the one given)")
     g.add_argument("--no-progress", dest="progress", **_NOT)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--fsdp", **_FLAG,
+                   help="under torchrun: shard the frozen base (also 4-bit) across processes with FSDP2 "
+                        "instead of a full copy per process; the adapter stays replicated")
     p.set_defaults(func=cmd_train)
 
 

@@ -71,6 +71,9 @@ class TrainConfig:
         max_new_tokens: generation budget (default: longest reference + 16).
         resume: continue from the latest checkpoint in ``out`` if there is one (or give a path).
         progress: show a progress bar. device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        fsdp: under ``torchrun``, shard the frozen base across the processes with PyTorch FSDP2
+            (one unit per decoder layer, then the root; 4-bit bases too) instead of a full copy
+            per process (DDP); the adapter stays replicated (``deltatune.training.fsdp``).
     """
 
     model: str = "default"
@@ -124,6 +127,7 @@ class TrainConfig:
     resume: Any = False
     progress: bool = True
     device: str = "auto"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

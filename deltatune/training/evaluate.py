@@ -20,17 +20,28 @@ _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", 
 
 @torch.no_grad()
 def eval_loss(model, dataset: Dataset, batch_size: int = 16, device="cpu", packing: bool = True,
-              info: DistInfo = DistInfo(), autocast=nullcontext) -> dict:
-    """Mean cross-entropy per label token over ``dataset`` (model put in eval mode meanwhile)."""
+              info: DistInfo = DistInfo(), autocast=nullcontext, lockstep: bool = False) -> dict:
+    """Mean cross-entropy per label token over ``dataset`` (model put in eval mode meanwhile).
+
+    ``lockstep``: every rank runs the same number of forward passes (under FSDP each one is a
+    sequence of collectives); a rank with fewer batches repeats one and discards it.
+    """
     was_training = model.training
     model.eval()
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]))[info.rank::info.world]
+    starts = list(range(0, len(order), batch_size))
+    if lockstep:
+        most = -(-len(dataset) // info.world)                     # the largest rank's share
+        starts += [None] * (-(-most // batch_size) - len(starts))
     stats = torch.zeros(2, dtype=torch.float64)
-    for s in range(0, len(order), batch_size):
-        batch = collate([dataset[i] for i in order[s:s + batch_size]], packing).to(device)
+    for s in starts:
+        rows = [dataset[i] for i in order[s:s + batch_size]] if s is not None else [dataset[0]]
+        batch = collate(rows, packing).to(device)
         with autocast():
-            stats[0] += float(lm_loss_sum(model, batch))
-        stats[1] += batch.label_tokens
+            loss = float(lm_loss_sum(model, batch))
+        if s is not None:
+            stats[0] += loss
+            stats[1] += batch.label_tokens
     stats = all_reduce_sum(stats.to(device), info).cpu()
     model.train(was_training)
     return {"eval_loss": float(stats[0] / max(stats[1], 1)), "eval_tokens": int(stats[1])}

@@ -111,10 +111,19 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         if config.use_grad_checkpointing:
             self._enable_grad_checkpointing()
-        self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         # MFU: the FLOPs each step needs (FlopCounter) over the peak of every process's device.
         self.flops = FlopCounter(self.model)
         self.peak = peak_flops(self.device, self.dtype) * self.info.world
+        self.sharded = bool(config.fsdp) and self.info.enabled
+        if config.fsdp and not self.info.enabled:
+            print("--fsdp: one process, nothing to shard; training unsharded (launch with torchrun "
+                  "--nproc_per_node N to shard the base over N processes)", flush=True)
+        if self.sharded:  # the base sharded, the adapter replicated (see deltatune.training.fsdp)
+            from deltatune.training import fsdp
+
+            self.loss_module = fsdp.shard(LossModule(self.model), self.model, self.info, self.device)
+        else:
+            self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -160,12 +169,16 @@ class Trainer:
         if self.eval_data is None:
             raise ValueError("no eval data: pass eval_data= / --eval")
         cfg = self.config
-        result = eval_loss(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.packing,
-                           self.info, self._autocast)
-        if exact:
-            result.update(exact_match(self.model, self.tokenizer, self.eval_data, limit or cfg.eval_limit,
-                                      cfg.eval_batch_size, cfg.max_new_tokens, self.device, self.info,
-                                      self._autocast, samples))
+        with self._unsharded():
+            result = eval_loss(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.packing,
+                               self.info, self._autocast, lockstep=self.sharded)
+            if exact:
+                # Under FSDP every generated token is a forward pass all ranks must join, and ranks'
+                # generations stop at different lengths: each rank generates the whole set instead.
+                info = D.DistInfo() if self.sharded else self.info
+                result.update(exact_match(self.model, self.tokenizer, self.eval_data, limit or cfg.eval_limit,
+                                          cfg.eval_batch_size, cfg.max_new_tokens, self.device, info,
+                                          self._autocast, samples))
         return result
 
     def save_adapter(self, directory: str | Path | None = None) -> Path:
@@ -185,18 +198,26 @@ class Trainer:
             group["lr"] = lr
         # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
         torch.manual_seed(cfg.seed * 1_000_003 + self.state.step * 4099 + info.rank)
-        pieces = [piece for ids in micro_batches(global_batch, cfg.grad_accum, info.world, info.rank)
-                  for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
+        pieces = self._pieces(global_batch, info.rank)
+        passes = len(pieces)
+        if self.sharded:  # each pass is a sequence of collectives: all ranks run as many as the busiest
+            passes = max(len(self._pieces(global_batch, r)) for r in range(info.world))
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for k, piece in enumerate(pieces):
-            batch = collate(piece, cfg.packing, self.pad_id).to(self.device)
-            last = k == len(pieces) - 1  # DDP all-reduces once per step, on each rank's last backward
-            sync = nullcontext() if (last or not info.enabled) else self.loss_module.no_sync()
+        for k in range(passes):
+            extra = k >= len(pieces)  # a zero-weighted repeat, only to join the other ranks' collectives
+            batch = collate(pieces[min(k, len(pieces) - 1)], cfg.packing, self.pad_id).to(self.device)
+            last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
+            sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:
                 with self._autocast():
                     loss_sum = self.loss_module(batch)
-                (loss_sum * (info.world / n_labels)).backward()
-            total += loss_sum.detach().float()
+                (loss_sum * (0.0 if extra else info.world / n_labels)).backward()
+            if not extra:
+                total += loss_sum.detach().float()
+        if self.sharded:
+            from deltatune.training.fsdp import average_gradients
+
+            average_gradients(self.params, info)
         loss = float(D.all_reduce_sum(total, info)) / n_labels
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -206,6 +227,19 @@ class Trainer:
             release_free_heap()
         lengths = [len(e) for e in examples]
         return loss, grad_norm, sum(lengths), lr, self.flops.step(lengths, n_labels).total
+
+    def _pieces(self, global_batch: list[int], rank: int) -> list[list]:
+        """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``."""
+        return [piece for ids in micro_batches(global_batch, self.config.grad_accum, self.info.world, rank)
+                for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
+
+    def _unsharded(self):
+        """Evaluation calls the decoder and the head past the root's hooks: gather the root's unit."""
+        if not self.sharded:
+            return nullcontext()
+        from deltatune.training.fsdp import unsharded
+
+        return unsharded(self.loss_module)
 
     # -- around the steps ------------------------------------------------------------------------
     def _periodic(self, progress: Progress) -> None:
