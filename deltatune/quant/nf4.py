@@ -302,7 +302,8 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         """Move with the model but keep the storage dtypes: ``model.half()`` must not touch scales."""
         before = {name: t for name, t in self._buffers.items() if t is not None}
-        stats = {name: self._parameters[name] for name in self.STATS if self._parameters.get(name) is not None}
+        stats = {name: self._parameters[name].detach() for name in self.STATS
+                 if self._parameters.get(name) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -311,7 +312,7 @@ class Linear4bit(nn.Module):
         for name, old in stats.items():   # statistics held as parameters (stats_as_parameters_)
             new = self._parameters[name]
             if new.dtype != old.dtype:
-                self._parameters[name] = nn.Parameter(old.detach().to(new.device), requires_grad=False)
+                new.data = old.to(new.device)
         return self
 
     def extra_repr(self) -> str:

@@ -107,6 +107,7 @@ class Trainer:
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.warmup = config.warmup_steps or round(config.warmup_ratio * self.total_steps)
         self.state = TrainState()
+        self.padding_passes = 0   # zero-weighted forward passes run only to keep FSDP ranks in step
         self.log = MetricsLog(self.out, enabled=self.info.main)
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         if config.use_grad_checkpointing:
@@ -212,7 +213,9 @@ class Trainer:
                 with self._autocast():
                     loss_sum = self.loss_module(batch)
                 (loss_sum * (0.0 if extra else info.world / n_labels)).backward()
-            if not extra:
+            if extra:
+                self.padding_passes += 1
+            else:
                 total += loss_sum.detach().float()
         if self.sharded:
             from deltatune.training.fsdp import average_gradients
