@@ -7,6 +7,8 @@ uninterrupted run's adapter.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -202,3 +204,28 @@ def test_decoder_layers_and_refusals():
     holder = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64))
     with pytest.raises(FSDPError, match="0: a bitsandbytes Linear4bit.*--quantize nf4"):
         prepare_4bit_for_sharding(holder)
+
+
+def test_plan_devices_uses_the_fsdp_accounting():
+    from deltatune.advisor import memory as M
+    from deltatune.advisor.shapes import KNOWN
+
+    shape = KNOWN["llama-2-70b"]
+    one = M.estimate("qlora", shape, M.Setup())
+    two, eight = (M.estimate("qlora", shape, M.Setup(devices=k, sharding="fsdp")) for k in (2, 8))
+    block = sum(i * o for i, o in shape.block_linears().values()) * M.NF4_DQ_BITS / 8
+    head = shape.vocab * shape.hidden * 2
+    for k, e in ((2, two), (8, eight)):
+        # 1/k of the base, plus the head and two blocks gathered in full
+        assert e.base_weights == pytest.approx(one.base_weights / k + head + 2 * block, rel=1e-3)
+        # the adapter is replicated: its weights, gradients and AdamW state as on one device
+        assert (e.adapter_weights, e.gradients, e.optimizer) == (one.adapter_weights, one.gradients, one.optimizer)
+        assert e.activations == one.activations
+    # the CLI's --devices N plans FSDP unless told --sharding ddp
+    from deltatune.cli import main
+
+    for extra, word in (([], "FSDP over 2 devices"), (["--sharding", "ddp"], "data parallel over 2 devices")):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            main(["plan", "--model", "70b", "--memory", "24GB", "--devices", "2", *extra])
+        assert word in buf.getvalue()

@@ -28,7 +28,9 @@ def _add_plan(sub) -> None:
     ck.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const=False)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="with --devices N")
+    p.add_argument("--sharding", default=None, choices=["ddp", "fsdp"],
+                   help="with --devices N: fsdp (default; deltatune train --fsdp) splits the base over the "
+                        "devices, ddp keeps a full copy on each")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: plan this machine's `deltatune train` (its dtype, token budget, RSS)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
@@ -49,7 +51,7 @@ def cmd_plan(args) -> int:
     target = "all-linear" if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
     kw = dict(seq_len=args.seq_len, batch=args.batch, rank=args.rank, target=target,
               grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, devices=args.devices,
-              sharding=args.sharding, device=args.device, tasks=args.tasks, goal=args.goal,
+              sharding=args.sharding or ("fsdp" if args.devices > 1 else "ddp"), device=args.device, tasks=args.tasks, goal=args.goal,
               frozen_base_ok=args.frozen_base_ok, allow_4bit=args.allow_4bit)
     if args.device == "cpu":
         kw.update(train_settings(args.dtype, args.seq_len))

@@ -4,8 +4,9 @@
 frozen base and gathers one decoder layer at a time, so a base N times larger than one device's
 memory trains. What is sharded and what is replicated:
 
-- **The frozen base is sharded.** Each decoder layer is one FSDP unit, then the root (the module
-  the trainer calls, holding the embeddings, the final norm and the head) is one more. A unit's
+- **The frozen base is sharded.** Each decoder layer is one FSDP unit, an untied input embedding
+  another, then the root (the module the trainer calls: the final norm, the head and a tied
+  embedding) one more. A unit's
   parameters are split along dim 0 across ranks; FSDP all-gathers the unit just before its
   forward, frees the full copy after it, and gathers it again for backward (the input gradient
   needs the weights, also through 4-bit layers and gradient checkpointing's recompute). Frozen
@@ -101,10 +102,32 @@ def shard(root: nn.Module, model: nn.Module, info: DistInfo, device: torch.devic
     prepare_4bit_for_sharding(model)
     mesh = init_device_mesh(device.type, (info.world,))
     replicated = {p for p in root.parameters() if p.requires_grad}
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, ignored_params=replicated)
+    units = decoder_layers(model)
+    embedding = _untied_input_embedding(model)
+    if embedding is not None:
+        units.append(embedding)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=replicated)
     fully_shard(root, mesh=mesh, ignored_params=replicated)
     return root
+
+
+def _untied_input_embedding(model: nn.Module) -> nn.Module | None:
+    """The input embedding when it is not the head's matrix: a unit of its own, gathered only
+    for its lookup. The head (and a tied embedding) stays in the root unit, gathered for the
+    whole step: the loss reads the head's weight directly (``training.loss``), past any hook."""
+    from deltatune.training.loss import unwrap
+
+    hf = unwrap(model)
+    try:
+        embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(embedding, nn.Embedding):
+        return None
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        return None
+    return embedding
 
 
 def is_sharded(module: nn.Module) -> bool:
