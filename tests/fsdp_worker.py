@@ -29,6 +29,11 @@ def sharding_facts(trainer) -> dict:
         if not p.requires_grad:
             full += p.numel() * p.element_size()   # DTensor: the global shape
     facts["full_base_bytes"] = full
+    facts["replicated_base_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
+                                         if not p.requires_grad and not hasattr(p, "to_local"))
+    hf = model.base_model.model
+    facts["head_and_norm_bytes"] = sum(p.numel() * p.element_size()
+                                       for p in (hf.lm_head.weight, hf.model.norm.weight))
     layer = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
     if layer is not None:
         facts["4bit"] = {name: {"global": list(t.shape), "local": list(t.to_local().shape)

@@ -230,18 +230,18 @@ def _base_weights(method: str, shape: ModelShape, setup: Setup) -> int:
 
 
 def _fsdp_base_weights(method: str, shape: ModelShape, setup: Setup, base: int) -> int:
-    """One device's base under ``deltatune train --fsdp`` (``deltatune.training.fsdp``): its 1/k
-    shard of every unit, plus the units gathered in full at the peak: the root (head, final
-    norm: gathered for the whole step, the loss reads the head directly) and two decoder blocks
-    (the one computing and the one being fetched; in backward the same). An untied input
-    embedding is a unit of its own, gathered only for its lookup, before the peak."""
+    """One device's base under ``deltatune train --fsdp`` (``deltatune.training.fsdp``): the head
+    and final norm replicated (the loss needs them whole at the peak), 1/k of everything else,
+    plus two decoder blocks gathered in full (the one computing and the one being fetched; in
+    backward the same). An untied input embedding is a unit of its own, gathered only for its
+    lookup, before the peak; a tied one is the head."""
     k = setup.devices
     linear_bytes = NF4_DQ_BITS / 8 if method == "qlora" else (4 if method == "full" else 2 if method == "full-bf16"
                                                                else setup.dtype_bytes)
     dense_bytes = 4 if method == "full" else 2 if method == "full-bf16" else setup.dtype_bytes
     block = sum(i * o for i, o in shape.block_linears().values()) * linear_bytes + 2 * shape.hidden * dense_bytes
     root = (shape.vocab + 1) * shape.hidden * dense_bytes
-    return int(base / k + root + 2 * block)
+    return int((base - root) / k + root + 2 * block)
 
 
 def estimate(method: str, shape: ModelShape, setup: Setup) -> Estimate:
@@ -265,11 +265,11 @@ def estimate(method: str, shape: ModelShape, setup: Setup) -> Estimate:
         if method in ("full", "full-bf16"):  # ZeRO-3: the trained weights' state is split too
             adapter, grads, state = adapter // k, grads // k, state // k
             notes.append(f"FSDP over {k} devices: weights, gradients and optimizer state split {k} ways, "
-                         "plus the gathered head and two gathered blocks")
+                         "plus two gathered blocks; the head replicated")
         else:
-            notes.append(f"FSDP over {k} devices (deltatune train --fsdp): the base split {k} ways, plus the "
-                         "gathered head and two gathered blocks; the adapter, its gradients "
-                         "and optimizer state replicated on every device")
+            notes.append(f"FSDP over {k} devices (deltatune train --fsdp): the base split {k} ways, plus two "
+                         "gathered blocks; the head, the adapter, its gradients and optimizer state "
+                         "replicated on every device")
     elif setup.devices > 1:
         notes.append(f"data parallel over {setup.devices} devices: each holds a full copy; "
                      f"{setup.devices}x the sequences per step, the same memory per device")

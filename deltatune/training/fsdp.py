@@ -4,13 +4,17 @@
 frozen base and gathers one decoder layer at a time, so a base N times larger than one device's
 memory trains. What is sharded and what is replicated:
 
-- **The frozen base is sharded.** Each decoder layer is one FSDP unit, an untied input embedding
-  another, then the root (the module the trainer calls: the final norm, the head and a tied
-  embedding) one more. A unit's
-  parameters are split along dim 0 across ranks; FSDP all-gathers the unit just before its
-  forward, frees the full copy after it, and gathers it again for backward (the input gradient
-  needs the weights, also through 4-bit layers and gradient checkpointing's recompute). Frozen
-  weights get no gradient, hence no reduce-scatter and no optimizer state.
+- **The frozen base is sharded, block by block.** Each decoder layer is one FSDP unit, an untied
+  input embedding another (gathered only for its lookup). A unit's parameters are split along
+  dim 0 across ranks; FSDP all-gathers the unit just before its forward, frees the full copy
+  after it, and gathers it again for backward (the input gradient needs the weights, also
+  through 4-bit layers and gradient checkpointing's recompute). Frozen weights get no gradient,
+  hence no reduce-scatter and no optimizer state.
+- **The head, the final norm and a tied embedding are replicated.** They sit in the root (the
+  module the trainer calls), and the loss reads the head's weight directly at the end of the
+  forward, when the stored activations peak: a sharded root would be gathered for the whole
+  step, so it would hold the full copy at the peak *plus* its shard. Replicated, it costs
+  exactly the full copy (``ignored_params``, like the adapter).
 - **4-bit layers shard too, statistics with the codes.** FSDP shards parameters, never buffers,
   so ``Linear4bit.stats_as_parameters_`` turns the block statistics (absmax codes, second-level
   scales, offset) into frozen parameters: they are cut and all-gathered together with the
@@ -28,8 +32,8 @@ memory trains. What is sharded and what is replicated:
 
 The same code runs NCCL on GPUs and gloo on CPUs (``distributed.init``). Every rank must run the
 same number of forward passes (each is a sequence of collectives): the trainer pads a step's
-micro-batches to the most any rank has (``pieces_per_rank``), evaluation unshards the root and
-runs equal batch counts.
+micro-batches with zero-weighted passes to the most any rank has, evaluation runs equal batch
+counts, and every rank generates the whole exact-match set (``Trainer``).
 """
 from __future__ import annotations
 
@@ -92,20 +96,23 @@ def prepare_4bit_for_sharding(model: nn.Module) -> int:
 def shard(root: nn.Module, model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """Apply FSDP2 to ``root`` (the module whose ``forward`` runs a step) around ``model``.
 
-    One ``fully_shard`` unit per decoder layer of ``model`` (``decoder_layers``), then ``root``
-    (everything else in the base). Trainable parameters are left out (``ignored_params``):
-    replicated, synchronised by ``average_gradients``. Returns ``root``, now an ``FSDPModule``.
+    One ``fully_shard`` unit per decoder layer of ``model`` (``decoder_layers``) and one for an
+    untied input embedding, then ``root``, which shards nothing: its own parameters (head, final
+    norm, a tied embedding) and every trainable parameter are left out (``ignored_params``),
+    replicated; the trainable ones are synchronised by ``average_gradients``. Returns ``root``,
+    now an ``FSDPModule``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     prepare_4bit_for_sharding(model)
     mesh = init_device_mesh(device.type, (info.world,))
-    replicated = {p for p in root.parameters() if p.requires_grad}
     units = decoder_layers(model)
     embedding = _untied_input_embedding(model)
     if embedding is not None:
         units.append(embedding)
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    replicated = {p for p in root.parameters() if p.requires_grad or id(p) not in in_units}
     for unit in units:
         fully_shard(unit, mesh=mesh, ignored_params=replicated)
     fully_shard(root, mesh=mesh, ignored_params=replicated)
@@ -114,8 +121,7 @@ def shard(root: nn.Module, model: nn.Module, info: DistInfo, device: torch.devic
 
 def _untied_input_embedding(model: nn.Module) -> nn.Module | None:
     """The input embedding when it is not the head's matrix: a unit of its own, gathered only
-    for its lookup. The head (and a tied embedding) stays in the root unit, gathered for the
-    whole step: the loss reads the head's weight directly (``training.loss``), past any hook."""
+    for its lookup (a tied one is the head's weight, needed whole at the loss: replicated)."""
     from deltatune.training.loss import unwrap
 
     hf = unwrap(model)
@@ -157,17 +163,14 @@ def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
 
 
 @contextmanager
-def unsharded(root: nn.Module):
-    """Keep ``root``'s own unit gathered inside the block (evaluation and generation call the decoder
-    and the head directly, past the root's ``forward`` hooks); a no-op for an unsharded module."""
-    if not is_sharded(root):
-        yield
-        return
-    root.unshard()
-    try:
-        yield
-    finally:
-        root.reshard()
+def as_root(root: nn.Module):
+    """Evaluation and generation call the decoder directly, past the root's ``forward``: make sure
+    FSDP has set ``root`` up as the root first (it does so lazily at the root's first forward;
+    otherwise the first decoder layer called would take that role and the next training step
+    would fail). A no-op for an unsharded module."""
+    if is_sharded(root):
+        root._get_fsdp_state()._lazy_init()
+    yield
 
 
 def local_bytes(model: nn.Module, trainable: bool = False) -> int:

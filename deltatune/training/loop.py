@@ -237,12 +237,12 @@ class Trainer:
                 for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
 
     def _unsharded(self):
-        """Evaluation calls the decoder and the head past the root's hooks: gather the root's unit."""
+        """Evaluation calls the decoder past the root's ``forward`` (``fsdp.as_root``)."""
         if not self.sharded:
             return nullcontext()
-        from deltatune.training.fsdp import unsharded
+        from deltatune.training.fsdp import as_root
 
-        return unsharded(self.loss_module)
+        return as_root(self.loss_module)
 
     # -- around the steps ------------------------------------------------------------------------
     def _periodic(self, progress: Progress) -> None:
