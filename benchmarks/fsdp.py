@@ -55,21 +55,18 @@ class GatheredPeak:
 
     def __init__(self, units) -> None:
         self.peak = 0
-        self.slots = []            # (module, parameter name) of every unit's own parameters
+        self.slots = []            # (module, name) of every parameter FSDP shards (a DTensor between uses)
         for unit in units:
-            inner = {id(u) for u in units if u is not unit}
-            stack = [unit]
-            while stack:
-                module = stack.pop()
-                self.slots += [(module, name) for name in module._parameters]
-                stack += [c for c in module.children() if id(c) not in inner]
+            for module in unit.modules():
+                self.slots += [(module, name) for name, p in module._parameters.items() if hasattr(p, "to_local")]
             unit.register_forward_pre_hook(lambda *_: self.sample())
+        self.slots = list(dict.fromkeys(self.slots))
 
     def sample(self) -> None:
         total, seen = 0, set()
         for module, name in self.slots:
             p = module._parameters[name]
-            if p is None or p.requires_grad or hasattr(p, "to_local"):  # trainable, or a sharded DTensor
+            if p is None or hasattr(p, "to_local"):  # resharded
                 continue
             if p.untyped_storage().nbytes() and p.data_ptr() not in seen:  # gathered, not yet freed
                 seen.add(p.data_ptr())
