@@ -1,6 +1,6 @@
 """FSDP2 sharded training (issue 17): two gloo processes on the CPU, a tiny Llama.
 
-One ``torchrun`` launch (tests/fsdp_worker.py) trains FSDP LoRA, FSDP QLoRA and DDP LoRA; the
+One ``torchrun`` launch (tests/fsdp_worker.py) trains FSDP and DDP LoRA and QLoRA; the
 same runs in one process here are the reference (same global batch, fp32): adapters agree within
 1e-5. A kill -9 of one rank ends the launch within a timeout and ``--resume`` continues to the
 uninterrupted run's adapter.
@@ -68,7 +68,8 @@ def runs(world):
     spec = {"report": str(d / "report.json"), "runs": {
         "fsdp_lora": options(world, d / "fsdp_lora", fsdp=True),
         "fsdp_qlora": options(world, d / "fsdp_qlora", fsdp=True, **QLORA),
-        "ddp_lora": options(world, d / "ddp_lora")}}
+        "ddp_lora": options(world, d / "ddp_lora"),
+        "ddp_qlora": options(world, d / "ddp_qlora", **QLORA)}}
     (d / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([*LAUNCH, str(REPO / "tests" / "fsdp_worker.py"), str(d / "spec.json")], cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=400)
@@ -88,6 +89,7 @@ def test_fsdp_lora_and_qlora_match_one_process_and_ddp(runs):
     assert_same_adapter(adapter(d / "fsdp_lora"), adapter(d / "one_lora"))
     assert_same_adapter(adapter(d / "ddp_lora"), adapter(d / "one_lora"))
     assert_same_adapter(adapter(d / "fsdp_qlora"), adapter(d / "one_qlora"))
+    assert_same_adapter(adapter(d / "ddp_qlora"), adapter(d / "one_qlora"))
     for two, one in (("fsdp_lora", "one_lora"), ("fsdp_qlora", "one_qlora")):
         losses = [[r["loss"] for r in read_metrics(d / run) if "loss" in r] for run in (two, one)]
         assert losses[0] == pytest.approx(losses[1], abs=1e-5)
