@@ -5,6 +5,8 @@ from deltatune.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, Task
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
+                                      PromptTuningConfig, PromptTuningInit)
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.quant import dequantize_model, prepare_model_for_kbit_training, quantize
 from deltatune.quant.loftq import replace_lora_weights_loftq
@@ -13,6 +15,7 @@ from deltatune.training import train
 __version__ = "0.1.0"
 
 __all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftModel",
-           "PeftType", "TaskType", "dequantize_model", "get_peft_model", "hotswap_adapter", "models", "plan",
-           "prepare_model_for_compiled_hotswap", "prepare_model_for_kbit_training", "quantize",
-           "replace_lora_weights_loftq", "train"]
+           "PeftType", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+           "PromptTuningConfig", "PromptTuningInit", "TaskType", "dequantize_model", "get_peft_model",
+           "hotswap_adapter", "models", "plan", "prepare_model_for_compiled_hotswap",
+           "prepare_model_for_kbit_training", "quantize", "replace_lora_weights_loftq", "train"]

@@ -32,6 +32,7 @@ class PeftType(str, enum.Enum):
     IA3 = "IA3"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
     BOTTLENECK = "DELTATUNE_BOTTLENECK"
 
 
@@ -64,6 +65,9 @@ class PeftConfig:
     # Extra keys peft writes for this method, with the values meaning "feature not used".
     # They are written so peft sees a complete file, and accepted on read only at these values.
     peft_extra_defaults: ClassVar[dict[str, Any]] = {}
+    # Prefix of this method's tensor keys in peft's files: wrapped layers live under the user's
+    # model (``base_model.model.``); peft's prompt-learning methods write ``base_model.``.
+    file_key_prefix: ClassVar[str] = "base_model.model."
 
     task_type: Optional[Union[str, TaskType]] = None
     inference_mode: bool = False

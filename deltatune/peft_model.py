@@ -124,6 +124,9 @@ class PeftModel(nn.Module):
         """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
         on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword."""
         with self.applying(adapter_names):
+            if self.base_model.routed_component() is not None:  # the method prepares the inputs
+                kwargs = self.base_model.prepare_call(_named(self.base_model.model, args, kwargs))
+                args = ()
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -131,6 +134,12 @@ class PeftModel(nn.Module):
         adapter per prompt with ``adapter_names`` (beams and sampling included: each prompt's
         expanded rows keep its adapter)."""
         with self.applying(adapter_names):
+            component = self.base_model.routed_component()
+            if component is not None:
+                from deltatune.methods.virtual_inputs import generation_kwargs
+
+                kwargs = generation_kwargs(component, self.base_model.model, _named(self.base_model.model, args, kwargs))
+                args = ()
             return self.base_model.model.generate(*args, **kwargs)
 
     @contextmanager
@@ -153,6 +162,12 @@ class PeftModel(nn.Module):
         with self.adapter_set.routing(names):
             route = self.adapter_set.route()
             if route is not None and not isinstance(route, str):
+                from deltatune import registry
+
+                for n in dict.fromkeys(names):
+                    if n in self.peft_config and not registry.method_of(self.peft_config[n]).mixable:
+                        raise MixingError(f"adapter {n!r} is a {self.peft_config[n].peft_type.value} adapter, which "
+                                          "cannot share a batch with other adapters; run its rows in a separate call")
                 biased = sorted({n for n in names if self.base_model.trains_biases(n)})
                 if biased:
                     raise MixingError(f"adapter(s) {biased} train their own biases (bias != 'none'); "
@@ -185,6 +200,11 @@ class PeftModel(nn.Module):
         if adapter_name in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         peft_config = _for_task(peft_config)
+        from deltatune import registry
+
+        complete = registry.method_of(peft_config).complete_config
+        if complete is not None:  # fields that depend on the base, as peft writes them
+            peft_config = complete(peft_config, self.base_model.model)
         if peft_config.base_model_name_or_path is None:
             source = getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None) or None
             peft_config = dataclasses.replace(peft_config, base_model_name_or_path=source)
@@ -285,6 +305,7 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.adapter_set]
         if unknown:
             raise ValueError(f"cannot merge unknown adapter(s) {unknown}; have {sorted(self.peft_config)}")
+        self._check_mergeable(names)
         layers = [layer for _, layer in self.base_model.adapter_layers()]
         for name in [n for n in names if n not in self.adapter_set.merged]:
             if safe_merge:  # check every layer before writing any
@@ -301,6 +322,18 @@ class PeftModel(nn.Module):
                 raise
             self.adapter_set.merged.append(name)
         self.base_model.sync_biases(self._applied())
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        """Raise NotImplementedError naming the method of an adapter whose method cannot merge."""
+        from deltatune import registry
+
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and not registry.method_of(config).mergeable:
+                raise NotImplementedError(
+                    f"adapter {name!r} ({config.peft_type.value}) cannot be merged into the base weights: its "
+                    "virtual tokens are extra inputs, not a weight change. Use unload() to get the base model "
+                    "back without the adapter, or keep the PeftModel for inference.")
 
     def unmerge_adapter(self) -> None:
         """Undo ``merge_adapter`` (every merged adapter, last merged first)."""
@@ -325,6 +358,7 @@ class PeftModel(nn.Module):
         """
         from deltatune import quant
 
+        self._check_mergeable(list(adapter_names) if adapter_names is not None else self.active_adapters)
         quantized = any(quant.is_4bit(m) for m in self.base_model.model.modules())
         if quantized:
             quant.dequantize_model(self.base_model.model)
@@ -478,6 +512,8 @@ class PeftModel(nn.Module):
 
         from deltatune.checkpoint.peft_format import check_tensors, drop_peft_artefacts
 
+        if adapter_name in self.base_model.components:  # a file holds the encoder's result, not the encoder
+            self.base_model.components[adapter_name].resolve()
         expected = self.base_model.adapter_state(adapter_name)
         tensors = drop_peft_artefacts(tensors, self.base_model.saved_module_names())
         check_tensors({k: tuple(v.shape) for k, v in expected.items()}, tensors, source)
@@ -505,6 +541,14 @@ def _for_loading(config: PeftConfig, is_trainable: bool, loftq: dict | None) -> 
     return dataclasses.replace(config, inference_mode=not is_trainable, **plain)
 
 
+def _named(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of a call to ``model`` as keywords (an input hook edits them by name)."""
+    if not args:
+        return kwargs
+    names = [n for n in inspect.signature(model.forward).parameters if n not in ("self",)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _for_task(config: PeftConfig) -> PeftConfig:
     """Add the task's new head (e.g. ``score`` for SEQ_CLS) to ``modules_to_save``, as peft does."""
     heads = TASK_HEADS.get(config.task_type or "", [])
@@ -524,6 +568,8 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
         for _, p in layer.adapter_parameters(adapter_name):
             p.requires_grad_(True)
     for p in tuner.live_bias_parameters(adapter_name):
+        p.requires_grad_(True)
+    for p in tuner.component_parameters(adapter_name):
         p.requires_grad_(True)
 
 

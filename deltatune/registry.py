@@ -25,6 +25,14 @@ class Method:
         peft_type: the ``peft_type`` string in ``adapter_config.json``.
         config_cls: its config dataclass.
         layers: base module type -> adapter layer class wrapping it.
+        mergeable, mixable, packable: what the method can do, consulted by merging
+            (``merge_adapter``), mixed-adapter batches (``adapter_names=``) and training
+            (packing several sequences into one row) instead of tests on ``peft_type``.
+        component: for methods that wrap no layer (virtual tokens): ``(config, model) -> nn.Module``
+            building the adapter's component, held by the ``TunerModel`` beside the wrapped layers.
+        complete_config: ``(config, model) -> config`` filling fields that depend on the base
+            (peft writes them to the file), applied when the adapter is added.
+        default_lr: the peak learning rate ``deltatune train`` uses when none is given.
     """
 
     peft_type: str
@@ -33,6 +41,12 @@ class Method:
     # config flag (a boolean field, e.g. "use_dora") -> base module type -> layer class used
     # instead of ``layers`` when the flag is true.
     variants: dict[str, dict[type, type]] = field(default_factory=dict)
+    mergeable: bool = True
+    mixable: bool = True
+    packable: bool = True
+    component: Callable | None = None
+    complete_config: Callable | None = None
+    default_lr: float = 2e-4
 
     def layer_class_for(self, module: nn.Module, config=None) -> type | None:
         """The adapter layer class for ``module``'s type (most specific registered base type).
@@ -66,6 +80,9 @@ METHOD_MODULES: dict[str, tuple[str, ...]] = {
     "LORA": ("deltatune.methods.lora", "deltatune.methods.dora"),
     "IA3": ("deltatune.methods.ia3",),
     "DELTATUNE_BOTTLENECK": ("deltatune.methods.bottleneck",),
+    "PROMPT_TUNING": ("deltatune.methods.prompt",),
+    "PREFIX_TUNING": ("deltatune.methods.prompt",),
+    "P_TUNING": ("deltatune.methods.prompt",),
 }
 
 
@@ -78,9 +95,16 @@ def _load(peft_type: str | None = None) -> None:
 
 
 def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...] = (),
-                    overrides: dict | None = None) -> Method:
-    """Register (or fetch) a method; ``cli_names`` are the names ``--method`` accepts."""
+                    overrides: dict | None = None, **capabilities) -> Method:
+    """Register (or fetch) a method; ``cli_names`` are the names ``--method`` accepts.
+
+    ``capabilities`` set ``Method`` fields (``mergeable=False``, ``component=...``, ``default_lr=...``).
+    """
     method = _METHODS.setdefault(peft_type, Method(peft_type, config_cls))
+    for key, value in capabilities.items():
+        if not hasattr(method, key) or key in ("peft_type", "config_cls", "layers", "variants"):
+            raise TypeError(f"register_method: unknown capability {key!r}")
+        setattr(method, key, value)
     for name in cli_names:
         _ALIASES[name] = (peft_type, dict(overrides or {}))
     return method
@@ -122,6 +146,19 @@ def method_for(peft_type: str) -> Method:
     if peft_type not in _METHODS:
         raise ConfigError(f"peft_type {peft_type!r} is not supported; known: {sorted(_METHODS)}")
     return _METHODS[peft_type]
+
+
+def method_of(config) -> Method:
+    """The registered method of an adapter config (its capabilities: mergeable, packable, ...)."""
+    return method_for(config.peft_type.value)
+
+
+def default_lr(method: str) -> float:
+    """The peak learning rate ``deltatune train`` uses for CLI method name ``method``."""
+    _load()
+    if method not in _ALIASES:
+        raise ConfigError(f"method={method!r} is not one of {method_names()}")
+    return _METHODS[_ALIASES[method][0]].default_lr
 
 
 def config_class_for(peft_type: str, source: str = "config") -> type:

@@ -5,6 +5,12 @@ peft's ``base_model.model.<path>``) and answers the structural questions: which 
 wraps, which tensors belong to adapter X (``adapter_state``: the one answer saving, loading and
 counting use), and which biases an adapter trains.
 
+Adapters of methods that wrap no layer (virtual tokens) are *components*: one module per adapter
+in ``components`` (peft's ``prompt_encoder``), with the same duties as a wrapped layer (their
+tensors in ``adapter_state``, deleted with the adapter, trained when active, off when disabled)
+and an input hook: ``prepare_call`` gives a call's arguments with the routed adapter's virtual
+tokens in.
+
 Trained biases are per adapter. peft shares one set of biases among all adapters (so a disabled
 or switched adapter still carries another's trained biases); here each adapter that trains
 biases (``bias="all"`` / ``"lora_only"``) keeps its own values, and the live bias parameters (the
@@ -41,6 +47,7 @@ class TunerModel(nn.Module):
         super().__init__()
         self.model = model
         self.adapter_set = adapter_set
+        self.components = nn.ModuleDict()                       # adapter -> component (no wrapped layer)
         self._bias_original: dict[str, torch.Tensor] = {}      # param name -> the base's values
         self._bias_params: dict[str, list[str]] = {}           # adapter -> bias params it trains
         self._bias_store: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> its values when not live
@@ -63,8 +70,14 @@ class TunerModel(nn.Module):
         left empty.
         """
         method = registry.method_for(config.peft_type.value)
-        names = targeting.select(self.model, config,
-                                 is_supported=lambda m: method.layer_class_for(m, config) is not None)
+        if method.component is not None:
+            component = method.component(config, self.model)
+            param = next(self.model.parameters(), None)
+            self.components[adapter_name] = component.to(param.device) if param is not None else component
+            names = []
+        else:
+            names = targeting.select(self.model, config,
+                                     is_supported=lambda m: method.layer_class_for(m, config) is not None)
         saved = targeting.select_saved(self.model, getattr(config, "modules_to_save", None))
         for name in names:
             module = self.model.get_submodule(name)
@@ -89,6 +102,8 @@ class TunerModel(nn.Module):
         """Delete ``adapter_name`` from every layer; layers left empty go back to plain modules."""
         if adapter_name in self._bias_live:
             self.sync_biases(())
+        if adapter_name in self.components:
+            del self.components[adapter_name]
         for name, layer in list(self.adapter_layers()):
             layer.delete_adapter(adapter_name)
             if not layer.held:
@@ -107,6 +122,27 @@ class TunerModel(nn.Module):
             replace_module(self.model, name, layer.unloaded(merged))
         return self.model
 
+    # -- components: adapters that wrap no layer -------------------------------------------------
+    def routed_component(self) -> nn.Module | None:
+        """The component of the adapter this call applies (None: the base, or a layer method)."""
+        route = self.adapter_set.route()
+        return self.components[route] if isinstance(route, str) and route in self.components else None
+
+    def prepare_call(self, kwargs: dict, callee: nn.Module | None = None) -> dict:
+        """``kwargs`` of a call to ``callee`` (default: the user's model) with the routed adapter's
+        inputs prepared by its method (virtual tokens); unchanged when no component applies."""
+        component = self.routed_component()
+        if component is None:
+            return kwargs
+        from deltatune.methods.virtual_inputs import prepare
+
+        return prepare(component, self.model, kwargs, callee)
+
+    def component_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Parameters of adapter ``adapter_name``'s component (none for layer methods)."""
+        component = self.components[adapter_name] if adapter_name in self.components else None
+        return list(component.parameters()) if component is not None else []
+
     def saved_module_names(self) -> list[str]:
         """Names of the modules-to-save wrappers (heads trained in full)."""
         return [name for name, layer in self.adapter_layers() if isinstance(layer, ModulesToSaveWrapper)]
@@ -123,6 +159,8 @@ class TunerModel(nn.Module):
                 out[f"{name}.{suffix}"] = p
         for pname in self._bias_params.get(adapter_name, []):
             out[self._live(pname)] = self._bias_tensor(adapter_name, pname)
+        if adapter_name in self.components:
+            out.update(self.components[adapter_name].state())
         out.update(self._embedding_base_weights(adapter_name))
         return out
 

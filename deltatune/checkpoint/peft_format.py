@@ -23,6 +23,8 @@ from deltatune.checkpoint.io import CheckpointError, atomic_directory, atomic_sa
 from deltatune.config import ConfigError, PeftConfig
 
 PREFIX = "base_model.model."
+# Keys peft writes at the top level, without a prefix: the virtual tokens of prompt learning.
+TOP_LEVEL_KEYS = ("prompt_embeddings",)
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 # safetensors metadata key marking an adapter initialised by LoftQ: its factors belong to the 4-bit
@@ -30,17 +32,18 @@ CONFIG_NAME = "adapter_config.json"
 LOFTQ_METADATA = "deltatune_loftq_config"
 
 
-def to_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model-relative keys -> the keys peft writes (``base_model.model.`` prefix)."""
-    return {PREFIX + k: v for k, v in tensors.items()}
+def to_file_keys(tensors: dict[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """Model-relative keys -> the keys peft writes (``prefix``, the config's ``file_key_prefix``;
+    ``TOP_LEVEL_KEYS`` stay as they are)."""
+    return {k if k in TOP_LEVEL_KEYS else prefix + k: v for k, v in tensors.items()}
 
 
-def from_file_keys(tensors: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+def from_file_keys(tensors: dict[str, torch.Tensor], source, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """File keys -> model-relative keys; a key without peft's prefix is an error naming it."""
-    bad = sorted(k for k in tensors if not k.startswith(PREFIX))
+    bad = sorted(k for k in tensors if not k.startswith(prefix) and k not in TOP_LEVEL_KEYS)
     if bad:
-        raise CheckpointError(f"{source}: key {bad[0]!r} does not start with {PREFIX!r}; not a peft adapter file")
-    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+        raise CheckpointError(f"{source}: key {bad[0]!r} does not start with {prefix!r}; not a peft adapter file")
+    return {k if k in TOP_LEVEL_KEYS else k[len(prefix):]: v for k, v in tensors.items()}
 
 
 # -- configs -------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def write_adapters(root: str | os.PathLike, adapters: dict[str, tuple[PeftConfig
             target = tmp / rel if rel else tmp
             target.mkdir(parents=True, exist_ok=True)
             config, marker = file_form(config)
-            atomic_save_tensors({k: v.detach().cpu() for k, v in to_file_keys(tensors).items()},
+            atomic_save_tensors({k: v.detach().cpu() for k, v in to_file_keys(tensors, config.file_key_prefix).items()},
                                 target / WEIGHTS_NAME, metadata={**(metadata or {"format": "pt"}), **marker})
             write_config(target, config, inference_mode=True)  # as peft: loading decides trainability
 
@@ -143,7 +146,7 @@ def read_adapter(directory: str | os.PathLike, config: PeftConfig | None = None)
     if not weights.exists() and (directory / "adapter_model.bin").exists():
         raise CheckpointError(f"{directory / 'adapter_model.bin'}: pickle weights are not loaded (unsafe); "
                               "re-save the adapter with safetensors")
-    return config, from_file_keys(load_tensors(weights), weights)
+    return config, from_file_keys(load_tensors(weights), weights, config.file_key_prefix)
 
 
 def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source) -> None:
@@ -200,6 +203,7 @@ def adapter_summary(directory: str | os.PathLike) -> dict:
         "base_model": config.base_model_name_or_path,
         "target_modules": getattr(config, "target_modules", None),
         "r": getattr(config, "r", None),
+        "virtual_tokens": getattr(config, "num_virtual_tokens", None),
         "lora_alpha": getattr(config, "lora_alpha", None),
         "modules": len(modules),
         "parameters": sum(t.numel() for t in tensors.values()),

@@ -48,7 +48,9 @@ class TrainConfig:
         group_by_length: build batches of near-equal lengths (little padding) from windows of
             ``group_window`` global batches; off = plain random batches.
     Optimisation:
-        lr, weight_decay, betas, eps: AdamW. schedule: ``cosine`` | ``linear`` | ``constant``
+        lr, weight_decay, betas, eps: AdamW. ``lr`` unset: the method's default
+        (``deltatune.registry.default_lr``: 2e-4 for LoRA and the layer methods, larger for the
+        virtual-token methods, measured on the demo task). schedule: ``cosine`` | ``linear`` | ``constant``
         (after ``warmup_steps`` or ``warmup_ratio`` of linear warmup); ``min_lr_ratio`` is the floor.
         batch_size: sequences per micro-batch per process; grad_accum: micro-batches per step.
         Global batch = batch_size * grad_accum * processes.
@@ -97,7 +99,7 @@ class TrainConfig:
     group_by_length: bool = True
     group_window: int = 32
 
-    lr: float = 2e-4
+    lr: Optional[float] = None
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
@@ -131,6 +133,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.lr is None:
+            from deltatune.registry import default_lr
+
+            self.lr = default_lr(self.method)
         checks = [
             (self.r > 0, "r must be > 0"),
             (self.quantize in (None, "nf4", "fp4"), "quantize must be nf4 or fp4 (or unset for a dense base)"),

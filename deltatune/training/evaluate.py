@@ -13,7 +13,7 @@ import torch
 from deltatune.training.batching import collate
 from deltatune.training.data import Dataset
 from deltatune.training.distributed import DistInfo, all_reduce_sum
-from deltatune.training.loss import adapter_model, lm_loss_sum, unwrap
+from deltatune.training.loss import adapter_model, lm_loss_sum, packable, unwrap
 
 _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
 
@@ -36,7 +36,7 @@ def eval_loss(model, dataset: Dataset, batch_size: int = 16, device="cpu", packi
     stats = torch.zeros(2, dtype=torch.float64)
     for s in starts:
         rows = [dataset[i] for i in order[s:s + batch_size]] if s is not None else [dataset[0]]
-        batch = collate(rows, packing).to(device)
+        batch = collate(rows, packing and packable(model)).to(device)
         with autocast():
             loss = float(lm_loss_sum(model, batch))
         if s is not None:

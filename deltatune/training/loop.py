@@ -25,7 +25,7 @@ from deltatune.training.config import TrainConfig
 from deltatune.training.data import Dataset
 from deltatune.training.evaluate import eval_loss, exact_match
 from deltatune.training.flops import FlopCounter, peak_flops
-from deltatune.training.loss import LossModule, unwrap
+from deltatune.training.loss import LossModule, packable, unwrap
 from deltatune.training.metrics import MetricsLog, Progress, fmt_duration, plot_loss_curve
 from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
@@ -103,6 +103,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
                                            weight_decay=config.weight_decay)
         self.global_batch = config.batch_size * config.grad_accum * self.info.world
+        self.packing = config.packing and packable(model)
+        if config.packing and not self.packing and self.info.main:
+            print("packing: off (this adapter method cannot pack sequences; one sequence per row)", flush=True)
         self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.warmup = config.warmup_steps or round(config.warmup_ratio * self.total_steps)
@@ -171,7 +174,7 @@ class Trainer:
             raise ValueError("no eval data: pass eval_data= / --eval")
         cfg = self.config
         with self._unsharded():
-            result = eval_loss(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.packing,
+            result = eval_loss(self.model, self.eval_data, cfg.eval_batch_size, self.device, self.packing,
                                self.info, self._autocast, lockstep=self.sharded)
             if exact:
                 # Under FSDP every generated token is a forward pass all ranks must join, and ranks'
@@ -206,7 +209,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k in range(passes):
             extra = k >= len(pieces)  # a zero-weighted repeat, only to join the other ranks' collectives
-            batch = collate(pieces[min(k, len(pieces) - 1)], cfg.packing, self.pad_id).to(self.device)
+            batch = collate(pieces[min(k, len(pieces) - 1)], self.packing, self.pad_id).to(self.device)
             last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
             sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:

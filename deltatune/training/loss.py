@@ -106,6 +106,18 @@ def applying(model: nn.Module, adapter_names=None):
     return inner.applying(adapter_names) if isinstance(inner, PeftModel) else nullcontext()
 
 
+def packable(model) -> bool:
+    """Whether the active adapter's method can train on packed rows (its declared capability)."""
+    from deltatune import registry
+
+    inner = adapter_model(model)
+    configs = getattr(inner, "peft_config", None)
+    active = getattr(inner, "active_adapter", None)
+    if not isinstance(configs, dict) or active not in configs:
+        return True
+    return registry.method_of(configs[active]).packable
+
+
 def _fast_parts(hf: nn.Module):
     """``(decoder, head, plain)`` if the label-only path applies, else None."""
     get_decoder = getattr(hf, "get_decoder", None)
@@ -145,9 +157,12 @@ def _lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         return F.cross_entropy(out.logits[sel].float(), targets, reduction="sum")
     decoder, head, plain = parts
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    inner = adapter_model(model)
+    if hasattr(inner, "base_model") and hasattr(inner.base_model, "prepare_call"):
+        inputs = inner.base_model.prepare_call(inputs, callee=decoder)  # the method's inputs (virtual tokens)
     with cpu_bf16_attention(hf, batch.input_ids):
-        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                         use_cache=False).last_hidden_state                     # (R, L, d)
+        hidden = decoder(**inputs).last_hidden_state                            # (R, L, d)
     hidden = hidden[sel]                                                        # (N, d)
     if plain:
         return linear_cross_entropy(hidden, head, targets)
