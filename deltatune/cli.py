@@ -36,8 +36,10 @@ def cmd_info(args) -> int:
         ("method", info["peft_type"]),
         ("task type", info["task_type"] or "-"),
         ("base model", info["base_model"] or "(not recorded)"),
-        ("targets", ", ".join(targets) if isinstance(targets, list) else str(targets)),
+        ("targets", ", ".join(targets) if isinstance(targets, list) else str(targets) if targets else "-"),
         ("rank / alpha", f"{info['r']} / {info['lora_alpha']}" if info["r"] is not None else "-"),
+        *([("virtual tokens", f"{info['virtual_tokens']} (no layer wrapped; cannot be merged)")]
+          if info.get("virtual_tokens") else []),
         ("wrapped modules", str(info["modules"])),
         ("trainable params", f"{info['parameters']:,d} in {info['tensors']} tensors ({', '.join(info['dtypes'])})"),
         ("file size", _human_bytes(info["file_bytes"])),

@@ -9,6 +9,7 @@ the comparison.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -237,3 +238,61 @@ def test_component_lifecycle_beside_lora(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, lora_out, rtol=0, atol=1e-6)
     model.delete_adapter("default")
     assert "default" not in model.base_model.components
+
+
+# -- training and the CLI ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from test_training_helpers import chat_rows, save_tiny_model, write_jsonl
+
+    d = tmp_path_factory.mktemp("vt")
+    return {"model": str(save_tiny_model(d / "model")),
+            "train": str(write_jsonl(d / "train.jsonl", chat_rows(32, seed=0))),
+            "eval": str(write_jsonl(d / "eval.jsonl", chat_rows(4, seed=1)))}
+
+
+def _train(world, out, *extra, launcher=None):
+    from test_training_helpers import run_cli
+
+    args = ["train", "--model", world["model"], "--data", world["train"], "--out", str(out), "--method", "prefix",
+            "--method-arg", "num_virtual_tokens=4", "--dtype", "float32", "--no-progress", "--seed", "3",
+            "--schedule", "constant", "--log-every", "1", *extra]
+    return run_cli(args, launcher=launcher, timeout=300)
+
+
+def test_cli_train_resume_ddp_eval_generate_info(world, tmp_path):
+    """``deltatune train --method prefix``: packing off (said so), the method's default lr, loss
+    going down; resume from a checkpoint ends where the uninterrupted run ends; two DDP processes
+    match one; eval, generate and info read the adapter."""
+    import sys
+
+    from test_training_helpers import read_metrics, run_cli
+
+    full = tmp_path / "full"
+    proc = _train(world, full, "--max-steps", "6", "--batch-size", "4", "--eval", world["eval"], "--eval-limit", "2",
+                  "--max-new-tokens", "4")
+    assert "packing: off" in proc.stdout
+    rows = [r for r in read_metrics(full) if "loss" in r]
+    assert rows[0]["lr"] == pytest.approx(registry.default_lr("prefix")) and rows[-1]["loss"] < rows[0]["loss"]
+    part = tmp_path / "part"
+    _train(world, part, "--max-steps", "3", "--batch-size", "4", "--save-every", "2")
+    _train(world, part, "--max-steps", "6", "--batch-size", "4", "--resume")
+    resumed = [r["loss"] for r in read_metrics(part) if "loss" in r]
+    assert resumed[-3:] == pytest.approx([r["loss"] for r in rows][-3:], rel=1e-5)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "deltatune"]
+    ddp = tmp_path / "ddp"
+    _train(world, ddp, "--max-steps", "6", "--batch-size", "2", "--device", "cpu", launcher=launcher)
+    assert [r["loss"] for r in read_metrics(ddp) if "loss" in r] == pytest.approx([r["loss"] for r in rows], abs=1e-4)
+
+    adapter = str(full / "adapter")
+    result = json.loads(run_cli(["eval", "--model", world["model"], "--adapter", adapter, "--data", world["eval"],
+                                 "--dtype", "float32", "--json", "--max-new-tokens", "4"]).stdout)
+    assert result["total"] == 4
+    out = json.loads(run_cli(["generate", "--model", world["model"], "--adapter", adapter, "--dtype", "float32",
+                              "--prompt", "ann is 42", "--prompt", "bob is 7 ok ok", "--max-new-tokens", "3",
+                              "--json"]).stdout)
+    assert len(out) == 2
+    info = run_cli(["info", adapter]).stdout
+    assert "PREFIX_TUNING" in info and re.search(r"virtual tokens\s+4 \(no layer wrapped", info)
