@@ -1,4 +1,5 @@
-"""Adapter methods side by side: LoRA, DoRA, (IA)³ and bottleneck adapters on the demo task.
+"""Adapter methods side by side: LoRA, DoRA, (IA)³, bottleneck adapters and the virtual-token
+methods (prompt tuning, prefix tuning, P-tuning) on the demo task.
 
 Each method is fine-tuned on the default model (SmolLM2-135M-Instruct) with the same data
 (data/demo_train.jsonl), step budget, batch size and seed through ``deltatune.training.train``,
@@ -17,6 +18,10 @@ benchmarks/results/methods.json, methods.md (the table) and methods.png (the cha
     .venv/bin/python benchmarks/methods.py --methods lora,qlora --results benchmarks/results/qlora_demo
 
 ``--reuse`` keeps the finished runs found in ``--workdir`` and trains only the missing methods.
+A method written ``NAME@LR`` (e.g. ``prompt@3e-2``) runs NAME at that learning rate, so one
+invocation sweeps learning rates side by side; ``--eval-examples N`` scores eval loss and exact
+match on the first N held-out examples only (a cheaper run), ``--timing-steps 0`` skips the
+interleaved timing (step time then comes from the training log).
 
 Learning rates are per method (each method's usual range for a short run); everything else is
 shared.
@@ -50,8 +55,24 @@ METHODS = {
     # QLoRA: LoRA as above on an NF4 (double-quantized) base. Not in the default set: run
     # ``--methods lora,qlora --results benchmarks/results/qlora_demo`` to compare the two.
     "qlora": dict(method="lora", r=16, alpha=32, target="all-linear", lr=1e-3, quantize="nf4"),
+    # Virtual-token methods at ``deltatune train``'s defaults (lr: the method's default, found by
+    # the sweep in the README); prompt tuning starts from a description of the task (TEXT init).
+    "prompt": dict(method="prompt", method_args={
+        "num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "default",
+        "prompt_tuning_init_text": 'Reply with one line of JSON: {"name": "...", "age": 0, "city": "..."}'}),
+    "prefix": dict(method="prefix", method_args={"num_virtual_tokens": 20}),
+    "ptuning": dict(method="ptuning", method_args={"num_virtual_tokens": 20}),
 }
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter"]
+
+
+def options_of(name: str) -> dict:
+    """``train`` options of a method spec: ``NAME`` or ``NAME@LR`` (that method at that lr)."""
+    base, _, lr = name.partition("@")
+    options = dict(METHODS[base])
+    if lr:
+        options["lr"] = float(lr)
+    return options
 
 
 def _training_api():
@@ -122,9 +143,13 @@ def run_one(name: str, args) -> dict:
 
     api = _training_api()
     out = Path(args.workdir) / name
-    options = dict(METHODS[name])
-    cfg = api.make_config(data=str(ROOT / "data" / "demo_train.jsonl"),
-                          eval_data=str(ROOT / "data" / "demo_eval.jsonl"),
+    options = options_of(name)
+    eval_data = ROOT / "data" / "demo_eval.jsonl"
+    if args.eval_examples:
+        eval_data = Path(args.workdir) / f"eval_{args.eval_examples}.jsonl"
+        lines = (ROOT / "data" / "demo_eval.jsonl").read_text().splitlines()[:args.eval_examples]
+        eval_data.write_text("\n".join(lines) + "\n")
+    cfg = api.make_config(data=str(ROOT / "data" / "demo_train.jsonl"), eval_data=str(eval_data),
                           max_steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=args.warmup,
                           eval_limit=args.eval_limit, out=str(out), progress=False, device=args.device,
                           log_every=1, dtype=args.dtype, **options)
@@ -139,7 +164,7 @@ def run_one(name: str, args) -> dict:
     adapter_file = Path(m["adapter"]) / "adapter_model.safetensors"
     return {
         "method": name,
-        "options": options,
+        "options": {**options, "lr": cfg.lr},
         "trainable_params": trainable,
         "base_params": total - trainable,
         "trainable_pct": 100 * trainable / (total - trainable),
@@ -177,7 +202,7 @@ def interleaved_step_times(names: list[str], args) -> dict[str, float]:
         torch.set_num_threads(args.timing_threads)
     wrapped = {}
     for name in names:
-        cfg = api.make_config(**METHODS[name])
+        cfg = api.make_config(**options_of(name))
         torch.manual_seed(args.seed)
         base = models.load_default().to(args.device)
         if cfg.quantize:
@@ -253,6 +278,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--eval-limit", type=int, default=50)
+    ap.add_argument("--eval-examples", type=int, default=0, help="use only the first N held-out examples (0: all)")
     ap.add_argument("--timing-steps", type=int, default=6, help="interleaved timed steps per method")
     ap.add_argument("--timing-length", type=int, default=96, help="tokens per sequence in the timing batch")
     ap.add_argument("--timing-threads", type=int, default=1, help="CPU threads while timing (0: torch's default)")
@@ -271,7 +297,7 @@ def main() -> None:
         return
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n.partition("@")[0] not in METHODS]
     if unknown:
         sys.exit(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="deltatune-methods-"))
@@ -286,7 +312,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--run-one", name, "--row-out", str(row_out), "--workdir", str(workdir),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-               "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
+               "--eval-limit", str(args.eval_limit), "--eval-examples", str(args.eval_examples), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         row = json.loads(row_out.read_text())
@@ -296,8 +322,9 @@ def main() -> None:
         print(f"[{name}] done in {row['run_wall_s']:.0f} s", flush=True)
 
     t = time.perf_counter()
-    for name, step_s in interleaved_step_times(names, args).items():
-        next(r for r in rows if r["method"] == name)["median_step_s"] = step_s
+    timed = interleaved_step_times(names, args) if args.timing_steps else {}
+    for row in rows:
+        row["median_step_s"] = timed.get(row["method"], row["train_log_median_step_s"])
     print(f"[timing] done in {time.perf_counter() - t:.0f} s", flush=True)
 
     results = Path(args.results)
@@ -306,7 +333,7 @@ def main() -> None:
 
     setup = {"model": "SmolLM2-135M-Instruct (deltatune.models.load_default)", "steps": args.steps,
              "batch_size": args.batch_size, "warmup_steps": args.warmup, "seed": args.seed,
-             "eval_examples": args.eval_limit, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+             "eval_examples": args.eval_limit, "eval_set": args.eval_examples or 200, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
              "timing": f"median of {args.timing_steps} interleaved steps, batch {args.batch_size} x "
                        f"{args.timing_length} tokens, {args.timing_threads or torch.get_num_threads()} thread(s)",
              "cpu_count": os.cpu_count(), "total_runtime_s": round(time.perf_counter() - started, 1)}

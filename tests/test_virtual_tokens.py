@@ -212,6 +212,14 @@ def test_cannot_merge_or_mix_and_says_why():
     assert not registry.method_for("PREFIX_TUNING").packable and registry.method_for("LORA").packable
 
 
+def test_gradient_checkpointing_refused_with_a_reason():
+    base = tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = deltatune.get_peft_model(base, _ours("prefix")).train()
+    with pytest.raises(ConfigError, match="cannot train with gradient checkpointing"):
+        model(input_ids=token_batch())
+
+
 def test_prefix_refused_on_bert():
     with pytest.raises(ConfigError, match="PREFIX_TUNING needs a model whose forward takes a KV cache"):
         deltatune.get_peft_model(tiny_bert(), deltatune.PrefixTuningConfig(task_type="SEQ_CLS"))

@@ -94,6 +94,10 @@ def prepare(component, model: nn.Module, kwargs: dict, callee: nn.Module | None 
     key = cache_argument(callee)
     if key is None:
         return _prepare_concat(component, model, kwargs)
+    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ConfigError("virtual-token adapters cannot train with gradient checkpointing: transformers drops the "
+                          "KV cache inside checkpointed layers, and the virtual tokens live there; turn it off "
+                          "(--no-grad-checkpointing, or model.gradient_checkpointing_disable())")
     n = component.num_virtual_tokens
     batch, length, device = _batch_and_length(kwargs)
     cache = _existing_cache(kwargs)
