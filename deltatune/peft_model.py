@@ -135,10 +135,8 @@ class PeftModel(nn.Module):
         expanded rows keep its adapter)."""
         with self.applying(adapter_names):
             component = self.base_model.routed_component()
-            if component is not None:
-                from deltatune.methods.virtual_inputs import generation_kwargs
-
-                kwargs = generation_kwargs(component, self.base_model.model, _named(self.base_model.model, args, kwargs))
+            if component is not None:  # the method puts its virtual tokens in the cache
+                kwargs = component.generation_kwargs(self.base_model.model, _named(self.base_model.model, args, kwargs))
                 args = ()
             return self.base_model.model.generate(*args, **kwargs)
 

@@ -132,11 +132,7 @@ class TunerModel(nn.Module):
         """``kwargs`` of a call to ``callee`` (default: the user's model) with the routed adapter's
         inputs prepared by its method (virtual tokens); unchanged when no component applies."""
         component = self.routed_component()
-        if component is None:
-            return kwargs
-        from deltatune.methods.virtual_inputs import prepare
-
-        return prepare(component, self.model, kwargs, callee)
+        return kwargs if component is None else component.prepare(self.model, kwargs, callee)
 
     def component_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Parameters of adapter ``adapter_name``'s component (none for layer methods)."""

@@ -281,6 +281,19 @@ class VirtualTokens(nn.Module):
         self.encoder = None
         self.embedding = nn.Embedding.from_pretrained(rows, freeze=not grad)
 
+    # The method's input hook (the component protocol ``TunerModel`` and ``PeftModel`` call).
+    def prepare(self, model: nn.Module, kwargs: dict, callee: nn.Module | None = None) -> dict:
+        """A call's keyword arguments with these virtual tokens in (``virtual_inputs.prepare``)."""
+        from deltatune.methods.virtual_inputs import prepare
+
+        return prepare(self, model, kwargs, callee)
+
+    def generation_kwargs(self, model: nn.Module, kwargs: dict) -> dict:
+        """``generate``'s keyword arguments with these virtual tokens in the cache."""
+        from deltatune.methods.virtual_inputs import generation_kwargs
+
+        return generation_kwargs(self, model, kwargs)
+
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}, kind={self.kind!r}"
 
