@@ -60,7 +60,10 @@ METHODS = {
     "prompt": dict(method="prompt", method_args={
         "num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "default",
         "prompt_tuning_init_text": 'Reply with one line of JSON: {"name": "...", "age": 0, "city": "..."}'}),
-    "prefix": dict(method="prefix", method_args={"num_virtual_tokens": 20}),
+    # Prefix tuning from zero prefixes: peft's default random start (N(0, 1) keys and values) took the
+    # demo loss from 0.6 to 6.7 at step 1 and reached 0/20 at lr 1e-2 and 1e-3 (README).
+    "prefix": dict(method="prefix", method_args={"num_virtual_tokens": 20, "init_weights": "zero"}),
+    "prefix-random": dict(method="prefix", method_args={"num_virtual_tokens": 20}),
     "ptuning": dict(method="ptuning", method_args={"num_virtual_tokens": 20}),
 }
 DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter"]

@@ -395,7 +395,8 @@ def build_prefix_tuning(config: PrefixTuningConfig, model: nn.Module) -> PrefixT
 
 def _register() -> None:
     common = dict(mergeable=False, mixable=False, packable=False, complete_config=complete_config)
-    # Learning rates: the best of a sweep on the demo task (README, "Virtual tokens").
+    # Learning rates: measured on the demo task (README, "Virtual tokens"): prompt tuning 3e-2 beat
+    # 3e-1 (70% vs 10% exact match); prefix tuning (zero init) 1e-2; P-tuning 1e-3, peft's, one point.
     registry.register_method(PeftType.PROMPT_TUNING.value, PromptTuningConfig, ("prompt", "prompt-tuning"),
                              component=build_prompt_tuning, default_lr=3e-2, **common)
     registry.register_method(PeftType.P_TUNING.value, PromptEncoderConfig, ("ptuning", "p-tuning"),
