@@ -298,7 +298,7 @@ def test_bad_adapters_are_refused_and_serving_goes_on(dirs, tmp_path):
 
 
 def test_bad_requests_name_the_field(dirs):
-    engine = engine_for(dirs, names=("a",), max_waiting=2)
+    engine = engine_for(dirs, names=("a",), max_waiting=2, max_num_seqs=2)
     with pytest.raises(UnknownModel, match="'zzz'"):
         engine.submit([5], "zzz")
     with pytest.raises(PromptTooLong) as err:
@@ -319,10 +319,11 @@ def test_bad_requests_name_the_field(dirs):
         with pytest.raises(BadRequest) as err:
             engine.submit(prompt)
         assert err.value.param == "prompt"
-    engine.submit([5]), engine.submit([6])          # no loop running: they wait
+    # no loop running: all wait; 2 free slots + max_waiting=2 bound them (admitted or not yet)
+    engine.submit([5]), engine.submit([6]), engine.submit([7]), engine.submit([8])
     with pytest.raises(QueueFull):
-        engine.submit([7])
-    assert engine.stats()["waiting"] == 2
+        engine.submit([9])
+    assert engine.stats()["waiting"] == 4
 
 
 def test_many_threads_submitting_while_the_loop_runs(dirs):

@@ -108,7 +108,8 @@ class Engine:
         max_cpu_loras: further adapters kept as tensors in host memory, default 64.
         max_lora_rank: adapters of a higher rank are refused at load, default 64.
         max_num_seqs: sequences decoded together (KV cache slots), default 32.
-        max_waiting: requests queued beyond the running ones before ``submit`` raises QueueFull.
+        max_waiting: requests queued beyond the running ones and the free slots before ``submit``
+            raises QueueFull (so ``max_num_seqs + max_waiting`` single-sequence requests fit at once).
         max_model_len: context length (prompt + completion); default the model's, at most 2048.
         device, dtype: default CUDA with bf16 when available, else CPU with fp32.
         served_name: the name the base is served under (default ``"default"`` or the directory's name).
@@ -214,7 +215,10 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise ServingError("the engine is shutting down")
-            if bounded and len(self._waiting) >= self.max_waiting:
+            # Requests that free slots take at the next step are not "waiting": the bound must not
+            # depend on whether the loop has admitted a burst yet.
+            free = max(0, self.max_num_seqs - len(self._running))
+            if bounded and len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_waiting={self.max_waiting}); retry later")
             version = None
             if adapter is not None and adapter not in (self.base_name, BASE_NAME):
