@@ -44,6 +44,7 @@ def sharding_facts(trainer) -> dict:
 
 def main(spec_path: str) -> None:
     from deltatune.training.api import train
+    from deltatune.training.distributed import shutdown
 
     spec = json.loads(open(spec_path).read())
     report = {}
@@ -57,7 +58,7 @@ def main(spec_path: str) -> None:
     if dist.get_rank() == 0:
         with open(spec["report"], "w") as fh:
             json.dump(report, fh)
-    dist.destroy_process_group()
+    shutdown(synchronize=True)  # rank 1 must not tear gloo down while rank 0 writes the report
 
 
 if __name__ == "__main__":

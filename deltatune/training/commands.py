@@ -104,10 +104,12 @@ def cmd_train(args) -> int:
     if args.method_arg:
         overrides["method_args"] = dict(_parse_kv(item) for item in args.method_arg)
     config = make_config(args.config, **overrides)
+    finished = False
     try:
         train(config)
+        finished = True
     finally:
-        shutdown()
+        shutdown(synchronize=finished)
     return 0
 
 

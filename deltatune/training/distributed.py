@@ -62,8 +62,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the process group. ``synchronize`` (after a run every rank finished) waits for all
+    ranks first: a rank that tears gloo down while a peer still works (rank 0 saving the adapter)
+    can make that peer abort ("terminate called without an active exception"). Not after a
+    failure, where a dead peer would leave the barrier waiting."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
