@@ -69,6 +69,7 @@ def test_counts_follow_the_architecture(tok):
 def test_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("DELTATUNE_PEAK_GFLOPS", raising=False)
+    monkeypatch.setattr(F, "machine_busy", lambda: False)
     calls = []
     real = F.measure_peak_flops
     monkeypatch.setattr(F, "measure_peak_flops", lambda d, t: calls.append(t) or real(d, t, seconds=0.05))
@@ -81,6 +82,11 @@ def test_peak_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert len(calls) == 2
     monkeypatch.setenv("DELTATUNE_PEAK_GFLOPS", "123")
     assert F.peak_flops("cpu", torch.float32) == 123e9
+    # measured on a busy machine: used for the run, not cached (the next quiet run measures again)
+    monkeypatch.delenv("DELTATUNE_PEAK_GFLOPS")
+    monkeypatch.setattr(F, "machine_busy", lambda: True)
+    F.peak_flops("cpu", torch.bfloat16)
+    assert len(calls) == 3 and "bfloat16" not in (tmp_path / "peak_flops.json").read_text()
 
 
 def test_training_reports_mfu(tmp_path, tok, monkeypatch):

@@ -159,9 +159,9 @@ def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, seconds: 
 def peak_flops(device: torch.device | str, dtype: torch.dtype, refresh: bool = False) -> float:
     """This machine's matmul peak for ``dtype`` (FLOP/s): cached in ``$DELTATUNE_CACHE/peak_flops.json``.
 
-    The first call on a machine (or with ``refresh``) measures it (~2 s); a measurement taken while
-    other work loads the machine is low, so ``refresh`` it (the training benchmark does) when the
-    machine is quiet. ``DELTATUNE_PEAK_GFLOPS`` overrides both.
+    The first call on a machine (or with ``refresh``) measures it (~2 s). A measurement taken while
+    other work loads the CPU (``machine_busy``) is low: it is used for that run but not cached, so
+    a later quiet run measures again. ``DELTATUNE_PEAK_GFLOPS`` overrides both.
     """
     override = os.environ.get("DELTATUNE_PEAK_GFLOPS")
     if override:
@@ -180,8 +180,18 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype, refresh: bool = F
         cached = {}
     if not refresh and isinstance(cached.get(key), (int, float)) and cached[key] > 0:
         return float(cached[key])
+    busy = device.type == "cpu" and machine_busy()
     value = measure_peak_flops(device, dtype)
-    cached[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, cached)
+    if not busy:  # a peak measured while other work loads the CPU is low: use it, do not keep it
+        cached[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, cached)
     return value
+
+
+def machine_busy() -> bool:
+    """True when the last minute's load average is at least the number of CPUs."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        return False
