@@ -7,8 +7,8 @@ then ``--steps`` timed steps on data/demo_train.jsonl (LoRA r=16, all linear lay
 
 * base at rest: bytes of the frozen base's tensors this process holds (its shards under FSDP);
 * base at peak: that plus the most bytes of full (gathered) units alive at once, sampled at every
-  unit's forward (after FSDP's all-gather; also the recomputes in backward under checkpointing);
-  under DDP the whole base, always;
+  unit's forward (after FSDP's all-gather; also the recomputes in backward under checkpointing)
+  and at every lookup of the split embedding (the rows it fetched); under DDP the whole base, always;
 * peak RSS: the process's high-water mark over the timed steps (reset after the warm-up via
   ``/proc/self/clear_refs``), everything included: base, activations, adapter, runtime;
 * step time: median wall time of a timed step (the same global batch in both modes).
@@ -51,12 +51,16 @@ def _vm(field: str) -> int:
 
 class GatheredPeak:
     """Most bytes of gathered (unsharded) frozen parameters alive at once, sampled at each unit's
-    forward, after FSDP's pre-forward all-gather (hooks run in registration order)."""
+    forward, after FSDP's pre-forward all-gather, and at each forward of a module holding a split
+    vocabulary matrix, after its hook fetched the rows (or, for a head, the matrix) the call needs
+    (hooks run in registration order)."""
 
-    def __init__(self, units) -> None:
+    def __init__(self, units, model) -> None:
         self.peak = 0
-        self.slots = []            # (module, name) of every parameter FSDP shards (a DTensor between uses)
-        for unit in units:
+        self.slots = []            # (module, name) of every sharded parameter (a DTensor between uses)
+        inside = {id(m) for unit in units for m in unit.modules()}
+        vocab = [m for m in model.modules() if id(m) not in inside and hasattr(m._parameters.get("weight"), "to_local")]
+        for unit in [*units, *vocab]:
             for module in unit.modules():
                 self.slots += [(module, name) for name, p in module._parameters.items() if hasattr(p, "to_local")]
             unit.register_forward_pre_hook(lambda *_: self.sample())
@@ -98,7 +102,7 @@ def worker(args) -> None:
                if not t.requires_grad)
     at_rest = local_bytes(model)
     units = decoder_layers(model) + [m for m in trainer.loss_module.modules() if is_sharded(m)]
-    gathered = GatheredPeak(list(dict.fromkeys(units))) if trainer.sharded else None
+    gathered = GatheredPeak(list(dict.fromkeys(units)), model) if trainer.sharded else None
     batches = trainer._epoch_batches(0)
     model.train()
     for b in batches[:args.warmup]:

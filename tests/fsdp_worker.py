@@ -2,10 +2,11 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py SPEC.json
 
-SPEC: ``{"runs": {name: {TrainConfig options}}, "report": path}``. Each run trains with
-``deltatune.training.train`` (its adapter under its ``out``); rank 0 collects, per run, what each
-rank held of the base (local bytes, full bytes) and how a 4-bit layer's tensors were sharded,
-and writes them to ``report``.
+SPEC: ``{"runs": {name: {TrainConfig options}}, "report": path, "probe_ids": [[token ids]]}``.
+Each run trains with ``deltatune.training.train`` (its adapter under its ``out``); rank 0 collects,
+per run, what each rank held of the base (local bytes, full bytes), how a 4-bit layer's tensors and
+the vocabulary matrices were sharded, and the trained model's logits on ``probe_ids``, and writes
+them to ``report``.
 """
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def sharding_facts(trainer) -> dict:
     facts["replicated_base_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
                                          if not p.requires_grad and not hasattr(p, "to_local"))
     hf = model.base_model.model
-    facts["head_and_norm_bytes"] = sum(p.numel() * p.element_size()
-                                       for p in (hf.lm_head.weight, hf.model.norm.weight))
+    facts["norm_bytes"] = hf.model.norm.weight.numel() * hf.model.norm.weight.element_size()
+    embedding, head = hf.model.embed_tokens.weight, hf.lm_head.weight
+    facts["vocab"] = {"tied": embedding is head, **{name: {"global": list(w.shape), "local": list(w.to_local().shape)
+                                                          if hasattr(w, "to_local") else None}
+                                                   for name, w in (("embedding", embedding), ("head", head))}}
     layer = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
     if layer is not None:
         facts["4bit"] = {name: {"global": list(t.shape), "local": list(t.to_local().shape)
@@ -51,6 +55,8 @@ def main(spec_path: str) -> None:
     for name, options in spec["runs"].items():
         result = train(options)
         facts = sharding_facts(result.trainer)
+        with torch.no_grad():  # the model's own forward: the embedding's and the head's hooks
+            facts["logits"] = result.model(input_ids=torch.tensor(spec["probe_ids"])).logits.tolist()
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, facts)
         report[name] = gathered

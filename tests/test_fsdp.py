@@ -1,8 +1,8 @@
 """FSDP2 sharded training (issue 17): two gloo processes on the CPU, a tiny Llama.
 
-One ``torchrun`` launch (tests/fsdp_worker.py) trains FSDP and DDP LoRA and QLoRA; the
-same runs in one process here are the reference (same global batch, fp32): adapters agree within
-1e-5. A kill -9 of one rank ends the launch within a timeout and ``--resume`` continues to the
+One ``torchrun`` launch (tests/fsdp_worker.py) trains FSDP and DDP LoRA (a tiny Llama with an
+untied head) and QLoRA (tied: one matrix for the embedding and the head); the same runs in one
+process here are the reference (same global batch, fp32): adapters agree within 1e-5. A kill -9 of one rank ends the launch within a timeout and ``--resume`` continues to the
 uninterrupted run's adapter.
 """
 from __future__ import annotations
@@ -35,8 +35,11 @@ def options(world, out, **extra) -> dict:
     return {**base, **extra}
 
 
-# LoRA; QLoRA with micro-batches cut by tokens, so ranks need different numbers of passes.
-QLORA = dict(quantize="nf4", grad_accum=2, max_batch_tokens=72, max_steps=6)
+# LoRA; QLoRA with micro-batches cut by tokens, so ranks need different numbers of passes, on the
+# tied model, with exact match (generation under FSDP).
+QLORA = dict(quantize="nf4", grad_accum=2, max_batch_tokens=72, max_steps=6, eval_exact_match=True)
+# Token ids on both sides of the 259-row vocabulary's split (130 + 129 rows), repeated.
+PROBE = [[1, 5, 129, 130, 258, 5], [0, 200, 130, 3, 3, 100]]
 
 
 def adapter(run_dir) -> dict:
@@ -54,6 +57,7 @@ def assert_same_adapter(got: dict, want: dict, atol: float = 1e-5) -> None:
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
     return {"dir": d, "model": str(save_tiny_model(d / "model")),
+            "tied_model": str(save_tiny_model(d / "tied_model", tied=True)),
             "train": str(write_jsonl(d / "train.jsonl", chat_rows(64, seed=0))),
             "eval": str(write_jsonl(d / "eval.jsonl", chat_rows(9, seed=1)))}
 
@@ -65,23 +69,27 @@ def runs(world):
     from deltatune.training.api import train
 
     d = world["dir"]
-    spec = {"report": str(d / "report.json"), "runs": {
+    tied = dict(QLORA, model=world["tied_model"])
+    spec = {"report": str(d / "report.json"), "probe_ids": PROBE, "runs": {
         "fsdp_lora": options(world, d / "fsdp_lora", fsdp=True),
-        "fsdp_qlora": options(world, d / "fsdp_qlora", fsdp=True, **QLORA),
+        "fsdp_qlora": options(world, d / "fsdp_qlora", fsdp=True, **tied),
         "ddp_lora": options(world, d / "ddp_lora"),
-        "ddp_qlora": options(world, d / "ddp_qlora", **QLORA)}}
+        "ddp_qlora": options(world, d / "ddp_qlora", **tied)}}
     (d / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([*LAUNCH, str(REPO / "tests" / "fsdp_worker.py"), str(d / "spec.json")], cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    logits = {}
     try:
-        train(options(world, d / "one_lora", batch_size=4))
-        train(options(world, d / "one_qlora", batch_size=4, **QLORA))
+        for name, extra in (("one_lora", {}), ("one_qlora", dict(QLORA, model=world["tied_model"]))):
+            result = train(options(world, d / name, batch_size=4, **extra))
+            with torch.no_grad():
+                logits[name] = result.model(input_ids=torch.tensor(PROBE)).logits
     finally:
         torch.set_num_threads(threads)
-    return {"dir": d, "report": json.loads((d / "report.json").read_text())}
+    return {"dir": d, "report": json.loads((d / "report.json").read_text()), "logits": logits}
 
 
 def test_fsdp_lora_and_qlora_match_one_process_and_ddp(runs):
@@ -95,22 +103,34 @@ def test_fsdp_lora_and_qlora_match_one_process_and_ddp(runs):
         assert losses[0] == pytest.approx(losses[1], abs=1e-5)
         evals = [[r["eval_loss"] for r in read_metrics(d / run) if "eval_loss" in r] for run in (two, one)]
         assert evals[0] == pytest.approx(evals[1], abs=1e-5) and evals[0]  # 9 eval rows: uneven ranks
+    # the trained model's own forward (embedding lookup and head hooks under FSDP) and generation
+    for two, one in (("fsdp_lora", "one_lora"), ("fsdp_qlora", "one_qlora")):
+        for rank in runs["report"][two]:
+            torch.testing.assert_close(torch.tensor(rank["logits"]), runs["logits"][one], rtol=0, atol=1e-4)
+    summaries = [json.loads((d / run / "summary.json").read_text()) for run in ("fsdp_qlora", "one_qlora")]
+    assert summaries[0]["total"] == summaries[1]["total"] == 9
+    assert summaries[0]["exact_match"] == summaries[1]["exact_match"]
     # the adapter is peft's file, written whole by rank 0 (no shards, no temporary leftovers)
     config = json.loads((d / "fsdp_qlora" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert not list((d / "fsdp_lora").glob("**/*.tmp"))
 
 
-def test_fsdp_shards_the_base_and_4bit_statistics_but_not_the_adapter(runs):
+def test_fsdp_shards_the_base_the_vocabulary_and_4bit_statistics_but_not_the_adapter(runs):
     report = runs["report"]
-    for name in ("fsdp_lora", "fsdp_qlora"):
+    for name, tied in (("fsdp_lora", False), ("fsdp_qlora", True)):
         ranks = report[name]
         assert len(ranks) == 2 and all(r["sharded"] for r in ranks)
         full, replicated = ranks[0]["full_base_bytes"], ranks[0]["replicated_base_bytes"]
-        # the head and final norm are replicated (needed whole at the loss), everything else split in two
-        assert replicated == ranks[0]["head_and_norm_bytes"]
+        # only the final norm is replicated; the layers, the embedding and the head are split in two
+        assert replicated == ranks[0]["norm_bytes"]
         for r in ranks:
-            assert r["local_base_bytes"] == pytest.approx((full - replicated) / 2 + replicated, rel=0.02)
+            assert r["local_base_bytes"] == pytest.approx(full / 2, rel=0.02)
+        # the vocabulary (259 rows) split torch.chunk's way: 130 + 129 rows, one matrix when tied
+        for r, rows in zip(ranks, (130, 129)):
+            assert r["vocab"]["tied"] is tied
+            for matrix in ("embedding", "head"):
+                assert r["vocab"][matrix] == {"global": [259, 32], "local": [rows, 32]}
         assert all(r["trainable_dtensors"] == 0 for r in ranks)   # adapter replicated
     ddp = report["ddp_lora"][0]
     assert not ddp["sharded"] and ddp["local_base_bytes"] == ddp["full_base_bytes"]
@@ -218,10 +238,9 @@ def test_plan_devices_uses_the_fsdp_accounting():
     one = M.estimate("qlora", shape, M.Setup())
     two, eight = (M.estimate("qlora", shape, M.Setup(devices=k, sharding="fsdp")) for k in (2, 8))
     block = sum(i * o for i, o in shape.block_linears().values()) * M.NF4_DQ_BITS / 8
-    head = shape.vocab * shape.hidden * 2
     for k, e in ((2, two), (8, eight)):
-        # the head replicated, 1/k of the rest, plus two blocks gathered in full
-        assert e.base_weights == pytest.approx((one.base_weights - head) / k + head + 2 * block, rel=1e-3)
+        # 1/k of the base, the head too, plus two blocks gathered in full
+        assert e.base_weights == pytest.approx(one.base_weights / k + 2 * block, rel=1e-3)
         # the adapter is replicated: its weights, gradients and AdamW state as on one device
         assert (e.adapter_weights, e.gradients, e.optimizer) == (one.adapter_weights, one.gradients, one.optimizer)
         assert e.activations == one.activations

@@ -36,20 +36,21 @@ def make_tokenizer():
     return tok
 
 
-def tiny_causal_lm(vocab_size: int, seed: int = 0):
+def tiny_causal_lm(vocab_size: int, seed: int = 0, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=2, pad_token_id=0, bos_token_id=None)
+                      eos_token_id=2, pad_token_id=0, bos_token_id=None, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_tiny_model(directory: Path) -> Path:
-    """A tiny Llama + tokenizer as an ordinary transformers directory (what ``--model DIR`` reads)."""
+def save_tiny_model(directory: Path, tied: bool = False) -> Path:
+    """A tiny Llama + tokenizer as an ordinary transformers directory (what ``--model DIR`` reads);
+    ``tied``: one matrix for the input embedding and the output head."""
     tok = make_tokenizer()
-    tiny_causal_lm(len(tok)).save_pretrained(directory)
+    tiny_causal_lm(len(tok), tied=tied).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 

@@ -230,17 +230,17 @@ def _base_weights(method: str, shape: ModelShape, setup: Setup) -> int:
 
 
 def _fsdp_base_weights(method: str, shape: ModelShape, setup: Setup, base: int) -> int:
-    """One device's base under ``deltatune train --fsdp`` (``deltatune.training.fsdp``): the head
-    and final norm replicated (the loss needs them whole at the peak), 1/k of everything else,
-    plus two decoder blocks gathered in full (the one computing and the one being fetched; in
-    backward the same). An untied input embedding is a unit of its own, gathered only for its
-    lookup, before the peak; a tied one is the head."""
+    """One device's base under ``deltatune train --fsdp`` (``deltatune.training.fsdp``): 1/k of it,
+    the final norm replicated, plus two decoder blocks gathered in full (the one computing and the
+    one being fetched; in backward the same). A frozen embedding and head are split by rows and
+    never gathered to train (``vocab_shard``); a trained head (full fine-tuning) stays whole."""
     k = setup.devices
     linear_bytes = NF4_DQ_BITS / 8 if method == "qlora" else (4 if method == "full" else 2 if method == "full-bf16"
                                                                else setup.dtype_bytes)
     dense_bytes = 4 if method == "full" else 2 if method == "full-bf16" else setup.dtype_bytes
     block = sum(i * o for i, o in shape.block_linears().values()) * linear_bytes + 2 * shape.hidden * dense_bytes
-    root = (shape.vocab + 1) * shape.hidden * dense_bytes
+    head = shape.vocab * shape.hidden * dense_bytes if method in ("full", "full-bf16") else 0
+    root = head + shape.hidden * dense_bytes
     return int((base - root) / k + root + 2 * block)
 
 
@@ -267,9 +267,9 @@ def estimate(method: str, shape: ModelShape, setup: Setup) -> Estimate:
             notes.append(f"FSDP over {k} devices: weights, gradients and optimizer state split {k} ways, "
                          "plus two gathered blocks; the head replicated")
         else:
-            notes.append(f"FSDP over {k} devices (deltatune train --fsdp): the base split {k} ways, plus two "
-                         "gathered blocks; the head, the adapter, its gradients and optimizer state "
-                         "replicated on every device")
+            notes.append(f"FSDP over {k} devices (deltatune train --fsdp): the base split {k} ways (the "
+                         "embedding and head too), plus two gathered blocks; the adapter, its gradients and "
+                         "optimizer state replicated on every device")
     elif setup.devices > 1:
         notes.append(f"data parallel over {setup.devices} devices: each holds a full copy; "
                      f"{setup.devices}x the sequences per step, the same memory per device")

@@ -4,17 +4,18 @@
 frozen base and gathers one decoder layer at a time, so a base N times larger than one device's
 memory trains. What is sharded and what is replicated:
 
-- **The frozen base is sharded, block by block.** Each decoder layer is one FSDP unit, an untied
-  input embedding another (gathered only for its lookup). A unit's parameters are split along
-  dim 0 across ranks; FSDP all-gathers the unit just before its forward, frees the full copy
-  after it, and gathers it again for backward (the input gradient needs the weights, also
-  through 4-bit layers and gradient checkpointing's recompute). Frozen weights get no gradient,
-  hence no reduce-scatter and no optimizer state.
-- **The head, the final norm and a tied embedding are replicated.** They sit in the root (the
-  module the trainer calls), and the loss reads the head's weight directly at the end of the
-  forward, when the stored activations peak: a sharded root would be gathered for the whole
-  step, so it would hold the full copy at the peak *plus* its shard. Replicated, it costs
-  exactly the full copy (``ignored_params``, like the adapter).
+- **The frozen base is sharded, block by block.** Each decoder layer is one FSDP unit. A unit's
+  parameters are split along dim 0 across ranks; FSDP all-gathers the unit just before its
+  forward, frees the full copy after it, and gathers it again for backward (the input gradient
+  needs the weights, also through 4-bit layers and gradient checkpointing's recompute). Frozen
+  weights get no gradient, hence no reduce-scatter and no optimizer state.
+- **The input embedding and the output head are split by rows, never gathered whole to train**
+  (``deltatune.training.vocab_shard``; one matrix when tied). They are no FSDP unit: FSDP would
+  gather the head for the loss, at the end of the forward when the stored activations peak.
+  Activations move instead: the lookup fetches only the rows of the batch's token ids, and the
+  loss computes each rank's slice of the logits for every rank's label positions and combines
+  the log-sum-exp across ranks. Generation gathers the head for each call, outside training.
+- **The final norm is replicated** (a vector; ``ignored_params``, like the adapter).
 - **4-bit layers shard too, statistics with the codes.** FSDP shards parameters, never buffers,
   so ``Linear4bit.stats_as_parameters_`` turns the block statistics (absmax codes, second-level
   scales, offset) into frozen parameters: they are cut and all-gathered together with the
@@ -96,44 +97,27 @@ def prepare_4bit_for_sharding(model: nn.Module) -> int:
 def shard(root: nn.Module, model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """Apply FSDP2 to ``root`` (the module whose ``forward`` runs a step) around ``model``.
 
-    One ``fully_shard`` unit per decoder layer of ``model`` (``decoder_layers``) and one for an
-    untied input embedding, then ``root``, which shards nothing: its own parameters (head, final
-    norm, a tied embedding) and every trainable parameter are left out (``ignored_params``),
-    replicated; the trainable ones are synchronised by ``average_gradients``. Returns ``root``,
-    now an ``FSDPModule``.
+    One ``fully_shard`` unit per decoder layer of ``model`` (``decoder_layers``), the input
+    embedding and output head split by rows (``vocab_shard.shard_vocabulary``), then ``root``,
+    which shards nothing: its remaining parameters (the final norm) and every trainable parameter
+    are left out (``ignored_params``), replicated; the trainable ones are synchronised by
+    ``average_gradients``. Returns ``root``, now an ``FSDPModule``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from deltatune.training.vocab_shard import shard_vocabulary
+
     prepare_4bit_for_sharding(model)
     mesh = init_device_mesh(device.type, (info.world,))
     units = decoder_layers(model)
-    embedding = _untied_input_embedding(model)
-    if embedding is not None:
-        units.append(embedding)
+    shard_vocabulary(model, mesh)
     in_units = {id(p) for unit in units for p in unit.parameters()}
-    replicated = {p for p in root.parameters() if p.requires_grad or id(p) not in in_units}
+    ignored = {p for p in root.parameters() if p.requires_grad or id(p) not in in_units}
     for unit in units:
-        fully_shard(unit, mesh=mesh, ignored_params=replicated)
-    fully_shard(root, mesh=mesh, ignored_params=replicated)
+        fully_shard(unit, mesh=mesh, ignored_params=ignored)
+    fully_shard(root, mesh=mesh, ignored_params=ignored)
     return root
-
-
-def _untied_input_embedding(model: nn.Module) -> nn.Module | None:
-    """The input embedding when it is not the head's matrix: a unit of its own, gathered only
-    for its lookup (a tied one is the head's weight, needed whole at the loss: replicated)."""
-    from deltatune.training.loss import unwrap
-
-    hf = unwrap(model)
-    try:
-        embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(embedding, nn.Embedding):
-        return None
-    if head is not None and getattr(head, "weight", None) is embedding.weight:
-        return None
-    return embedding
 
 
 def is_sharded(module: nn.Module) -> bool:

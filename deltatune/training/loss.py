@@ -72,9 +72,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
-    """Summed CE of ``head(hidden)`` against ``targets`` (N,) without materialising all logits."""
+    """Summed CE of ``head(hidden)`` against ``targets`` (N,) without materialising all logits.
+
+    A head whose weight FSDP training split by rows (``vocab_shard``) computes its slice of the
+    vocabulary for every process's rows instead (a collective; the weight is frozen there)."""
     vocab = head.weight.shape[0]
     chunk = chunk or max(16, (1 << 24) // vocab)  # ~64 MB of fp32 logits per chunk
+    if hasattr(head.weight, "to_local"):
+        from deltatune.training.vocab_shard import sharded_linear_cross_entropy
+
+        if head.bias is not None and head.bias.requires_grad:  # a trained bias: the head gathered for the call
+            return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        return sharded_linear_cross_entropy(hidden, head, targets, chunk)
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
 
 
