@@ -7,8 +7,9 @@ then ``--steps`` timed steps on data/demo_train.jsonl (LoRA r=16, all linear lay
 
 * base at rest: bytes of the frozen base's tensors this process holds (its shards under FSDP);
 * base at peak: that plus the most bytes of full (gathered) units alive at once, sampled at every
-  unit's forward (after FSDP's all-gather; also the recomputes in backward under checkpointing)
-  and at every lookup of the split embedding (the rows it fetched); under DDP the whole base, always;
+  unit's forward (after FSDP's all-gather; also the recomputes in backward under checkpointing),
+  after every unit's pre-backward (its gather and the next one it prefetches) and at every
+  lookup of the split embedding (the rows it fetched); under DDP the whole base, always;
 * peak RSS: the process's high-water mark over the timed steps (reset after the warm-up via
   ``/proc/self/clear_refs``), everything included: base, activations, adapter, runtime;
 * step time: median wall time of a timed step (the same global batch in both modes).
@@ -65,6 +66,23 @@ class GatheredPeak:
                 self.slots += [(module, name) for name, p in module._parameters.items() if hasattr(p, "to_local")]
             unit.register_forward_pre_hook(lambda *_: self.sample())
         self.slots = list(dict.fromkeys(self.slots))
+        self._watch_backward()
+
+    def _watch_backward(self) -> None:
+        """Sample after each unit's pre-backward too (its gather, plus the one it prefetches).
+        FSDP2 has no public hook there: this wraps a private method, benchmark-only."""
+        try:
+            from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+        except ImportError:
+            return
+        original = FSDPParamGroup.pre_backward
+
+        def pre_backward(group, *args, **kwargs):
+            out = original(group, *args, **kwargs)
+            self.sample()
+            return out
+
+        FSDPParamGroup.pre_backward = pre_backward
 
     def sample(self) -> None:
         total, seen = 0, set()

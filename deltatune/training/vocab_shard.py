@@ -169,8 +169,9 @@ def shard_vocabulary(model: nn.Module, mesh) -> int:
 class ShardedLinearCrossEntropy(torch.autograd.Function):
     """``sum_i CE(h_i @ W^T + b, t_i)`` over this process's rows ``h``, ``W`` split by rows over the
     processes (``Rows``); the gradient w.r.t. ``h`` is computed in forward, as in
-    ``LinearCrossEntropy``. Each step takes ``chunk`` rows from every process: (world x chunk, V / world)
-    logits, the size of the one-process chunk.
+    ``LinearCrossEntropy``. Each step takes ``chunk`` rows from every process (the last step: as many
+    as the longest remainder, shorter ones padded): (world x chunk, V / world) logits, the size of the
+    one-process chunk.
     """
 
     @staticmethod
@@ -178,28 +179,29 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
         local, world = at.local, at.world                                     # (Vl, d)
         need_h = ctx.needs_input_grad[0]
         h_mine = hidden.to(local.dtype)                                       # (n, d)
-        steps = -(-int(at.gather(torch.tensor([h_mine.shape[0]], device=hidden.device), 0, 1).max()) // chunk)
+        most = int(at.gather(torch.tensor([h_mine.shape[0]], device=hidden.device), 0, 1).max())
         b = bias[at.start:at.start + local.shape[0]] if bias is not None else None
         grad_h = torch.empty_like(h_mine) if need_h else torch.empty(0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, steps * chunk, chunk):
-            h = h_mine[s:s + chunk]                                           # (c, d), c <= chunk
-            h_all = at.gather(h, 0, chunk).view(world * chunk, -1)            # (world * chunk, d)
-            t_all = at.gather(targets[s:s + chunk], -1, chunk).view(-1) - at.start
-            logits = F.linear(h_all, local, b).float()                        # (world * chunk, Vl)
+        for s in range(0, most, chunk):
+            c = min(chunk, most - s)                       # rows from every process (fewer: padded)
+            h = h_mine[s:s + c]                                               # (<= c, d)
+            h_all = at.gather(h, 0, c).view(world * c, -1)                    # (world * c, d)
+            t_all = at.gather(targets[s:s + c], -1, c).view(-1) - at.start
+            logits = F.linear(h_all, local, b).float()                        # (world * c, Vl)
             rows = ((t_all >= 0) & (t_all < local.shape[0])).nonzero().squeeze(1)   # targets held here
-            stats = logits.new_zeros(2, world * chunk)
+            stats = logits.new_zeros(2, world * c)
             stats[0] = torch.logsumexp(logits, dim=-1)                         # -inf on an empty slice
             stats[1, rows] = logits[rows, t_all[rows]]
-            every = at.gather(stats, 0, 2)                                      # (world, 2, world * chunk)
+            every = at.gather(stats, 0, 2)                                      # (world, 2, world * c)
             lse, target_logit = torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(0)
-            mine = slice(at.rank * chunk, at.rank * chunk + h.shape[0])
+            mine = slice(at.rank * c, at.rank * c + h.shape[0])
             total += (lse[mine] - target_logit[mine]).sum()
             if need_h:
                 p = logits.sub_(lse[:, None]).exp_()                           # softmax, my slice of it
                 p[rows, t_all[rows]] -= 1.0                                    # dCE/dlogits
-                part = (p.to(local.dtype) @ local).float()                     # (world * chunk, d)
-                back = part.new_empty(chunk, part.shape[1])
+                part = (p.to(local.dtype) @ local).float()                     # (world * c, d)
+                back = part.new_empty(c, part.shape[1])
                 dist.reduce_scatter_tensor(back, part, group=at.group)         # summed over the slices
                 grad_h[s:s + h.shape[0]] = back[:h.shape[0]].to(local.dtype)
         ctx.save_for_backward(grad_h)
