@@ -117,7 +117,21 @@ def shard(root: nn.Module, model: nn.Module, info: DistInfo, device: torch.devic
     for unit in units:
         fully_shard(unit, mesh=mesh, ignored_params=ignored)
     fully_shard(root, mesh=mesh, ignored_params=ignored)
+    _own_memory([p for p in ignored if not p.requires_grad] + list(root.buffers()))
     return root
+
+
+def _own_memory(tensors: list[torch.Tensor]) -> None:
+    """Give the frozen tensors left whole (the final norm, ...) memory of their own.
+
+    A base loaded from safetensors views the memory-mapped file; sharding copies the split tensors
+    out of it, and one small tensor still viewing the file keeps the whole mapping, with every page
+    sharding read, in the process's RSS next to the shards (measured on SmolLM2-135M, fp32: 270 MiB
+    of file pages per process, what made FSDP's RSS no lower than DDP's).
+    """
+    for t in tensors:
+        if not hasattr(t, "to_local"):
+            t.data = t.data.clone()
 
 
 def is_sharded(module: nn.Module) -> bool:
