@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from deltatune.adapter_set import BASE_NAME
+from deltatune.serving import packed
 from deltatune.serving.adapters import AdapterInfo, AdapterPool, Version, read_version_files
 from deltatune.serving.errors import BadRequest, PromptTooLong, QueueFull, ServingError, UnknownModel
 from deltatune.serving.kv_cache import SlotKVCache, decode_mask, prefill_mask
@@ -114,6 +115,10 @@ class Engine:
         device, dtype: default CUDA with bf16 when available, else CPU with fp32.
         served_name: the name the base is served under (default ``"default"`` or the directory's name).
         max_prefill_tokens: padded prompt tokens one prefill forward takes at most (more wait a step).
+        pack_weights: keep the base's linear weights also pre-packed for MKL's GEMM at
+            ``max_num_seqs`` rows (``deltatune.serving.packed``: full-batch decode steps run faster,
+            same results, one more copy of those weights in memory). Default (None): on CPU in
+            float32 where PyTorch has MKL; True where that does not hold raises ValueError.
 
     Use ``generate`` (blocking), or ``start()`` and ``submit`` (what the HTTP server does);
     ``with Engine(...) as engine:`` starts and shuts the loop down.
@@ -121,7 +126,8 @@ class Engine:
 
     def __init__(self, base="default", *, max_loras: int = 8, max_cpu_loras: int = 64, max_lora_rank: int = 64,
                  max_num_seqs: int = 32, max_waiting: int = 256, max_model_len: int | None = None,
-                 device=None, dtype=None, served_name: str | None = None, max_prefill_tokens: int = 4096) -> None:
+                 device=None, dtype=None, served_name: str | None = None, max_prefill_tokens: int = 4096,
+                 pack_weights: bool | None = None) -> None:
         from deltatune import models
 
         for name, value in (("max_loras", max_loras), ("max_num_seqs", max_num_seqs),
@@ -133,6 +139,7 @@ class Engine:
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
         self.model = models.load(base, dtype=self.dtype).to(self.device).eval()
+        self.packed_linears = self._pack(pack_weights, max_num_seqs)
         self.tokenizer = models.load_tokenizer(base)
         self.base_name = served_name or (models.DEFAULT if base == models.DEFAULT else Path(os.fspath(base)).name)
         cfg = self.model.config
@@ -157,6 +164,15 @@ class Engine:
         self._ids = itertools.count()
         self._stats = dict(requests_total=0, requests_finished=0, tokens_generated_total=0, prompt_tokens_total=0,
                            steps_total=0, prefill_steps_total=0)
+
+    def _pack(self, pack_weights: bool | None, rows: int) -> int:
+        """Pack the bare base's linear weights for ``rows``-row GEMMs where that applies; how many."""
+        fits = self.device.type == "cpu" and self.dtype == torch.float32 and packed.available()
+        if pack_weights and not fits:
+            raise ValueError(f"pack_weights=True needs a CPU float32 engine and a PyTorch built with MKL "
+                             f"(here: device {self.device}, dtype {self.dtype}, MKL packed GEMM "
+                             f"{'available' if packed.available() else 'missing'})")
+        return packed.pack_linears(self.model, rows) if fits and pack_weights is not False else 0
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, path, *, replace: bool = False) -> AdapterInfo:

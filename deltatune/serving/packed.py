@@ -1,0 +1,107 @@
+"""Base ``nn.Linear`` weights pre-packed for MKL's GEMM at the engine's decode batch size (CPU, fp32).
+
+Why: a decode step multiplies ``B`` rows (one token per running sequence, ``B <= max_num_seqs``)
+by every weight matrix of the model. At such a small ``M`` an ordinary ``sgemm`` spends a large
+part of its time re-packing the weight (``N x K``) into its blocked layout, on every call.
+``cblas_sgemm_pack`` does that once (``torch.ops.mkl._mkl_reorder_linear_weight``) and
+``cblas_sgemm_compute`` (``torch.ops.mkl._mkl_linear``) then multiplies against the packed copy.
+The packed layout depends on ``M``, so it is made for one row count, ``max_num_seqs``: decode
+steps of a full batch (the case where throughput matters) and prefills of that many prompts
+through the LM head take it; a batch of more than half that many rows is padded with zero rows
+up to it (still faster, measured); other row counts go through the ordinary ``F.linear``. The results are ``F.linear``'s up to
+the order of float sums (equal to the bit for the default model's shapes at 32 rows here; the
+tests check them to fp32 tolerance).
+
+Cost: one packed copy of every base linear weight (about the size of the weight itself; the
+original stays, for the fallback and for the adapter layers that read it). Only where the packed
+ops exist (PyTorch built with MKL), on CPU, in float32 and without autograd; anything else runs
+the plain ``nn.Linear``. A weight changed after packing (``copy_``, a new tensor) is packed
+again before its next use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.surgery import replace_module
+
+
+def available() -> bool:
+    """True where PyTorch has MKL's packed GEMM ops (x86 builds with MKL)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` whose weight also lives packed for ``rows``-row GEMMs (see the module doc).
+
+    Built from an existing layer with ``PackedLinear.from_linear(layer, rows)``; shares its
+    parameters (no copy of ``weight`` or ``bias``), so adapters wrap it like any ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rows: int = 1,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.rows = rows
+        self._packed: torch.Tensor | None = None
+        self._key: tuple | None = None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rows: int) -> "PackedLinear":
+        """A ``PackedLinear`` sharing ``layer``'s parameters, packed for ``rows`` rows."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight = layer.weight
+        new.register_parameter("bias", layer.bias)
+        new.rows, new._packed, new._key = rows, None, None
+        new.train(layer.training)
+        return new
+
+    def _usable(self, x: torch.Tensor) -> bool:
+        w = self.weight
+        return (w.dtype == torch.float32 and x.dtype == torch.float32 and w.device.type == "cpu"
+                and x.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
+
+    def packed_weight(self) -> torch.Tensor:
+        """The packed copy of the current weight (packed again if the weight changed since)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.shape)
+        if self._key != key:
+            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
+            self._key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // x.shape[-1]
+        if not self.rows // 2 < m <= self.rows or not self._usable(x):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.detach()
+        if m == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed_weight(), self.weight.detach(), bias, self.rows)
+        # a batch short of full: zero rows up to the packed count still beat the unpacked GEMM
+        rows = x.new_zeros(self.rows, x.shape[-1])                                   # (rows, in)
+        rows[:m] = x.reshape(m, -1)
+        out = torch.ops.mkl._mkl_linear(rows, self.packed_weight(), self.weight.detach(), bias, self.rows)
+        return out[:m].reshape(*x.shape[:-1], -1)                                    # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, packed_rows={self.rows}"
+
+
+def pack_linears(model: nn.Module, rows: int) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` with a ``PackedLinear`` for ``rows`` rows,
+    packed now; returns how many. Call it on the bare base model, before adapters wrap it.
+
+    Raises:
+        RuntimeError: this PyTorch has no MKL packed GEMM (check ``available()`` first).
+    """
+    if not available():
+        raise RuntimeError("this PyTorch build has no MKL packed GEMM (torch.ops.mkl._mkl_linear)")
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    for name in names:
+        layer = PackedLinear.from_linear(model.get_submodule(name), rows)
+        if layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu":
+            layer.packed_weight()
+        replace_module(model, name, layer)
+    return len(names)

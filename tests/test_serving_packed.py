@@ -1,0 +1,71 @@
+"""Base linear weights pre-packed for MKL's GEMM (``deltatune.serving.packed``): the packed path is
+taken exactly at the packed row count and gives ``F.linear``'s results, a changed weight is packed
+again, and an engine with packed weights generates what one without them does."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.serving import Engine, SamplingParams
+from deltatune.serving import packed
+from tests.test_serving_engine import PROMPTS, ROUTE, dirs, engine_for  # noqa: F401  (dirs: fixture)
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no MKL packed GEMM")
+
+
+@pytest.mark.parametrize("in_f,out_f,bias", [(576, 192, False), (64, 256, True), (7, 5, True)])
+def test_packed_path_at_the_packed_row_count_equals_linear(in_f, out_f, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(in_f, out_f, bias=bias)
+    fast = packed.PackedLinear.from_linear(layer, rows=4)
+    assert fast.weight is layer.weight and fast.bias is layer.bias      # shared, not copied
+    with torch.no_grad():
+        for x in (torch.randn(4, in_f), torch.randn(4, 1, in_f), torch.randn(2, 2, in_f), torch.randn(3, 1, in_f),
+                  torch.randn(2, in_f)):
+            torch.testing.assert_close(fast(x), F.linear(x, layer.weight, layer.bias))
+        # the packed copy is what 3- and 4-row inputs use (3 padded to 4), and only they: put another
+        # matrix's (2 W) in its place (the weight unchanged, so it is not packed again)
+        fast._packed = torch.ops.mkl._mkl_reorder_linear_weight(2 * layer.weight, 4)
+        for x in (torch.randn(4, in_f), torch.randn(3, 1, in_f)):
+            torch.testing.assert_close(fast(x), F.linear(x, 2 * layer.weight, layer.bias))
+        x = torch.randn(2, in_f)
+        torch.testing.assert_close(fast(x), F.linear(x, layer.weight, layer.bias))
+    # with autograd the plain path runs (the packed op has no backward)
+    x = torch.randn(4, in_f, requires_grad=True)
+    fast(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_a_changed_weight_is_packed_again():
+    torch.manual_seed(0)
+    fast = packed.PackedLinear.from_linear(nn.Linear(32, 16, bias=False), rows=2)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        before = fast(x)
+        fast.weight.copy_(torch.randn(16, 32))                    # in place
+        torch.testing.assert_close(fast(x), F.linear(x, fast.weight))
+        fast.weight = nn.Parameter(torch.randn(16, 32))           # a new tensor
+        torch.testing.assert_close(fast(x), F.linear(x, fast.weight))
+    assert not torch.allclose(before, fast(x))
+
+
+def test_engine_with_packed_weights_generates_what_the_plain_one_does(dirs):  # noqa: F811
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts, route = PROMPTS[:4], ROUTE[:4]
+    fast = engine_for(dirs, max_num_seqs=4)
+    plain = engine_for(dirs, max_num_seqs=4, pack_weights=False)
+    assert fast.packed_linears > 0 and plain.packed_linears == 0
+    # adapters wrap the packed layers like any nn.Linear
+    wrapped = [m.base_layer for m in fast.model.modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(isinstance(b, packed.PackedLinear) for b in wrapped if isinstance(b, nn.Linear))
+    got = [o.outputs[0].token_ids for o in fast.generate(prompts, adapter=route, sampling=greedy)]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, adapter=route, sampling=greedy)]
+    assert got == want
+
+
+def test_pack_weights_where_it_cannot_apply_says_why(dirs):  # noqa: F811
+    with pytest.raises(ValueError, match="pack_weights=True needs a CPU float32 engine"):
+        Engine(str(dirs["base"]), dtype=torch.bfloat16, pack_weights=True)
+    assert Engine(str(dirs["base"]), dtype=torch.bfloat16).packed_linears == 0
