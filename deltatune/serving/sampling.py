@@ -100,7 +100,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """One token per row of ``logits`` (B, V): argmax for greedy rows; otherwise temperature, top-k,
     top-p (batched over the sampled rows), then a draw from each row's own generator."""
-    out = logits.argmax(-1)                                                        # (B,)
+    out = _argmax(logits)                                                          # (B,)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
@@ -112,6 +112,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(rows):
             out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return out.tolist()
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (the first index of the largest value, as ``torch.argmax``). On CPU through
+    NumPy: torch's kernel reduces (32, 49152) fp32 logits ~13x slower (2.7 ms against 0.2 ms,
+    measured here), once per decode step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.contiguous().numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Base linear weights pre-packed for MKL's GEMM (``deltatune.serving.packed``): the packed path is
-taken exactly at the packed row count and gives ``F.linear``'s results, a changed weight is packed
-again, and an engine with packed weights generates what one without them does."""
+"""The engine's CPU fast paths. Base linear weights pre-packed for MKL's GEMM
+(``deltatune.serving.packed``): the packed path is taken at the packed row count (and padded up to
+it from above half) and gives ``F.linear``'s results, a changed weight is packed again, and an
+engine with packed weights generates what one without them does. Greedy sampling's argmax on CPU
+picks what ``torch.argmax`` picks, ties and NaN included."""
 from __future__ import annotations
 
 import pytest
@@ -9,13 +11,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.serving import Engine, SamplingParams
-from deltatune.serving import packed
+from deltatune.serving import packed, sampling
 from tests.test_serving_engine import PROMPTS, ROUTE, dirs, engine_for  # noqa: F401  (dirs: fixture)
 
-pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no MKL packed GEMM")
+needs_mkl = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no MKL packed GEMM")
+
+
+def test_greedy_argmax_is_torch_argmax_ties_and_nan_included():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 49152)
+    logits[1, [7, 300, 9000]] = 50.0                 # a tie: the first index wins
+    logits[2, :] = 1.0                               # all equal
+    logits[3, 123] = float("nan")                    # NaN counts as the largest, as in torch
+    logits[4, -1] = float("inf")
+    got = sampling._argmax(logits)
+    assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1))
+    assert got[1:4].tolist() == [7, 0, 123]
+    assert sampling.sample(logits, [SamplingParams(temperature=0)] * 6, [None] * 6) == logits.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("in_f,out_f,bias", [(576, 192, False), (64, 256, True), (7, 5, True)])
+@needs_mkl
 def test_packed_path_at_the_packed_row_count_equals_linear(in_f, out_f, bias):
     torch.manual_seed(0)
     layer = nn.Linear(in_f, out_f, bias=bias)
@@ -38,6 +54,7 @@ def test_packed_path_at_the_packed_row_count_equals_linear(in_f, out_f, bias):
     assert x.grad is not None and layer.weight.grad is not None
 
 
+@needs_mkl
 def test_a_changed_weight_is_packed_again():
     torch.manual_seed(0)
     fast = packed.PackedLinear.from_linear(nn.Linear(32, 16, bias=False), rows=2)
@@ -51,6 +68,7 @@ def test_a_changed_weight_is_packed_again():
     assert not torch.allclose(before, fast(x))
 
 
+@needs_mkl
 def test_engine_with_packed_weights_generates_what_the_plain_one_does(dirs):  # noqa: F811
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts, route = PROMPTS[:4], ROUTE[:4]
@@ -65,6 +83,7 @@ def test_engine_with_packed_weights_generates_what_the_plain_one_does(dirs):  # 
     assert got == want
 
 
+@needs_mkl
 def test_pack_weights_where_it_cannot_apply_says_why(dirs):  # noqa: F811
     with pytest.raises(ValueError, match="pack_weights=True needs a CPU float32 engine"):
         Engine(str(dirs["base"]), dtype=torch.bfloat16, pack_weights=True)
