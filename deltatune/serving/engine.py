@@ -117,7 +117,7 @@ class Engine:
         max_prefill_tokens: padded prompt tokens one prefill forward takes at most (more wait a step).
         pack_weights: keep the base's linear weights also pre-packed for MKL's GEMM at
             ``max_num_seqs`` rows (``deltatune.serving.packed``: full-batch decode steps run faster,
-            same results, one more copy of those weights in memory). Default (None): on CPU in
+            same results, about 1 GB more memory for the default model). Default (None): on CPU in
             float32 where PyTorch has MKL; True where that does not hold raises ValueError.
 
     Use ``generate`` (blocking), or ``start()`` and ``submit`` (what the HTTP server does);

@@ -12,8 +12,9 @@ up to it (still faster, measured); other row counts go through the ordinary ``F.
 the order of float sums (equal to the bit for the default model's shapes at 32 rows here; the
 tests check them to fp32 tolerance).
 
-Cost: one packed copy of every base linear weight (about the size of the weight itself; the
-original stays, for the fallback and for the adapter layers that read it). Only where the packed
+Cost: a packed copy of every base linear weight; the original stays, for the fallback and for
+the adapter layers that read it (measured: an engine on the default model, 0.45 GB resident
+unpacked, holds 1.46 GB packed). Only where the packed
 ops exist (PyTorch built with MKL), on CPU, in float32 and without autograd; anything else runs
 the plain ``nn.Linear``. A weight changed after packing (``copy_``, a new tensor) is packed
 again before its next use.
