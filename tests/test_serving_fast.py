@@ -2,7 +2,8 @@
 (``deltatune.serving.packed``): the packed path is taken at the packed row count (and padded up to
 it from above half) and gives ``F.linear``'s results, a changed weight is packed again, and an
 engine with packed weights generates what one without them does. Greedy sampling's argmax on CPU
-picks what ``torch.argmax`` picks, ties and NaN included."""
+picks what ``torch.argmax`` picks, ties and NaN included. RMSNorm layers are fused only where
+``F.rms_norm`` gives the same bits."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.serving import Engine, SamplingParams
-from deltatune.serving import packed, sampling
+from deltatune.serving import norms, packed, sampling
 from tests.test_serving_engine import PROMPTS, ROUTE, dirs, engine_for  # noqa: F401  (dirs: fixture)
 
 needs_mkl = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no MKL packed GEMM")
@@ -88,3 +89,28 @@ def test_pack_weights_where_it_cannot_apply_says_why(dirs):  # noqa: F811
     with pytest.raises(ValueError, match="pack_weights=True needs a CPU float32 engine"):
         Engine(str(dirs["base"]), dtype=torch.bfloat16, pack_weights=True)
     assert Engine(str(dirs["base"]), dtype=torch.bfloat16).packed_linears == 0
+
+
+def test_rms_norms_are_fused_only_where_the_result_is_the_same():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class OffsetRMSNorm(LlamaRMSNorm):      # Gemma's formula: (1 + weight) * x_normed
+        def forward(self, x):
+            return (1 + self.weight) * super().forward(x) / self.weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LlamaRMSNorm(64, eps=1e-5), OffsetRMSNorm(64, eps=1e-5), nn.Linear(64, 64))
+    with torch.no_grad():
+        for norm in model[:2]:
+            norm.weight.normal_()
+    x = torch.randn(4, 7, 64)
+    want = [model[0](x), model[1](x)]
+    assert norms.fuse_rms_norms(model) == 1
+    assert isinstance(model[0], norms.FusedRMSNorm) and type(model[1]) is OffsetRMSNorm
+    assert torch.equal(model[0](x), want[0]) and torch.equal(model[1](x), want[1])
+
+
+def test_engine_fuses_the_base_norms(dirs):  # noqa: F811
+    engine = engine_for(dirs, names=("a",), max_num_seqs=2)
+    layers = engine.model.config.num_hidden_layers
+    assert engine.fused_norms == 2 * layers + 1          # two per decoder layer and the final one

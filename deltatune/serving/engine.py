@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from deltatune.adapter_set import BASE_NAME
-from deltatune.serving import packed
+from deltatune.serving import norms, packed
 from deltatune.serving.adapters import AdapterInfo, AdapterPool, Version, read_version_files
 from deltatune.serving.errors import BadRequest, PromptTooLong, QueueFull, ServingError, UnknownModel
 from deltatune.serving.kv_cache import SlotKVCache, decode_mask, prefill_mask
@@ -140,6 +140,7 @@ class Engine:
         self.dtype = _pick_dtype(dtype, self.device)
         self.model = models.load(base, dtype=self.dtype).to(self.device).eval()
         self.packed_linears = self._pack(pack_weights, max_num_seqs)
+        self.fused_norms = norms.fuse_rms_norms(self.model) if self.dtype == torch.float32 else 0
         self.tokenizer = models.load_tokenizer(base)
         self.base_name = served_name or (models.DEFAULT if base == models.DEFAULT else Path(os.fspath(base)).name)
         cfg = self.model.config

@@ -33,6 +33,11 @@ def available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+# the overloads themselves: calling them skips the op packet's overload resolution on every call
+_MKL_LINEAR = torch.ops.mkl._mkl_linear.default if available() else None
+_REORDER = torch.ops.mkl._mkl_reorder_linear_weight.default if available() else None
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` whose weight also lives packed for ``rows``-row GEMMs (see the module doc).
 
@@ -59,32 +64,31 @@ class PackedLinear(nn.Linear):
         new.train(layer.training)
         return new
 
-    def _usable(self, x: torch.Tensor) -> bool:
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed copy of the current weight (packed again if the weight changed since); None
+        while the weight is not a float32 CPU tensor."""
         w = self.weight
-        return (w.dtype == torch.float32 and x.dtype == torch.float32 and w.device.type == "cpu"
-                and x.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
-
-    def packed_weight(self) -> torch.Tensor:
-        """The packed copy of the current weight (packed again if the weight changed since)."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.shape)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._key != key:
-            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
+            usable = w.dtype is torch.float32 and w.device.type == "cpu"
+            self._packed = _REORDER(w.detach(), self.rows) if usable else None
             self._key = key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The checks are ordered cheapest first: this runs for every linear of every step.
         m = x.numel() // x.shape[-1]
-        if not self.rows // 2 < m <= self.rows or not self._usable(x):
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        if m == self.rows:
-            return torch.ops.mkl._mkl_linear(x, self.packed_weight(), self.weight.detach(), bias, self.rows)
-        # a batch short of full: zero rows up to the packed count still beat the unpacked GEMM
-        rows = x.new_zeros(self.rows, x.shape[-1])                                   # (rows, in)
-        rows[:m] = x.reshape(m, -1)
-        out = torch.ops.mkl._mkl_linear(rows, self.packed_weight(), self.weight.detach(), bias, self.rows)
-        return out[:m].reshape(*x.shape[:-1], -1)                                    # (..., out)
+        if self.rows // 2 < m <= self.rows and x.dtype is torch.float32 and not x.is_cuda:
+            w, packed = self.weight, self.packed_weight()
+            if packed is not None and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+                if m == self.rows:
+                    return _MKL_LINEAR(x, packed, w, self.bias, m)
+                # a batch short of full: zero rows up to the packed count still beat the unpacked GEMM
+                rows = x.new_zeros(self.rows, x.shape[-1])                           # (rows, in)
+                rows[:m] = x.reshape(m, -1)
+                out = _MKL_LINEAR(rows, packed, w, self.bias, self.rows)
+                return out[:m].reshape(*x.shape[:-1], -1)                            # (..., out)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed_rows={self.rows}"
@@ -102,7 +106,6 @@ def pack_linears(model: nn.Module, rows: int) -> int:
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     for name in names:
         layer = PackedLinear.from_linear(model.get_submodule(name), rows)
-        if layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu":
-            layer.packed_weight()
+        layer.packed_weight()
         replace_module(model, name, layer)
     return len(names)
