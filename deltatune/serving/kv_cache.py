@@ -52,25 +52,37 @@ class SlotKVCache(Cache):
     def for_prefill(self, first_slot: int, lengths: list[int], padded: int) -> None:
         """Next forward: rows are new sequences for slots ``first_slot ..``, each ``lengths[i]``
         tokens left-padded to ``padded``."""
-        self._mode = ("prefill", first_slot, lengths, padded)
+        K = self.keys[0]
+        heads, device = K.shape[1], K.device
+        n = torch.tensor(lengths, device=device)
+        # every real (row, head, position): where it sits in the forward's keys and in the cache
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)            # (N,)
+        t = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+        h = torch.arange(heads, device=device)[:, None]                                         # (kv, 1)
+        src = (row * heads + h) * padded + padded - n[row] + t                                  # (kv, N)
+        dst = ((first_slot + row) * heads + h) * self.max_len + t
+        self._mode = ("prefill", src.reshape(-1), dst.reshape(-1))
 
     def for_decode(self, positions: torch.Tensor, length: int) -> None:
         """Next forward: row ``i`` (slot ``i``) adds one token at ``positions[i]``; attend to ``length``."""
+        heads = self.keys[0].shape[1]
         rows = torch.arange(positions.shape[0], device=positions.device)
-        self._mode = ("decode", rows, positions, length)
+        dst = (rows[:, None] * heads + torch.arange(heads, device=positions.device)) * self.max_len + positions[:, None]
+        self._mode = ("decode", dst.reshape(-1), positions.shape[0], length)                    # (B * kv,)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         K, V = self.keys[layer_idx], self.values[layer_idx]
+        head_dim = K.shape[-1]
+        # one index_copy_ per tensor into the flat (slots * kv_heads * max_len, head_dim) view,
+        # with the indices computed once per forward (for_prefill / for_decode), not per layer
         if self._mode[0] == "prefill":
-            _, first, lengths, padded = self._mode
-            for i, n in enumerate(lengths):                     # (kv_heads, n, head_dim) per row
-                K[first + i, :, :n] = key_states[i, :, padded - n:]
-                V[first + i, :, :n] = value_states[i, :, padded - n:]
+            _, src, dst = self._mode
+            K.view(-1, head_dim).index_copy_(0, dst, key_states.reshape(-1, head_dim).index_select(0, src))
+            V.view(-1, head_dim).index_copy_(0, dst, value_states.reshape(-1, head_dim).index_select(0, src))
             return key_states, value_states
-        _, rows, positions, length = self._mode
-        K[rows, :, positions] = key_states[:, :, 0]            # (B, kv_heads, head_dim)
-        V[rows, :, positions] = value_states[:, :, 0]
-        B = rows.shape[0]
+        _, dst, B, length = self._mode
+        K.view(-1, head_dim).index_copy_(0, dst, key_states.reshape(-1, head_dim))          # (B * kv, head_dim)
+        V.view(-1, head_dim).index_copy_(0, dst, value_states.reshape(-1, head_dim))
         return K[:B, :, :length], V[:B, :, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:
