@@ -67,6 +67,25 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * shape
 
 
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``params`` with ``config``'s hyper-parameters; its fused kernel where torch has one.
+
+    The fused kernel updates each tensor in one pass. torch's default on the CPU is a Python loop
+    of ~10 elementwise ops per tensor (210 pairs of LoRA factors on the default model): measured
+    40-70 ms against 0.26-5 s per step for 5.7M parameters on a 2-core CPU (the slow end when
+    ``exp_avg_sq`` holds denormals, as it does early in a LoRA run whose ``B`` starts at zero).
+    Falls back to the default implementation where fused is not available for ``device``.
+    """
+    kw = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    if device.type in ("cpu", "cuda") and all(p.device.type == device.type and p.is_floating_point()
+                                              and type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype in this torch
+            pass
+    return torch.optim.AdamW(params, **kw)
+
+
 class Trainer:
     """Train the trainable parameters of ``model`` (e.g. a ``PeftModel``) on ``train_data``.
 
@@ -100,8 +119,7 @@ class Trainer:
         self.params = list(trainable_parameters(model).values())
         if not self.params:
             raise ValueError("the model has no trainable parameters (was it wrapped with get_peft_model?)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, config, self.device)
         self.global_batch = config.batch_size * config.grad_accum * self.info.world
         self.packing = config.packing and packable(model)
         if config.packing and not self.packing and self.info.main:
@@ -128,6 +146,7 @@ class Trainer:
             self.loss_module = fsdp.shard(LossModule(self.model), self.model, self.info, self.device)
         else:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
+        self.compiler = self._layer_compiler() if config.compile else None
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -141,7 +160,7 @@ class Trainer:
             batches = self._epoch_batches(self.state.epoch)
             for b in range(self.state.batch_in_epoch, len(batches)):
                 t0 = time.perf_counter()
-                loss, grad_norm, tokens, lr, flops = self._step(batches[b])
+                loss, grad_norm, tokens, lr, flops = self._run_step(batches[b])
                 dt = time.perf_counter() - t0
                 self.state.step += 1
                 self.state.batch_in_epoch = b + 1
@@ -193,6 +212,19 @@ class Trainer:
         return directory
 
     # -- one step --------------------------------------------------------------------------------
+    def _run_step(self, global_batch: list[int]) -> tuple[float, float, int, float, float]:
+        """``_step``; with compiled layers, a step whose compilation fails is re-run eagerly."""
+        if self.compiler is None or not self.compiler.enabled:
+            return self._step(global_batch)
+        try:
+            return self._step(global_batch)
+        except Exception as exc:  # inductor/dynamo errors have many types; an eager re-run re-raises real ones
+            self.compiler.disable(exc)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.info.main:
+                print(f"compile: failed ({self.compiler.error}); training eagerly from here", flush=True)
+            return self._step(global_batch)
+
     def _step(self, global_batch: list[int]) -> tuple[float, float, int, float, float]:
         cfg, info = self.config, self.info
         examples = [self.train_data[i] for i in global_batch]
@@ -213,7 +245,7 @@ class Trainer:
             last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
             sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:
-                with self._autocast():
+                with self._autocast(), (self.compiler.active() if self.compiler else nullcontext()):
                     loss_sum = self.loss_module(batch)
                 (loss_sum * (0.0 if extra else info.world / n_labels)).backward()
             if extra:
@@ -272,6 +304,10 @@ class Trainer:
                   "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
                   "peak_gflops": round(self.peak / 1e9, 1),
                   "final_loss": train_loss[-1] if train_loss else None}
+        if self.compiler is not None:  # compile time is inside train_time_s; this says how much of it
+            from deltatune.training.compiling import compile_seconds
+
+            result.update(compiled=self.compiler.enabled, compile_s=round(compile_seconds(), 1))
         if self.eval_data is not None:
             exact = cfg.eval_exact_match and any(e.reference is not None for e in self.eval_data.examples)
             ev = self.evaluate(exact=exact)
@@ -298,7 +334,10 @@ class Trainer:
             if self.info.main:
                 print(f"resume: no checkpoint under {self.out}; starting from step 0", flush=True)
             return
+        fused = [g.get("fused") for g in self.optimizer.param_groups]
         self.state, _ = load_checkpoint(path, self.model, self.optimizer)
+        for group, flag in zip(self.optimizer.param_groups, fused):  # this run's kernel, not the saved run's
+            group["fused"] = flag
         self.log.resume_from(self.state.step)
         if self.info.main:
             print(f"resumed from {path} (step {self.state.step}/{self.total_steps})", flush=True)
@@ -309,6 +348,17 @@ class Trainer:
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / max(1, self.steps_per_epoch)
+
+    def _layer_compiler(self):
+        """A ``LayerCompiler`` for ``config.compile``, or None (and why, printed) where it cannot be used."""
+        from deltatune.training import compiling
+
+        reason = compiling.why_not(self.model, self.device, self.info.world, self.config.use_grad_checkpointing)
+        if reason is not None:
+            if self.info.main:
+                print(f"compile: off ({reason}); training eagerly", flush=True)
+            return None
+        return compiling.LayerCompiler(self.model)
 
     def _enable_grad_checkpointing(self) -> None:
         hf = unwrap(self.model)
