@@ -290,7 +290,9 @@ class LoraLinear(LoraLayer):
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter's ``s * B(A(dropout(x)))`` through the ordinary factor modules."""
         A, B = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x.to(A.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the GEMMs cast x themselves:
+            x = x.to(A.weight.dtype)                        # a cast to fp32 here would be cast straight back
+        h = self.lora_dropout[name](x)
         return B(A(h) * self.scaling[name])                     # (..., r) -> (..., out)
 
     def build_bank(self) -> dict[str, torch.Tensor]:
