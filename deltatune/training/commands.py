@@ -74,6 +74,8 @@ def _add_train(sub) -> None:
     g.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", **_NOT,
                    help="keep activations even with --quantize (faster, more memory)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype (default auto)")
+    g.add_argument("--compile", **_FLAG,
+                   help="torch.compile the decoder layers for training (first step compiles; eager fallback)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/deltatune)")
     g.add_argument("--log-every", type=int)

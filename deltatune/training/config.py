@@ -64,6 +64,8 @@ class TrainConfig:
             without it activations, not weights, set a QLoRA run's peak), off otherwise.
         dtype: ``float32`` | ``bfloat16`` compute; ``auto`` = bf16 on GPUs and on CPUs with native
             bf16 (AVX512-BF16/AMX), fp32 elsewhere (see ``precision``).
+        compile: ``torch.compile`` the decoder layers for the training steps (``training.compiling``:
+            fused elementwise work; the first step pays the compilation, reported as ``compile_s``).
     Loop:
         out: run directory (adapter, checkpoints, metrics, loss curve).
         log_every, eval_every, save_every: in optimizer steps (0 disables eval/save).
@@ -116,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: Optional[bool] = None
     dtype: str = "auto"
+    compile: bool = False
 
     out: str = "runs/deltatune"
     log_every: int = 1
