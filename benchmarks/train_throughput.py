@@ -15,8 +15,15 @@ only), same LoRA (r=16, alpha=32, all linear layers), same global batch, steps, 
   run (``peak_flops(refresh=True)``) with the children's thread count.
 
 Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding), ``deltatune`` with its
-default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32) and
-``deltatune-fp32`` (forced fp32, the like-for-like numeric comparison).
+default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32),
+``deltatune-fp32`` (forced fp32, the like-for-like numeric comparison), ``deltatune-bf16``
+(forced bf16), and the same with ``compile=True`` (``deltatune-compile``, ``deltatune-fp32-compile``:
+the decoder layers through ``torch.compile``; their time includes the compilation, reported too).
+``--revs REV ...`` adds ``deltatune@REV``: the default contender with the package as it was at git
+revision REV (``git archive``), so each step of the speed work is measured in the same run.
+
+MFU is given against the peak of the contender's own dtype and against both measured peaks (a
+contender's MFU is its model FLOPs per second; each child is given the parent's measured peak).
 
     python benchmarks/train_throughput.py            # ~6 min on 2 idle CPU cores
     python benchmarks/train_throughput.py --steps 10 --only hf deltatune
@@ -41,9 +48,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
-CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
+CONTENDERS = ("hf", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
+DEFAULT_CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
 LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "deltatune": "deltatune (default dtype)",
-          "deltatune-fp32": "deltatune (fp32)"}
+          "deltatune-fp32": "deltatune (fp32)", "deltatune-bf16": "deltatune (bf16)",
+          "deltatune-compile": "deltatune (default dtype, compiled layers)",
+          "deltatune-fp32-compile": "deltatune (fp32, compiled layers)"}
+# contender -> (dtype option, compile)
+DELTATUNE = {"deltatune": ("auto", False), "deltatune-fp32": ("float32", False), "deltatune-bf16": ("bfloat16", False),
+             "deltatune-compile": ("auto", True), "deltatune-fp32-compile": ("float32", True)}
+
+
+def label(name: str) -> str:
+    """Table label of a contender (``deltatune@REV`` for a git revision)."""
+    if "@" in name:
+        return f"deltatune at {name.split('@', 1)[1]} (default dtype)"
+    return LABELS[name]
 
 
 def peak_rss_mb() -> float:
@@ -126,7 +146,7 @@ def mfu(model, train_ds, args, train_s: float, dtype) -> float:
     return flops / train_s / peak_flops("cpu", dtype)
 
 
-def child_deltatune(args, dtype: str) -> dict:
+def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
     import torch
 
     from deltatune.training import TrainConfig, Trainer
@@ -136,7 +156,8 @@ def child_deltatune(args, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data=args.train_file, batch_size=args.batch, max_steps=args.steps, lr=args.lr,
                           schedule="linear", warmup_steps=0, seed=args.seed, dtype=dtype, out=out,
-                          progress=False, r=16, alpha=32, target="all-linear")
+                          progress=False, r=16, alpha=32, target="all-linear",
+                          **({"compile": True} if compile else {}))
         device = torch.device("cpu")
         model, tok = load_model(cfg, device)
         tok, train_ds, eval_ds = load_data(args)
@@ -144,10 +165,15 @@ def child_deltatune(args, dtype: str) -> dict:
         result = trainer.fit()
         rss = peak_rss_mb()
         losses = [r["loss"] for r in trainer.log.records if "loss" in r]
+        steps = [r for r in trainer.log.records if "loss" in r]  # after the first 2: compilation is done
+        late = steps[2:]
+        late_s = late[-1]["elapsed_s"] - steps[1]["elapsed_s"] if late else 0.0
     return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
             "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
             "mfu": result["mfu"], "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
-            "dtype": str(trainer.dtype).replace("torch.", "")}
+            "dtype": str(trainer.dtype).replace("torch.", ""), "compile_s": result.get("compile_s"),
+            "tokens_per_s_after_2": sum(r["tokens"] for r in late) / late_s if late_s > 0 else None,
+            "compiled": result.get("compiled")}
 
 
 # -- parent --------------------------------------------------------------------------------------
@@ -161,13 +187,38 @@ def write_subsets(args, tmp: Path) -> None:
     Path(args.eval_file).write_text("\n".join(held) + "\n")
 
 
-def run_child(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads),
+def child_dtype(name: str) -> str:
+    """The compute dtype a contender will use here (``auto`` resolved as the trainer resolves it)."""
+    import torch
+
+    from deltatune.training.precision import resolve_dtype
+
+    if name == "hf":
+        return "float32"
+    option = DELTATUNE.get(name.split("@")[0], ("auto", False))[0]
+    return str(resolve_dtype(option, torch.device("cpu"))).removeprefix("torch.")
+
+
+def package_at(rev: str, tmp: Path) -> Path:
+    """A directory holding the ``deltatune`` package as it was at git revision ``rev``."""
+    root = tmp / f"rev-{rev}"
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "deltatune"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    return root
+
+
+def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
+    env = dict(os.environ, DELTATUNE_PEAK_GFLOPS=str(peaks[child_dtype(name)]))
+    extra = []
+    if "@" in name:
+        extra = ["--package-root", str(package_at(name.split("@", 1)[1], tmp))]
+    cmd = [sys.executable, __file__, "--child", name.split("@")[0], *extra, "--threads", str(args.threads),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
            "--eval-file", args.eval_file]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -175,15 +226,27 @@ def run_child(name: str, args) -> dict:
     return result
 
 
+def add_mfu_vs_peaks(results: dict, peaks: dict) -> None:
+    """``mfu_vs``: each contender's MFU against every measured peak (its own dtype's is ``mfu``)."""
+    for r in results.values():
+        own = peaks[r["dtype"]]
+        r["mfu_vs"] = {d: r["mfu"] * own / p for d, p in peaks.items()}
+
+
 def table(results: dict) -> str:
     hf = results.get("hf")
-    lines = ["| contender | compute | tokens/s | MFU | peak RSS | final eval loss | speed vs HF | memory vs HF | eval loss vs HF |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| contender | compute | tokens/s | tokens/s after step 2 | MFU (own dtype's peak) | MFU vs bf16 peak | MFU vs fp32 peak | peak RSS | "
+             "final eval loss | speed vs HF | memory vs HF | eval loss vs HF |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         rel = ("1.00x", "1.00x", "+0.0%") if name == "hf" or hf is None else (
             f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x", f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x",
             f"{100 * (r['eval_loss'] / hf['eval_loss'] - 1):+.1f}%")
-        lines.append(f"| {LABELS[name]} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_rss_mb']:,.0f} MB | "
+        compute = r["dtype"] + (f", compiled ({r['compile_s']:.0f} s compiling)" if r.get("compiled") else "")
+        after = r.get("tokens_per_s_after_2")
+        lines.append(f"| {label(name)} | {compute} | {r['tokens_per_s']:,.0f} | {f'{after:,.0f}' if after else '-'} | "
+                     f"{r['mfu']:.1%} | "
+                     f"{r['mfu_vs']['bfloat16']:.1%} | {r['mfu_vs']['float32']:.1%} | {r['peak_rss_mb']:,.0f} MB | "
                      f"{r['eval_loss']:.4f} | {rel[0]} | {rel[1]} | {rel[2]} |")
     return "\n".join(lines)
 
@@ -202,7 +265,8 @@ def plot(results: dict, path: Path) -> None:
                                "peak RSS, MB (lower is better)", "final eval loss")):
         scale = 100 if key == "mfu" else 1
         ax.bar(range(len(names)), [results[n][key] * scale for n in names], color=colors)
-        ax.set_xticks(range(len(names)), [n.replace("deltatune", "dt") for n in names])
+        ax.set_xticks(range(len(names)), [n.replace("deltatune", "dt").replace("-compile", "\n+compile")
+                                          for n in names], fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("LoRA r=16 all-linear, SmolLM2-135M, same data/batch/steps/seed", fontsize=10)
@@ -232,22 +296,26 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=100)
-    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS))
+    p.add_argument("--revs", nargs="+", default=[], metavar="REV",
+                   help="also run the default deltatune contender at these git revisions (before the others)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per child (default 0 = all cores); 1 gives stable ratios on a busy machine")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--package-root", help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--eval-file", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
+        if args.package_root:  # a contender at another git revision: its package first on the path
+            sys.path.insert(0, args.package_root)
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = child_hf(args) if args.child == "hf" else \
-            child_deltatune(args, "auto" if args.child == "deltatune" else "float32")
+        result = child_hf(args) if args.child == "hf" else child_deltatune(args, *DELTATUNE[args.child])
         print(json.dumps(result))
         return 0
 
@@ -255,14 +323,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_subsets(args, Path(tmp))
         results = {}
-        for name in args.only:
+        names = [n for n in args.only if n == "hf"] + [f"deltatune@{rev}" for rev in args.revs] + \
+            [n for n in args.only if n != "hf"]
+        for name in names:
             print(f"running {name} ...", flush=True)
-            results[name] = run_child(name, args)
+            results[name] = run_child(name, args, peaks, Path(tmp))
             r = results[name]
             print(f"  {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}, peak RSS {r['peak_rss_mb']:,.0f} MB, "
                   f"eval loss {r['eval_loss']:.4f} ({r['wall_s']:.0f}s)", flush=True)
     from deltatune.checkpoint.io import atomic_path, atomic_write_json
 
+    add_mfu_vs_peaks(results, peaks)
     md = table(results)
     print("\n" + md)
     RESULTS.mkdir(parents=True, exist_ok=True)
