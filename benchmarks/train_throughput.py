@@ -301,7 +301,7 @@ def main() -> int:
                    help="also run the default deltatune contender at these git revisions (before the others)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per child (default 0 = all cores); 1 gives stable ratios on a busy machine")
-    p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
