@@ -11,8 +11,9 @@ Variants (LoRA r=16 on every linear layer, the demo's settings, same seed, same 
   (``quantize`` then ``dequantize_model``): if QLoRA is implemented right it scores what ``nf4``
   scores, so the gap to ``dense`` is the rounding itself, not the 4-bit machinery.
 
-Before any training it reports the base's loss on the held-out answers: dense, NF4, and NF4 with
-each LoftQ initialisation (the adapter's starting correction included; LoftQ must lower it).
+Before any training it reports, on the held-out answers, each base's loss and its KL divergence
+from the dense model: dense, NF4, and NF4 with each LoftQ initialisation (the adapter's starting
+correction included). ``--steps ""`` measures only that.
 Then every variant trains for each step count (separate runs, each with its own schedule), one
 after another in this process, and scores exact match on the held-out set.
 
@@ -103,20 +104,41 @@ def _adapter_config():
     return api.adapter_config(cfg)
 
 
-def base_losses(tokenizer, eval_limit: int, variants) -> dict[str, float]:
-    """Held-out answer loss before any training (fp32 compute): dense, NF4, and each LoftQ start."""
-    from deltatune.training.data import Dataset, load_dataset
-    from deltatune.training.evaluate import eval_loss
+def _answer_log_probs(model, examples) -> list[torch.Tensor]:
+    """Per example, the model's log-probabilities (answer positions x vocabulary, fp32) at the
+    positions that carry labels: one plain forward per example, no batching or packing."""
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].float()   # (L-1, V)
+            keep = torch.tensor(e.labels[1:]) != -100
+            out.append(torch.log_softmax(logits[keep], dim=-1))
+    return out
 
-    ds = load_dataset(str(ROOT / "data" / "demo_eval.jsonl"), tokenizer, max_length=512)
-    ds = Dataset(ds.examples[:eval_limit], ds.report)
-    out = {}
+
+def base_losses(tokenizer, eval_limit: int, variants) -> tuple[dict[str, float], dict[str, float]]:
+    """Before any training (fp32 compute), on the first ``eval_limit`` held-out examples' answer
+    tokens: each base's cross-entropy against the data (dense, NF4, each LoftQ start, the
+    adapter's starting correction included), and its KL divergence from the dense model,
+    ``KL(dense || variant)`` per answer token: how far the quantized model's predictions are from
+    the full-precision ones, which is what LoftQ's weight fit moves."""
+    from deltatune.training.data import load_dataset
+
+    examples = load_dataset(str(ROOT / "data" / "demo_eval.jsonl"), tokenizer, max_length=512).examples[:eval_limit]
+    targets = [torch.tensor(e.labels[1:])[torch.tensor(e.labels[1:]) != -100] for e in examples]
+    losses, kls, dense = {}, {}, None
     for variant in ["dense", "nf4"] + [v for v in variants if _loftq_iter(v) is not None]:
         torch.manual_seed(0)
         model = _model(variant, torch.float32, _adapter_config())[0].eval()
-        out[variant] = eval_loss(model, ds, 16, torch.device("cpu"))["eval_loss"]
-        print(f"[base] {variant}: held-out answer loss before tuning {out[variant]:.4f}", flush=True)
-    return out
+        logp = _answer_log_probs(model, examples)
+        n = sum(t.numel() for t in targets)
+        losses[variant] = -sum(lp.gather(1, t[:, None]).sum().item() for lp, t in zip(logp, targets)) / n
+        if dense is None:
+            dense = logp
+        kls[variant] = sum((d.exp() * (d - lp)).sum().item() for d, lp in zip(dense, logp)) / n
+        print(f"[base] {variant}: held-out answer loss before tuning {losses[variant]:.4f}, "
+              f"KL(dense || {variant}) {kls[variant]:.4f} per answer token", flush=True)
+    return losses, kls
 
 
 def run(variant: str, steps: int, args, tokenizer) -> dict:
@@ -148,7 +170,8 @@ def chart(report: dict, path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     steps = sorted({r["steps"] for r in rows})
     colors = dict(zip(VARIANTS, ["#4c72b0", "#dd8452", "#55a868", "#8172b3", "#c44e52"]))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    kls = report.get("base_answer_kl_to_dense", {})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2, 2]})
     width = 0.8 / max(len(variants), 1)
     for i, v in enumerate(variants):
         xs = [j + i * width for j, n in enumerate(steps) if any(r["variant"] == v and r["steps"] == n for r in rows)]
@@ -162,6 +185,9 @@ def chart(report: dict, path: Path) -> None:
     bars = axes[1].bar(list(losses), list(losses.values()), color=[colors.get(k) for k in losses])
     axes[1].bar_label(bars, fmt="%.3f", fontsize=8)
     axes[1].set_title("answer loss before training", fontsize=10)
+    bars = axes[2].bar(list(kls), list(kls.values()), color=[colors.get(k) for k in kls])
+    axes[2].bar_label(bars, fmt="%.3f", fontsize=8)
+    axes[2].set_title("KL(dense || base) per answer token, before training", fontsize=9)
     fig.suptitle(f"LoRA r=16 on the demo task, {report['eval_examples']} held-out examples: dense vs QLoRA vs "
                  "QLoRA + LoftQ", fontsize=10)
     fig.tight_layout()
@@ -197,8 +223,10 @@ def main() -> None:
     report = {"model": "SmolLM2-135M-Instruct", "steps": steps, "eval_examples": args.eval_limit,
               "lora": {"r": 16, "alpha": 32, "target": "all-linear", "lr": 1e-3, "batch_size": 8},
               "base_loss_examples": min(args.eval_limit, 64), "torch_threads": torch.get_num_threads(),
-              "base_answer_loss_before_tuning": base_losses(tokenizer, min(args.eval_limit, 64), variants),
               "rows": []}
+    losses, kls = base_losses(tokenizer, min(args.eval_limit, 64), variants)
+    report["base_answer_loss_before_tuning"] = losses
+    report["base_answer_kl_to_dense"] = kls
     _write(report, out)
     for n in steps:
         for v in variants:
