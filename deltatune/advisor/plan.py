@@ -284,7 +284,7 @@ def _diffusion_plan(shape: ModelShape, budget: int, rank: int) -> Plan:
 def train_settings(dtype: str | None = None, seq_len: int = 2048) -> dict:
     """``plan`` keywords that mirror ``deltatune train`` on this machine's CPU.
 
-    The compute dtype ``auto`` resolves to (bf16 with native bf16, else fp32), its per-forward token
+    The compute dtype ``auto`` resolves to (bf16 on CPUs with AMX and bf16 GPUs, else fp32), its per-forward token
     budget (``Trainer``: 1024 in bf16, 512 in fp32), and eager attention for bf16 rows up to
     ``loss.EAGER_MAX_LEN`` tokens.
     """
