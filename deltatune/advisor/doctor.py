@@ -21,10 +21,11 @@ SEVERITIES = ("error", "warning", "info")
 # Usual peak learning rates with AdamW (order of magnitude; outside them runs diverge or barely move):
 # LoRA/QLoRA 1e-4..2e-4 in the QLoRA paper (arXiv:2305.14314, appendix), 1e-5..1e-3 in common recipes;
 # IA3 3e-3 (Liu et al. 2022, arXiv:2205.05638); prompt tuning 0.3 (Lester et al. 2021, arXiv:2104.08691);
-# prefix tuning 5e-5..8e-4 (Li & Liang 2021, arXiv:2101.00190), 1e-2 best measured on the demo task
-# with zero-initialised prefixes (README, "Virtual tokens"); P-tuning 1e-3 (peft's examples); full 1e-6..1e-4.
+# prefix tuning 5e-5..8e-4 (Li & Liang 2021, arXiv:2101.00190), 3e-2 best measured on the demo task
+# with zero-initialised prefixes (README, "Virtual tokens"); P-tuning 1e-3 (peft's examples), 3e-3
+# best on the demo task; full 1e-6..1e-4.
 LR_RANGES = {"lora": (1e-5, 1e-3), "dora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "adapter": (1e-5, 1e-3),
-             "ia3": (1e-4, 3e-2), "prompt": (1e-3, 1.0), "prefix": (1e-5, 1e-2),
+             "ia3": (1e-4, 3e-2), "prompt": (1e-3, 1.0), "prefix": (1e-5, 3e-2),
              "ptuning": (1e-4, 1e-2), "full": (1e-6, 1e-4)}
 TINY_DATASET = 1000  # examples
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "mlp")
