@@ -66,7 +66,7 @@ METHODS = {
     "prefix-random": dict(method="prefix", method_args={"num_virtual_tokens": 20}),
     "ptuning": dict(method="ptuning", method_args={"num_virtual_tokens": 20}),
 }
-DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter"]
+DEFAULT_METHODS = ["lora", "dora", "ia3", "adapter", "prompt", "prefix", "ptuning"]
 
 
 def options_of(name: str) -> dict:
@@ -263,10 +263,10 @@ def chart(rows: list[dict], path: Path, subtitle: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (title, value) in zip(axes, panels):
         values = [value(r) for r in rows]
-        bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][:len(rows)])
+        bars = ax.bar(names, values, color=[plt.cm.tab10(i % 10) for i in range(len(rows))])
         ax.bar_label(bars, fmt="%.4g", fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=9)
+        ax.tick_params(axis="x", labelsize=9, labelrotation=35)
     fig.suptitle(f"deltatune methods on the demo task: {subtitle}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
