@@ -24,6 +24,14 @@ def register(subparsers) -> None:
 
 # -- train ---------------------------------------------------------------------------------------
 
+def _default_lrs() -> str:
+    """``--lr``'s help: each method's default learning rate, from the registry (e.g. ``lora 0.0002``)."""
+    from deltatune import registry
+
+    return ", ".join(f"{m} {registry.default_lr(m):g}" for m in ("lora", "dora", "ia3", "adapter", "prompt", "prefix", "ptuning")
+                     if m in registry.method_names())
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an adapter on JSONL data (also under torchrun)",
                        description="Fine-tune an adapter. Flags override --config (YAML/JSON with the same keys).")
@@ -56,7 +64,7 @@ def _add_train(sub) -> None:
     g.add_argument("--no-group-by-length", dest="group_by_length", **_NOT,
                    help="plain random batches instead of near-equal lengths (more padding)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--warmup-ratio", type=float)
