@@ -58,7 +58,7 @@ def test_cli_train_eval_generate(world, tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", m, "chat", "--model", world["model"], "--dtype", "float32",
                            "--max-new-tokens", "3"], input="hi\n\n", capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     bad = write_jsonl(tmp_path / "bad.jsonl", chat_rows(3) + ["{oops"])
