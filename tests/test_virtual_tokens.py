@@ -304,3 +304,17 @@ def test_cli_train_resume_ddp_eval_generate_info(world, tmp_path):
     assert len(out) == 2
     info = run_cli(["info", adapter]).stdout
     assert "PREFIX_TUNING" in info and re.search(r"virtual tokens\s+4 \(no layer wrapped", info)
+
+
+def test_train_help_states_each_methods_default_lr():
+    """``deltatune train --help`` gives the registry's default rate of every method (it once said
+    2e-4 for all, while prompt tuning trains at 3e-2)."""
+    import argparse
+
+    from deltatune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["train"].format_help().split())
+    for method in ("lora", "ia3", "prompt", "prefix", "ptuning"):
+        assert f"{method} {registry.default_lr(method):g}" in text, method
+    assert registry.default_lr("prefix") == 3e-2 and registry.default_lr("ptuning") == 3e-3
