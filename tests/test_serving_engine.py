@@ -365,14 +365,14 @@ def test_dora_beside_lora_and_the_core_rule_on_shared_modules(dirs):
 
 def test_a_failing_step_fails_its_requests_and_serving_goes_on(dirs, monkeypatch):
     engine = engine_for(dirs, names=("a",))
-    real, calls = engine._forward, []
+    real, calls = engine.runner._forward, []
 
     def broken_once(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated kernel failure")
         return real(*args)
-    monkeypatch.setattr(engine, "_forward", broken_once)
+    monkeypatch.setattr(engine.runner, "_forward", broken_once)
     with pytest.raises(Exception, match="simulated kernel failure"):
         engine.generate([[5, 6], [7]], adapter=["a", None], sampling=GREEDY)
     assert engine.stats()["running"] == 0 and engine.pool.versions["a@1"].refs == 0
