@@ -7,12 +7,8 @@ still turn into either is held back until it cannot.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from deltatune.serving.outputs import CompletionOutput, RequestOutput, StreamDelta
-
-if TYPE_CHECKING:  # the scheduler imports this module
-    from deltatune.serving.scheduler import Request, Seq
+from deltatune.serving.requests import Request, Seq
 
 
 class Detokenizer:
@@ -26,7 +22,7 @@ class Detokenizer:
     def __init__(self, tokenizer, eos: set[int]) -> None:
         self.tokenizer, self.eos = tokenizer, eos
 
-    def append(self, s: "Seq", token: int) -> StreamDelta:
+    def append(self, s: Seq, token: int) -> StreamDelta:
         """Add ``token`` to ``s``, decide whether it finished, and return the delta to stream."""
         p = s.req.params
         s.tokens.append(token)
@@ -49,7 +45,7 @@ class Detokenizer:
         return StreamDelta(s.index, delta_text, new_tokens, s.finish_reason, len(s.req.prompt_ids), len(s.tokens))
 
 
-def final_output(req: "Request", deltas=()) -> tuple[list[StreamDelta], RequestOutput]:
+def final_output(req: Request, deltas=()) -> tuple[list[StreamDelta], RequestOutput]:
     """``req``'s last deltas and its whole output. A sequence ended without a token of its own
     (aborted) gets finish_reason "abort" and an empty closing delta."""
     deltas = list(deltas)

@@ -42,7 +42,8 @@ from deltatune.serving.errors import BadRequest, PromptTooLong, ServingError
 from deltatune.serving.outputs import RequestHandle, RequestOutput
 from deltatune.serving.runner import ModelRunner, engine_dtype
 from deltatune.serving.sampling import SamplingParams, make_generator
-from deltatune.serving.scheduler import Request, Scheduler, Seq
+from deltatune.serving.requests import Request, Seq
+from deltatune.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from deltatune import devices
 from deltatune.serving import norms, packed
 from deltatune.serving.adapters import AdapterPool
 from deltatune.serving.kv_cache import SlotKVCache, decode_mask, prefill_mask
+from deltatune.serving.requests import Seq
 from deltatune.serving.sampling import SamplingParams, sample
 
 DEFAULT_MAX_MODEL_LEN = 2048   # when the model allows more: bounds the KV cache's allocation
@@ -65,7 +66,7 @@ class ModelRunner:
         return packed.pack_linears(self.model, rows) if fits and pack_weights is not False else 0
 
     # -- forward inputs ------------------------------------------------------------------------
-    def prefill(self, seqs: list, pad: int) -> torch.Tensor:
+    def prefill(self, seqs: list[Seq], pad: int) -> torch.Tensor:
         """Logits (n, V) of the new sequences' last prompt tokens; their slots of the cache written
         and each ``pos`` set to its prompt's length. Rows are left-padded with ``pad``."""
         lengths = [len(s.req.prompt_ids) for s in seqs]
@@ -83,7 +84,7 @@ class ModelRunner:
             s.pos = n
         return logits
 
-    def decode(self, seqs: list) -> torch.Tensor:
+    def decode(self, seqs: list[Seq]) -> torch.Tensor:
         """Logits (B, V) of every running sequence's next token (rows = slots ``0 .. B-1``); ``pos`` advanced."""
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)    # (B, 1)
         pos = torch.tensor([s.pos for s in seqs], device=self.device)              # (B,)
@@ -129,7 +130,7 @@ class ModelRunner:
             self._route = (list(names), route)
 
     # -- sampling ------------------------------------------------------------------------------
-    def sample(self, seqs: list, logits: torch.Tensor, eos: set[int]) -> list[int]:
+    def sample(self, seqs: list[Seq], logits: torch.Tensor, eos: set[int]) -> list[int]:
         """Each row's next token; tokens that would end a completion are masked before its ``min_tokens``."""
         for row, s in enumerate(seqs):
             if len(s.tokens) < s.req.params.min_tokens:
