@@ -35,14 +35,14 @@ from pathlib import Path
 
 from deltatune import devices
 from deltatune.adapter_set import BASE_NAME
-from deltatune.generation import stop_token_ids
+from deltatune.generation import pad_id, stop_token_ids
 from deltatune.serving.adapters import AdapterInfo, read_version_files
 from deltatune.serving.detokenize import Detokenizer
 from deltatune.serving.errors import BadRequest, PromptTooLong, ServingError
 from deltatune.serving.outputs import RequestHandle, RequestOutput
+from deltatune.serving.requests import Request, Seq
 from deltatune.serving.runner import ModelRunner, engine_dtype
 from deltatune.serving.sampling import SamplingParams, make_generator
-from deltatune.serving.requests import Request, Seq
 from deltatune.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ class Engine:
         max_waiting: requests queued beyond the running ones and the free slots before ``submit``
             raises QueueFull (so ``max_num_seqs + max_waiting`` single-sequence requests fit at once).
         max_model_len: context length (prompt + completion); default the model's, at most 2048.
-        device, dtype: default CUDA with bf16 when available, else CPU with fp32.
+        device, dtype: default (None or "auto") CUDA with bf16 where the GPU supports it, else CPU with
+            fp32 (``deltatune.devices``; the engine keeps fp32 on every CPU, its fast paths are fp32);
+            a dtype may be a ``torch.dtype`` or a name ("float32", "bfloat16", "float16", "bf16", ...).
         served_name: the name the base is served under (default ``"default"`` or the directory's name).
         max_prefill_tokens: padded prompt tokens one prefill forward takes at most (more wait a step).
         pack_weights: keep the base's linear weights also pre-packed for MKL's GEMM at
@@ -96,8 +98,8 @@ class Engine:
         self.tokenizer = models.load_tokenizer(base)
         self.base_name = served_name or (models.DEFAULT if base == models.DEFAULT else Path(os.fspath(base)).name)
         self.max_num_seqs, self.max_waiting, self.max_prefill_tokens = max_num_seqs, max_waiting, max_prefill_tokens
-        self._eos = set(stop_token_ids(self.tokenizer, model))
-        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        stops = stop_token_ids(self.tokenizer, model)
+        self._eos, self._pad = set(stops), pad_id(self.tokenizer, stops)
         self.detokenizer = Detokenizer(self.tokenizer, self._eos)
         self._stats = dict(requests_total=0, requests_finished=0, tokens_generated_total=0, prompt_tokens_total=0,
                            steps_total=0, prefill_steps_total=0)
