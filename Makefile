@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deltatune-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test docs venv bench clean
 
 venv: $(STAMP)
 
@@ -24,10 +25,15 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest tests
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or page fails.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
