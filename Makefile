@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
