@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest tests
 

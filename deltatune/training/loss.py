@@ -21,6 +21,7 @@ from torch import nn
 
 from deltatune.training.batching import Batch
 from deltatune.training.data import IGNORE
+from deltatune.training.wrappers import adapter_model, unwrap  # noqa: F401 - also imported from here
 
 # Rows up to this long use eager attention under bf16 on the CPU (see ``cpu_bf16_attention``).
 EAGER_MAX_LEN = 256
@@ -85,25 +86,6 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.T
             return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
         return sharded_linear_cross_entropy(hidden, head, targets, chunk)
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel / DDP wrapper (adapter layers are in place)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "base_model", None), nn.Module) and \
-                isinstance(getattr(model.base_model, "model", None), nn.Module):
-            model = model.base_model.model
-        else:
-            return model
-
-
-def adapter_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP-style ``.module`` wrappers: the PeftModel (or plain model) itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def applying(model: nn.Module, adapter_names=None):
