@@ -30,6 +30,19 @@ contender's MFU is its model FLOPs per second; each child is given the parent's 
     python benchmarks/train_throughput.py --threads 1   # steadier ratios when the machine is shared
 
 Writes benchmarks/results/train_throughput.json and .png, prints a markdown table.
+
+``--concurrent`` (issue 26): on a shared machine, noise between one run and the next is larger than
+the difference, so the two contenders (``hf`` and ``deltatune`` unless ``--only``/``--revs`` name
+two others) train AT THE SAME TIME, each pinned to its own core (``taskset -c``) with one thread
+(``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, ``torch.set_num_threads(1)``), so both see the same noise.
+Round r puts contender i on core ``--cores[(i + r) % 2]``: with ``--rounds 2`` (the default) each
+contender runs once on each core and the core difference cancels in the geometric mean of the
+per-round ratios. Each child also reports the exact match of its trained model on the eval set
+(greedy, ``deltatune.training.evaluate.exact_match``, the same function and rows for both), after its
+training clock and peak RSS are taken. Writes train_throughput_concurrent.json and .png.
+
+    python benchmarks/train_throughput.py --concurrent --steps 100 --batch 8 --eval-n 100
+    python benchmarks/train_throughput.py --concurrent --steps 4 --eval-n 8     # a check of the plumbing
 """
 from __future__ import annotations
 
@@ -47,6 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results"
 CONTENDERS = ("hf", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
 DEFAULT_CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
@@ -78,6 +92,17 @@ def load_data(args):
 
     tok = models.load_default_tokenizer()
     return tok, load_dataset(args.train_file, tok), load_dataset(args.eval_file, tok)
+
+
+def final_exact_match(model, tok, eval_ds, args, autocast=None) -> float | None:
+    """Exact match of greedy completions on ``eval_ds`` (with ``--exact-match``; else None)."""
+    from contextlib import nullcontext
+
+    from deltatune.training.evaluate import exact_match
+
+    if not args.exact_match:
+        return None
+    return exact_match(model, tok, eval_ds, batch_size=16, device="cpu", autocast=autocast or nullcontext)["exact_match"]
 
 
 def final_eval_loss(model, eval_ds, autocast=None) -> float:
@@ -127,13 +152,14 @@ def child_hf(args) -> dict:
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator,
                           callbacks=[Clock()])
         trainer.train()
-    rss = peak_rss_mb()
+    rss, train_end = peak_rss_mb(), time.time()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     train_s = clock["t1"] - clock["t0"]
     return {"tokens": seen["tokens"], "padded_tokens": seen["padded"], "train_s": train_s,
             "tokens_per_s": seen["tokens"] / train_s, "peak_rss_mb": rss, "losses": losses,
-            "mfu": mfu(model, train_ds, args, train_s, torch.float32),
-            "eval_loss": final_eval_loss(model, eval_ds), "dtype": "float32"}
+            "mfu": mfu(model, train_ds, args, train_s, torch.float32), "train_end_unix": train_end,
+            "eval_loss": final_eval_loss(model, eval_ds), "exact_match": final_exact_match(model, tok, eval_ds, args),
+            "dtype": "float32"}
 
 
 def mfu(model, train_ds, args, train_s: float, dtype) -> float:
@@ -163,7 +189,7 @@ def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
         tok, train_ds, eval_ds = load_data(args)
         trainer = Trainer(model, tok, cfg, train_ds, device=device)
         result = trainer.fit()
-        rss = peak_rss_mb()
+        rss, train_end = peak_rss_mb(), time.time()
         losses = [r["loss"] for r in trainer.log.records if "loss" in r]
         steps = [r for r in trainer.log.records if "loss" in r]  # after the first 2: compilation is done
         late = steps[2:]
@@ -171,6 +197,8 @@ def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
     return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
             "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
             "mfu": result["mfu"], "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
+            "exact_match": final_exact_match(model, tok, eval_ds, args, autocast_for(trainer.dtype, device)),
+            "train_end_unix": train_end,
             "dtype": str(trainer.dtype).replace("torch.", ""), "compile_s": result.get("compile_s"),
             "tokens_per_s_after_2": sum(r["tokens"] for r in late) / late_s if late_s > 0 else None,
             "compiled": result.get("compiled")}
@@ -202,13 +230,16 @@ def child_dtype(name: str) -> str:
 def package_at(rev: str, tmp: Path) -> Path:
     """A directory holding the ``deltatune`` package as it was at git revision ``rev``."""
     root = tmp / f"rev-{rev}"
+    if root.exists():  # a later round of --concurrent
+        return root
     root.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "deltatune"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
     return root
 
 
-def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
+def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = None) -> tuple[list, dict]:
+    """``(argv, env)`` of one contender's child; with ``core``, pinned there with one thread."""
     env = dict(os.environ, DELTATUNE_PEAK_GFLOPS=str(peaks[child_dtype(name)]))
     extra = []
     if "@" in name:
@@ -216,12 +247,25 @@ def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", name.split("@")[0], *extra, "--threads", str(args.threads),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
-           "--eval-file", args.eval_file]
+           "--eval-file", args.eval_file] + (["--exact-match"] if args.exact_match else [])
+    if core is not None:
+        cmd = ["taskset", "-c", str(core), *cmd]
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return cmd, env
+
+
+def child_result(name: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """The JSON line a child printed last, or an error carrying the end of its stderr."""
+    if returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
+    cmd, env = child_command(name, args, peaks, tmp)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_result(name, proc.returncode, proc.stdout, proc.stderr)
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -289,42 +333,102 @@ def measure_peaks(args) -> dict:
     return peaks
 
 
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=100)
-    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS))
+    p.add_argument("--only", nargs="+", choices=CONTENDERS,
+                   help=f"contenders (default {' '.join(DEFAULT_CONTENDERS)}; with --concurrent: hf deltatune)")
     p.add_argument("--revs", nargs="+", default=[], metavar="REV",
                    help="also run the default deltatune contender at these git revisions (before the others)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per child (default 0 = all cores); 1 gives stable ratios on a busy machine")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per contender (per round with --concurrent)")
+    p.add_argument("--exact-match", action="store_true",
+                   help="also score each trained model's exact match on the eval rows (always on with --concurrent)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="two contenders at once, each on its own core with one thread (see the notes above)")
+    p.add_argument("--rounds", type=int, default=2, help="--concurrent: rounds, cores swapped between them")
+    p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
+                   help="--concurrent: the two cores (taskset -c)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--eval-file", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.only is None:
+        args.only = ["hf", "deltatune"] if args.concurrent else list(DEFAULT_CONTENDERS)
+    if args.concurrent:
+        args.threads, args.exact_match = 1, True
+        if len(args.only) + len(args.revs) != 2:
+            p.error(f"--concurrent runs exactly two contenders; got {args.only + args.revs}")
+        missing = set(args.cores) - os.sched_getaffinity(0)
+        if missing or args.cores[0] == args.cores[1]:
+            p.error(f"--cores {args.cores}: need two distinct cores this process may use "
+                    f"({sorted(os.sched_getaffinity(0))})")
+    return args
 
+
+def run_as_child(args) -> int:
+    if args.package_root:  # a contender at another git revision: its package first on the path
+        sys.path.insert(0, args.package_root)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = child_hf(args) if args.child == "hf" else child_deltatune(args, *DELTATUNE[args.child])
+    print(json.dumps(result))
+    return 0
+
+
+def setup_record(args, peaks: dict) -> dict:
+    setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
+    setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
+                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg(), peak_gflops=peaks,
+                 command="python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]))
+    return setup
+
+
+def run_concurrent(names: list[str], args, peaks: dict, tmp: Path) -> int:
+    """The --concurrent protocol (``train_concurrent.py``); writes train_throughput_concurrent.*."""
+    import train_concurrent as conc
+    from deltatune.checkpoint.io import atomic_path, atomic_write_json
+
+    rounds = conc.run_rounds(names, args.rounds, args.cores,
+                             lambda name, core: child_command(name, args, peaks, tmp, core),
+                             child_result, args.timeout, tmp)
+    summary = conc.summarize(names, rounds)
+    md = conc.table(names, rounds, summary, label)
+    print("\n" + md)
+    setup = setup_record(args, peaks)
+    setup.update(protocol="concurrent: both contenders started together, each pinned with taskset to its own core, "
+                          "OMP_NUM_THREADS=MKL_NUM_THREADS=1 and torch.set_num_threads(1); cores swapped each round",
+                 rounds=args.rounds, cores=args.cores)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "train_throughput_concurrent.json"
+    atomic_write_json(out, {"setup": setup, "summary": summary, "rounds": rounds, "table": md})
+    with atomic_path(out.with_suffix(".png")) as path:
+        conc.plot(names, rounds, path, f"{label(names[1])} vs {label(names[0])}, at the same time on one core each: "
+                                       f"LoRA r=16 all-linear, SmolLM2-135M, {args.steps} steps x batch {args.batch}")
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
-        if args.package_root:  # a contender at another git revision: its package first on the path
-            sys.path.insert(0, args.package_root)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        result = child_hf(args) if args.child == "hf" else child_deltatune(args, *DELTATUNE[args.child])
-        print(json.dumps(result))
-        return 0
-
+        return run_as_child(args)
     peaks = measure_peaks(args)
+    names = [n for n in args.only if n == "hf"] + [f"deltatune@{rev}" for rev in args.revs] + \
+        [n for n in args.only if n != "hf"]
     with tempfile.TemporaryDirectory() as tmp:
         write_subsets(args, Path(tmp))
+        if args.concurrent:
+            return run_concurrent(names, args, peaks, Path(tmp))
         results = {}
-        names = [n for n in args.only if n == "hf"] + [f"deltatune@{rev}" for rev in args.revs] + \
-            [n for n in args.only if n != "hf"]
         for name in names:
             print(f"running {name} ...", flush=True)
             results[name] = run_child(name, args, peaks, Path(tmp))
@@ -337,10 +441,8 @@ def main() -> int:
     md = table(results)
     print("\n" + md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
-    setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
-                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg(), peak_gflops=peaks)
-    atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup, "results": results, "table": md})
+    atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup_record(args, peaks), "results": results,
+                                                          "table": md})
     with atomic_path(RESULTS / "train_throughput.png") as tmp:
         plot(results, tmp)
     print(f"\nwrote {RESULTS / 'train_throughput.json'} and {RESULTS / 'train_throughput.png'}")
