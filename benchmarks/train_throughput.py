@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,9 +61,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results"
-CONTENDERS = ("hf", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
+CONTENDERS = ("hf", "hf-bf16", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
 DEFAULT_CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
-LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "deltatune": "deltatune (default dtype)",
+LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "hf-bf16": "HF peft + Trainer (bf16=True)", "deltatune": "deltatune (default dtype)",
           "deltatune-fp32": "deltatune (fp32)", "deltatune-bf16": "deltatune (bf16)",
           "deltatune-compile": "deltatune (default dtype, compiled layers)",
           "deltatune-fp32-compile": "deltatune (fp32, compiled layers)"}
@@ -78,130 +77,6 @@ def label(name: str) -> str:
     if "@" in name:
         return f"deltatune at {name.split('@', 1)[1]} (default dtype)"
     return LABELS[name]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -- children ------------------------------------------------------------------------------------
-
-def load_data(args):
-    from deltatune import models
-    from deltatune.training.data import load_dataset
-
-    tok = models.load_default_tokenizer()
-    return tok, load_dataset(args.train_file, tok), load_dataset(args.eval_file, tok)
-
-
-def final_exact_match(model, tok, eval_ds, args, autocast=None) -> float | None:
-    """Exact match of greedy completions on ``eval_ds`` (with ``--exact-match``; else None)."""
-    from contextlib import nullcontext
-
-    from deltatune.training.evaluate import exact_match
-
-    if not args.exact_match:
-        return None
-    return exact_match(model, tok, eval_ds, batch_size=16, device="cpu", autocast=autocast or nullcontext)["exact_match"]
-
-
-def final_eval_loss(model, eval_ds, autocast=None) -> float:
-    from contextlib import nullcontext
-
-    from deltatune.training.evaluate import eval_loss
-
-    return eval_loss(model, eval_ds, batch_size=16, device="cpu", autocast=autocast or nullcontext)["eval_loss"]
-
-
-def child_hf(args) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, \
-        TrainingArguments
-
-    from deltatune import models
-
-    tok, train_ds, eval_ds = load_data(args)
-    model = AutoModelForCausalLM.from_pretrained(str(models.default_model_path()), dtype=torch.float32)
-    torch.manual_seed(args.seed)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in train_ds]
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    seen = {"tokens": 0, "padded": 0}
-
-    def counting_collator(features):
-        batch = collate(features)
-        seen["tokens"] += int(batch["attention_mask"].sum())
-        seen["padded"] += batch["attention_mask"].numel()
-        return batch
-
-    clock = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["t0"] = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            clock["t1"] = time.perf_counter()
-
-    with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
-                                  learning_rate=args.lr, seed=args.seed, report_to="none", save_strategy="no",
-                                  logging_steps=1, disable_tqdm=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator,
-                          callbacks=[Clock()])
-        trainer.train()
-    rss, train_end = peak_rss_mb(), time.time()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    train_s = clock["t1"] - clock["t0"]
-    return {"tokens": seen["tokens"], "padded_tokens": seen["padded"], "train_s": train_s,
-            "tokens_per_s": seen["tokens"] / train_s, "peak_rss_mb": rss, "losses": losses,
-            "mfu": mfu(model, train_ds, args, train_s, torch.float32), "train_end_unix": train_end,
-            "eval_loss": final_eval_loss(model, eval_ds), "exact_match": final_exact_match(model, tok, eval_ds, args),
-            "dtype": "float32"}
-
-
-def mfu(model, train_ds, args, train_s: float, dtype) -> float:
-    """Model FLOPs of the ``steps x batch`` examples trained on, per second, over the cached peak."""
-    from deltatune.training.flops import FlopCounter, peak_flops
-
-    examples = [train_ds[i] for i in range(min(len(train_ds), args.steps * args.batch))]
-    labels = sum(sum(1 for t in e.labels if t != -100) for e in examples)
-    flops = FlopCounter(model).step([len(e) for e in examples], labels).total
-    return flops / train_s / peak_flops("cpu", dtype)
-
-
-def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
-    import torch
-
-    from deltatune.training import TrainConfig, Trainer
-    from deltatune.training.api import load_model
-    from deltatune.training.precision import autocast_for
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(data=args.train_file, batch_size=args.batch, max_steps=args.steps, lr=args.lr,
-                          schedule="linear", warmup_steps=0, seed=args.seed, dtype=dtype, out=out,
-                          progress=False, r=16, alpha=32, target="all-linear",
-                          **({"compile": True} if compile else {}))
-        device = torch.device("cpu")
-        model, tok = load_model(cfg, device)
-        tok, train_ds, eval_ds = load_data(args)
-        trainer = Trainer(model, tok, cfg, train_ds, device=device)
-        result = trainer.fit()
-        rss, train_end = peak_rss_mb(), time.time()
-        losses = [r["loss"] for r in trainer.log.records if "loss" in r]
-        steps = [r for r in trainer.log.records if "loss" in r]  # after the first 2: compilation is done
-        late = steps[2:]
-        late_s = late[-1]["elapsed_s"] - steps[1]["elapsed_s"] if late else 0.0
-    return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
-            "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
-            "mfu": result["mfu"], "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
-            "exact_match": final_exact_match(model, tok, eval_ds, args, autocast_for(trainer.dtype, device)),
-            "train_end_unix": train_end,
-            "dtype": str(trainer.dtype).replace("torch.", ""), "compile_s": result.get("compile_s"),
-            "tokens_per_s_after_2": sum(r["tokens"] for r in late) / late_s if late_s > 0 else None,
-            "compiled": result.get("compiled")}
 
 
 # -- parent --------------------------------------------------------------------------------------
@@ -221,8 +96,8 @@ def child_dtype(name: str) -> str:
 
     from deltatune.training.precision import resolve_dtype
 
-    if name == "hf":
-        return "float32"
+    if name.startswith("hf"):
+        return "bfloat16" if name == "hf-bf16" else "float32"
     option = DELTATUNE.get(name.split("@")[0], ("auto", False))[0]
     return str(resolve_dtype(option, torch.device("cpu"))).removeprefix("torch.")
 
@@ -240,14 +115,14 @@ def package_at(rev: str, tmp: Path) -> Path:
 
 def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = None) -> tuple[list, dict]:
     """``(argv, env)`` of one contender's child; with ``core``, pinned there with one thread."""
-    env = dict(os.environ, DELTATUNE_PEAK_GFLOPS=str(peaks[child_dtype(name)]))
+    env = dict(os.environ, **({"DELTATUNE_PEAK_GFLOPS": str(peaks[child_dtype(name)])} if peaks else {}))
     extra = []
     if "@" in name:
         extra = ["--package-root", str(package_at(name.split("@", 1)[1], tmp))]
     cmd = [sys.executable, __file__, "--child", name.split("@")[0], *extra, "--threads", str(args.threads),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
-           "--eval-file", args.eval_file] + (["--exact-match"] if args.exact_match else [])
+           "--eval-file", args.eval_file, "--device", args.device] + (["--exact-match"] if args.exact_match else [])
     if core is not None:
         cmd = ["taskset", "-c", str(core), *cmd]
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -354,6 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="--concurrent: rounds, cores swapped between them")
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
                    help="--concurrent: the two cores (taskset -c)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs the children there)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
@@ -372,6 +248,12 @@ def parse_args(argv=None):
     return args
 
 
+def contender_order(args) -> list[str]:
+    """HF's contenders first (the baseline), then deltatune at ``--revs``, then the other contenders."""
+    return [n for n in args.only if n.startswith("hf")] + [f"deltatune@{rev}" for rev in args.revs] + \
+        [n for n in args.only if not n.startswith("hf")]
+
+
 def run_as_child(args) -> int:
     if args.package_root:  # a contender at another git revision: its package first on the path
         sys.path.insert(0, args.package_root)
@@ -379,7 +261,12 @@ def run_as_child(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = child_hf(args) if args.child == "hf" else child_deltatune(args, *DELTATUNE[args.child])
+    import train_contenders as contenders
+
+    if args.child.startswith("hf"):
+        result = contenders.child_hf(args, bf16=args.child == "hf-bf16")
+    else:
+        result = contenders.child_deltatune(args, *DELTATUNE[args.child])
     print(json.dumps(result))
     return 0
 
@@ -422,8 +309,7 @@ def main(argv=None) -> int:
     if args.child:
         return run_as_child(args)
     peaks = measure_peaks(args)
-    names = [n for n in args.only if n == "hf"] + [f"deltatune@{rev}" for rev in args.revs] + \
-        [n for n in args.only if n != "hf"]
+    names = contender_order(args)
     with tempfile.TemporaryDirectory() as tmp:
         write_subsets(args, Path(tmp))
         if args.concurrent:

@@ -9,12 +9,14 @@ already set in the environment), ``enforce_eager=True`` (no triton-cpu here) and
 The model is the default one as a transformers directory (deltatune's cache entry of the bundled
 GGUF). That entry's name depends on the GGUF installed in the *project's* venv, so without
 ``--model`` it is asked of the project's Python (``$DELTATUNE_PYTHON``, else ``.venv/bin/python``,
-else this interpreter). ``--adapters DIR ...`` loads deltatune (peft-format) LoRA adapters, row j
-on adapter ``j % len(DIRS)``. The prompts are ``benchmarks/mixed_adapters.py``'s, through the chat
+else this interpreter). ``--adapters DIR ...`` loads deltatune (peft-format) LoRA adapters;
+``--configs 0,1,8`` then runs the batch once per count k of distinct adapters (0: the base, no
+adapter; k: row j on adapter ``j % k``), all in one ``LLM``, as the issue measured. The prompts are ``benchmarks/mixed_adapters.py``'s, through the chat
 template, as ``benchmarks/serve.py`` sends them to deltatune's engine.
 
-Prints, and with ``--out`` writes, one JSON object: seconds to load, seconds to generate, tokens/s,
-and each row's token ids (``token_ids``), for a row-by-row comparison with another engine.
+Prints, and with ``--out`` writes, one JSON object: seconds to load, and per configuration the
+seconds to generate, tokens/s and each row's token ids, for a row-by-row comparison with another
+engine. On a GPU (``benchmarks/gpu_check.py``): ``--dtype bfloat16 --cuda-graphs``.
 
     .venv-vllm/bin/python benchmarks/vllm_probe.py --prompts 32 --new-tokens 32
     .venv-vllm/bin/python benchmarks/vllm_probe.py --adapters runs/demo/adapter --out /tmp/vllm.json
@@ -52,13 +54,17 @@ def default_model_dir() -> str:
 
 
 def make_llm(model: str, *, adapters: int = 0, max_lora_rank: int = 16, max_num_seqs: int = 32,
-             max_model_len: int = 512):
-    """``vllm.LLM`` on ``model`` in fp32, eager, with room for ``adapters`` LoRA adapters (0: LoRA off)."""
+             max_model_len: int = 512, dtype: str = "float32", enforce_eager: bool = True, **extra):
+    """``vllm.LLM`` on ``model`` with room for ``adapters`` LoRA adapters (0: LoRA off).
+
+    Defaults are the CPU's: fp32, eager (no triton-cpu). ``extra`` goes to ``LLM`` as is
+    (e.g. ``gpu_memory_utilization``).
+    """
     from vllm import LLM
 
     lora = dict(enable_lora=True, max_loras=adapters, max_lora_rank=max_lora_rank) if adapters else {}
-    return LLM(model=model, dtype="float32", enforce_eager=True, max_num_seqs=max_num_seqs,
-               max_model_len=max_model_len, **lora)
+    return LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
+               max_model_len=max_model_len, **lora, **extra)
 
 
 def chat_prompt_ids(llm, n: int) -> list[list[int]]:
@@ -86,32 +92,52 @@ def generate(llm, prompt_ids: list[list[int]], new_tokens: int, adapter_dirs: li
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a transformers directory (default: the default model's cache entry)")
     ap.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="LoRA adapter directories (peft format)")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated counts of distinct adapters, 0 = base (default: 0, or all the adapters)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--max-lora-rank", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cuda-graphs", action="store_true", help="enforce_eager=False (GPUs; the CPU build needs eager)")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory (its default 0.9)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
+    configs = args.configs or ",".join(["0"] + ([str(len(args.adapters))] if args.adapters else []))
+    args.configs = [int(k) for k in configs.split(",")]
+    if max(args.configs) > len(args.adapters):
+        ap.error(f"--configs {configs}: only {len(args.adapters)} adapters given")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     model = args.model or default_model_dir()
+    extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
     t0 = time.perf_counter()
     llm = make_llm(model, adapters=len(args.adapters), max_lora_rank=args.max_lora_rank,
-                   max_num_seqs=max(args.prompts, 1))
+                   max_num_seqs=max(args.prompts, 1), dtype=args.dtype, enforce_eager=not args.cuda_graphs, **extra)
     load_s = time.perf_counter() - t0
     prompt_ids = chat_prompt_ids(llm, args.prompts)
-    generate(llm, prompt_ids, 2, args.adapters)                    # warm-up
-    t0 = time.perf_counter()
-    token_ids = generate(llm, prompt_ids, args.new_tokens, args.adapters)
-    gen_s = time.perf_counter() - t0
+    runs = {}
+    for k in args.configs:
+        dirs = args.adapters[:k]
+        generate(llm, prompt_ids, 2, dirs)                    # warm-up
+        t0 = time.perf_counter()
+        token_ids = generate(llm, prompt_ids, args.new_tokens, dirs)
+        seconds = time.perf_counter() - t0
+        runs["base" if k == 0 else str(k)] = {
+            "generate_s": seconds, "tokens_per_s": args.prompts * args.new_tokens / seconds,
+            "all_rows_full_length": all(len(t) == args.new_tokens for t in token_ids), "token_ids": token_ids}
     import torch
     import vllm
 
-    result = {"model": model, "vllm": vllm.__version__, "torch": torch.__version__, "env": {k: os.environ[k] for k in VLLM_ENV},
-              "prompts": args.prompts, "new_tokens": args.new_tokens, "adapters": [str(a) for a in args.adapters],
-              "load_s": load_s, "generate_s": gen_s, "tokens_per_s": args.prompts * args.new_tokens / gen_s,
-              "all_rows_full_length": all(len(t) == args.new_tokens for t in token_ids), "token_ids": token_ids}
+    result = {"model": model, "vllm": vllm.__version__, "torch": torch.__version__, "dtype": args.dtype,
+              "env": {k: os.environ[k] for k in VLLM_ENV}, "prompts": args.prompts, "new_tokens": args.new_tokens,
+              "adapters": [str(a) for a in args.adapters], "load_s": load_s, "runs": runs}
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text + "\n")
