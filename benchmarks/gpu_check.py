@@ -156,6 +156,7 @@ def part_vllm(c: Check) -> dict:
         raise Skip("the engine part did not run, so there is nothing to compare vLLM with")
     from deltatune import models
 
+    torch.cuda.empty_cache()  # vLLM sizes its cache from the free GPU memory
     proc = _run([sys.executable, str(REPO / "benchmarks" / "vllm_probe.py"), "--model", str(models.default_model_path()),
                  *probe_args], timeout=300)
     if proc.returncode != 0:
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
     from deltatune.checkpoint.io import atomic_write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, {"dry_run": check.dry, "machine": machine(), "parts": results, "table": md,
+    atomic_write_json(out, {"dry_run": check.dry, "machine": machine(), "parts": results, "order": list(results),
+                            "table": md,
                             "seconds": round(time.perf_counter() - t0, 1),
                             "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     print(f"wrote {out}")
