@@ -44,18 +44,23 @@ def run_rounds(names: list[str], rounds: int, cores: list[int], command_for, par
 
 
 def _collect(running: dict, parse, round_index: int, deadline: float) -> dict:
-    """Wait for every child of a round (killing all of them if one overruns the deadline)."""
+    """Wait for every child of a round; if one overruns the deadline or fails, kill the others."""
     results = {}
-    for name, (core, logs, t0, proc) in running.items():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for *_, other in running.values():
-                other.kill()
-            raise RuntimeError(f"round {round_index + 1}: {name} overran the timeout; all children killed")
-        res = parse(name, proc.returncode, logs[0].read_text(), logs[1].read_text())
-        res.update(core=core, round=round_index + 1, wall_s=time.perf_counter() - t0)
-        results[name] = res
+    try:
+        for name, (core, logs, t0, proc) in running.items():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"round {round_index + 1}: {name} overran the timeout; all children killed")
+            res = parse(name, proc.returncode, logs[0].read_text(), logs[1].read_text())
+            res.update(core=core, round=round_index + 1, wall_s=time.perf_counter() - t0)
+            results[name] = res
+    except BaseException:
+        for *_, proc in running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
     return results
 
 
