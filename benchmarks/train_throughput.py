@@ -14,8 +14,9 @@ only), same LoRA (r=16, alpha=32, all linear layers), same global batch, steps, 
   this machine's matmul peak in the contender's compute dtype, measured afresh at the start of the
   run (``peak_flops(refresh=True)``) with the children's thread count.
 
-Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding), ``deltatune`` with its
-default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32),
+Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding; ``hf-bf16``: the same
+with Trainer's ``bf16=True``), ``deltatune`` with its default dtype (``auto``: bf16 matmuls where
+the CPU has native bf16, else fp32),
 ``deltatune-fp32`` (forced fp32, the like-for-like numeric comparison), ``deltatune-bf16``
 (forced bf16), and the same with ``compile=True`` (``deltatune-compile``, ``deltatune-fp32-compile``:
 the decoder layers through ``torch.compile``; their time includes the compilation, reported too).
@@ -24,6 +25,8 @@ revision REV (``git archive``), so each step of the speed work is measured in th
 
 MFU is given against the peak of the contender's own dtype and against both measured peaks (a
 contender's MFU is its model FLOPs per second; each child is given the parent's measured peak).
+The children's code is in ``train_contenders.py``; ``--device cuda`` runs them on a GPU (as
+``gpu_check.py`` does).
 
     python benchmarks/train_throughput.py            # ~6 min on 2 idle CPU cores
     python benchmarks/train_throughput.py --steps 10 --only hf deltatune
