@@ -73,6 +73,11 @@ class Check:
                         f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}: "
                         "torch.cuda.is_available() is False)")
         self.shared: dict = {}
+        self.hard_stop = time.perf_counter() + args.budget + 60   # a part started late still ends in time
+
+    def timeout(self, most: float) -> float:
+        """Seconds a subprocess may take: ``most``, less if the check's time is nearly spent."""
+        return max(10.0, min(most, self.hard_stop - time.perf_counter()))
 
     def skip_if_dry(self, dry_run: dict) -> None:
         if self.dry:
@@ -91,7 +96,8 @@ def part_cuda_tests(c: Check) -> dict:
         proc = _run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "--collect-only", "-q",
                      "-p", "no:cacheprovider"], timeout=120)
         raise Skip(c.no_cuda, {"collected_cuda_tests": _collected(proc.stdout), "pytest_rc": proc.returncode})
-    proc = _run([sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-rfs", "-p", "no:cacheprovider"], timeout=300)
+    proc = _run([sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-rfs", "-p", "no:cacheprovider"],
+                timeout=c.timeout(300))
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", proc.stdout)}
     return {"status": "ok" if proc.returncode == 0 else "failed", "counts": counts, "pytest_rc": proc.returncode,
             "output_tail": proc.stdout[-3000:]}
@@ -108,7 +114,7 @@ def part_train(c: Check) -> dict:
 
     names = ["hf-bf16", "deltatune-bf16"]
     args = tt.parse_args(["--steps", str(c.args.train_steps), "--batch", "8", "--eval-n", "50", "--exact-match",
-                          "--device", c.device, "--only", *names])
+                          "--device", c.device, "--only", *names, "--timeout", str(int(c.timeout(180)))])
     tmp = c.workdir / "train"
     tmp.mkdir()
     tt.write_subsets(args, tmp)
@@ -158,7 +164,7 @@ def part_vllm(c: Check) -> dict:
 
     torch.cuda.empty_cache()  # vLLM sizes its cache from the free GPU memory
     proc = _run([sys.executable, str(REPO / "benchmarks" / "vllm_probe.py"), "--model", str(models.default_model_path()),
-                 *probe_args], timeout=300)
+                 *probe_args], timeout=c.timeout(300))
     if proc.returncode != 0:
         raise RuntimeError(f"vllm_probe.py failed:\n{proc.stderr[-3000:]}")
     runs = json.loads((c.workdir / "vllm.json").read_text())["runs"]
@@ -193,7 +199,7 @@ def part_fsdp(c: Check) -> dict:
     if c.gpus < 2:
         raise Skip(f"needs 2 GPUs, found {c.gpus}")
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "deltatune", *argv], timeout=300)
+                 "-m", "deltatune", *argv], timeout=c.timeout(300))
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -271,13 +277,23 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--dry-run", action="store_true", help="skip every CUDA part even where CUDA is available")
     ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--budget", type=float, default=420,
+                    help="seconds; parts not started by then are skipped (default 420: the check stays under 8 min)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/gpu_check.json, or gpu_check_dry_run.json)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         check = Check(args, Path(tmp))
         print(f"gpu_check: {'DRY RUN, ' + check.no_cuda if check.dry else f'{check.gpus} GPU(s)'}", flush=True)
-        results = {name: run_part(name, check) for name in args.only}
+        results = {}
+        for name in args.only:
+            spent = time.perf_counter() - t0
+            if spent > args.budget:  # keep the whole check inside its 8 minutes
+                results[name] = {"status": "skipped", "seconds": 0.0,
+                                 "reason": f"time budget spent ({spent:.0f} s of --budget {args.budget:.0f} s)"}
+                print(f"{name}: skipped: {results[name]['reason']}", flush=True)
+                continue
+            results[name] = run_part(name, check)
     md = table(results)
     print("\n" + md)
     out = Path(args.out) if args.out else RESULTS / ("gpu_check_dry_run.json" if check.dry else "gpu_check.json")

@@ -30,3 +30,14 @@ def test_dry_run_skips_every_part_with_a_reason(tmp_path):
     assert set(engine["rows_equal_hf"]) == {"base", "2"}
     assert report["parts"]["qlora"]["dry_run"]["cpu_tiny"]["steps"]["bits_per_param"] < 5
     assert "| part | status |" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_parts_not_started_within_the_budget_are_skipped(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--budget", "0",
+                           "--only", "train", "fsdp", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == {"train", "fsdp"}
+    assert all(p["status"] == "skipped" and "time budget spent" in p["reason"] for p in parts.values())
