@@ -7,7 +7,7 @@ pinned to its own core with one thread, both see the same noise. Round r puts co
 often, and the geometric mean of the per-round ratios cancels a faster core.
 
 This module only launches, summarizes and draws: what a contender runs (its child process) is
-``train_throughput.py``'s, given here as ``command_for(name, core) -> (argv, env)``.
+``train_throughput.py``'s, given here as ``command_for(name, core, barrier) -> (argv, env)``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def run_rounds(names: list[str], rounds: int, cores: list[int], command_for, par
     """Run ``rounds`` rounds of all ``names`` at once; returns one ``{name: result}`` per round.
 
     Args:
-        command_for: ``(name, core) -> (argv, env)`` of the child pinned to ``core``.
+        command_for: ``(name, core, barrier) -> (argv, env)`` of the child pinned to ``core``;
+            ``barrier`` is a fresh directory per round where the children meet before their
+            training clocks start (loading takes each a different time).
         parse: ``(name, returncode, stdout, stderr) -> dict`` (raises on a failed child).
         timeout: seconds for a whole round; on expiry every child of the round is killed.
 
@@ -30,10 +32,12 @@ def run_rounds(names: list[str], rounds: int, cores: list[int], command_for, par
     """
     out = []
     for r in range(rounds):
+        barrier = tmp / f"round{r}-barrier"
+        barrier.mkdir()
         running = {}
         for i, name in enumerate(names):
             core = cores[(i + r) % len(cores)]
-            argv, env = command_for(name, core)
+            argv, env = command_for(name, core, barrier)
             logs = (tmp / f"round{r}-{i}.out", tmp / f"round{r}-{i}.err")
             with open(logs[0], "w") as so, open(logs[1], "w") as se:  # files, not pipes: a full pipe would stall a child
                 running[name] = (core, logs, time.perf_counter(), subprocess.Popen(argv, stdout=so, stderr=se, env=env))
@@ -44,24 +48,28 @@ def run_rounds(names: list[str], rounds: int, cores: list[int], command_for, par
 
 
 def _collect(running: dict, parse, round_index: int, deadline: float) -> dict:
-    """Wait for every child of a round; if one overruns the deadline or fails, kill the others."""
-    results = {}
+    """Wait for every child of a round, in whatever order they end; if one fails or the round
+    overruns the deadline, kill the others (a partner waiting at the barrier would wait in vain)."""
+    results, pending = {}, dict(running)
     try:
-        for name, (core, logs, t0, proc) in running.items():
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"round {round_index + 1}: {name} overran the timeout; all children killed")
-            res = parse(name, proc.returncode, logs[0].read_text(), logs[1].read_text())
-            res.update(core=core, round=round_index + 1, wall_s=time.perf_counter() - t0)
-            results[name] = res
+        while pending:
+            for name, (core, logs, t0, proc) in list(pending.items()):
+                if proc.poll() is None:
+                    continue
+                res = parse(name, proc.returncode, logs[0].read_text(), logs[1].read_text())
+                res.update(core=core, round=round_index + 1, wall_s=time.perf_counter() - t0)
+                results[name] = res
+                del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"round {round_index + 1}: {', '.join(pending)} overran the timeout; killed")
+            time.sleep(0.1 if pending else 0)
     except BaseException:
         for *_, proc in running.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         raise
-    return results
+    return {name: results[name] for name in running}
 
 
 def overlap(a: dict, b: dict) -> float:

@@ -7,13 +7,29 @@ after training is computed by the same deltatune function for every contender.
 """
 from __future__ import annotations
 
+import os
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_together(args, timeout: float = 900) -> None:
+    """With ``--barrier DIR`` (``--concurrent``): say this child is ready to train, then wait until
+    ``--barrier-n`` children are, so that their training clocks start at the same moment."""
+    if not args.barrier:
+        return
+    folder = Path(args.barrier)
+    (folder / f"{os.getpid()}.ready").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("*.ready"))) < args.barrier_n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{folder}: the other contenders did not get ready to train within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def load_data(args):
@@ -94,6 +110,7 @@ def child_hf(args, bf16: bool = False) -> dict:
                                   logging_steps=1, disable_tqdm=True, bf16=bf16, use_cpu=args.device == "cpu")
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator,
                           callbacks=[Clock()])
+        start_together(args)
         trainer.train()
     memory, train_end = peak_memory(args), time.time()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -139,6 +156,7 @@ def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
         model, tok = load_model(cfg, device)
         tok, train_ds, eval_ds = load_data(args)
         trainer = Trainer(model, tok, cfg, train_ds, device=device)
+        start_together(args)
         result = trainer.fit()
         memory, train_end = peak_memory(args), time.time()
         losses = [r["loss"] for r in trainer.log.records if "loss" in r]

@@ -40,7 +40,8 @@ two others) train AT THE SAME TIME, each pinned to its own core (``taskset -c``)
 (``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, ``torch.set_num_threads(1)``), so both see the same noise.
 Round r puts contender i on core ``--cores[(i + r) % 2]``: with ``--rounds 2`` (the default) each
 contender runs once on each core and the core difference cancels in the geometric mean of the
-per-round ratios. Each child also reports the exact match of its trained model on the eval set
+per-round ratios. The children meet at a barrier once loaded, so their training clocks start
+together (the JSON's ``training_overlap`` says how well the runs overlapped). Each child also reports the exact match of its trained model on the eval set
 (greedy, ``deltatune.training.evaluate.exact_match``, the same function and rows for both), after its
 training clock and peak RSS are taken. Writes train_throughput_concurrent.json and .png.
 
@@ -116,8 +117,10 @@ def package_at(rev: str, tmp: Path) -> Path:
     return root
 
 
-def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = None) -> tuple[list, dict]:
-    """``(argv, env)`` of one contender's child; with ``core``, pinned there with one thread."""
+def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = None,
+                  barrier: Path | None = None) -> tuple[list, dict]:
+    """``(argv, env)`` of one contender's child; with ``core``, pinned there with one thread; with
+    ``barrier``, it waits there for its partner before its training starts."""
     env = dict(os.environ, **({"DELTATUNE_PEAK_GFLOPS": str(peaks[child_dtype(name)])} if peaks else {}))
     extra = []
     if "@" in name:
@@ -126,6 +129,8 @@ def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = No
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
            "--eval-file", args.eval_file, "--device", args.device] + (["--exact-match"] if args.exact_match else [])
+    if barrier is not None:
+        cmd += ["--barrier", str(barrier), "--barrier-n", "2"]
     if core is not None:
         cmd = ["taskset", "-c", str(core), *cmd]
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -235,6 +240,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs the children there)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)
+    p.add_argument("--barrier", help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--eval-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -288,7 +295,7 @@ def run_concurrent(names: list[str], args, peaks: dict, tmp: Path) -> int:
     from deltatune.checkpoint.io import atomic_path, atomic_write_json
 
     rounds = conc.run_rounds(names, args.rounds, args.cores,
-                             lambda name, core: child_command(name, args, peaks, tmp, core),
+                             lambda name, core, barrier: child_command(name, args, peaks, tmp, core, barrier),
                              child_result, args.timeout, tmp)
     summary = conc.summarize(names, rounds)
     md = conc.table(names, rounds, summary, label)
