@@ -18,6 +18,7 @@ route is the active adapter.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Sequence
@@ -30,6 +31,7 @@ BASE_NAME = "__base__"
 # sets (a ContextVar per instance could not be pickled or deep-copied with the model); the mapping
 # is replaced, never mutated, so a copied context keeps what it saw.
 _ROUTES: ContextVar[dict | None] = ContextVar("deltatune_routes", default=None)
+_COUNT_LOCK = threading.Lock()  # guards ``AdapterSet.routed_calls`` (module level: sets stay picklable)
 
 
 class MixingError(ValueError):
@@ -56,6 +58,7 @@ class AdapterSet:
         self.merged: list[str] = []
         self.disabled = False
         self.version = 0
+        self.routed_calls = 0           # routed calls running now, in any thread (see ``route``)
 
     # -- membership ----------------------------------------------------------------------------
     def add(self, name: str, config) -> int:
@@ -91,9 +94,14 @@ class AdapterSet:
         """What the current call applies: None (base), an adapter name, or per-row slots (N,).
 
         The route of this thread's / task's innermost ``routed`` call, else the active adapter.
+        The context variable is read only while some routed call runs: ``torch.compile`` cannot
+        trace ``ContextVar.get`` (a graph break in every layer), and a training step, compiled
+        or not, routes nothing (it applies the active adapter).
         """
         if self.disabled:
             return None
+        if not self.routed_calls:
+            return self.active
         routes = _ROUTES.get()
         if routes is not None and id(self) in routes:
             return routes[id(self)]
@@ -106,9 +114,13 @@ class AdapterSet:
         routes = dict(_ROUTES.get() or {})
         routes[id(self)] = route
         token = _ROUTES.set(routes)
+        with _COUNT_LOCK:
+            self.routed_calls += 1
         try:
             yield
         finally:
+            with _COUNT_LOCK:
+                self.routed_calls -= 1
             _ROUTES.reset(token)
 
     @contextmanager
