@@ -120,7 +120,8 @@ def applying(peft, adapter_names: Sequence[str] | str | None = None, reuse: Call
         yield Call(None, route, adapter_set.version, *_component(tuner, route))
         return
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    if reuse is not None and reuse.matches(names, adapter_set.version) and not adapter_set.disabled:
+    fresh = adapter_set.disabled or adapter_set.merged  # resolve says what these mean
+    if reuse is not None and not fresh and reuse.matches(names, adapter_set.version):
         route = reuse.route
     else:
         route = adapter_set.resolve(names)

@@ -5,7 +5,7 @@ peft's ``base_model.model.<path>``) and answers the structural questions: which 
 wraps, which tensors belong to adapter X (``adapter_state``: the one answer saving, loading and
 counting use), and which biases an adapter trains.
 
-Adapters live in *components* (``tuner.components``): wrapped layers, modules-to-save copies and
+Adapters live in *components* (``deltatune.tuner.components``): wrapped layers, modules-to-save copies and
 prompt encoders (the virtual tokens of prompt, prefix and P-tuning, which wrap no layer), all
 behind one protocol. The tuner keeps them in ``component_list``, current on every inject, remove
 and unload: nothing walks the model to find them. Trained biases are per adapter
@@ -65,7 +65,7 @@ class TunerModel(nn.Module):
 
     def component_for(self, adapter_name: str) -> Component | None:
         """The component that prepares adapter ``adapter_name``'s inputs (None: a layer method)."""
-        if adapter_name not in self.components:  # only prompt encoders prepare inputs (a dict lookup per call)
+        if adapter_name not in self.components:  # prompt encoders, the components with inputs, are kept by name
             return None
         return next((c for c in self.component_list
                      if c.prepares_inputs and adapter_name in c.adapters()), None)
@@ -90,8 +90,8 @@ class TunerModel(nn.Module):
                 layer.train(layer.base_layer.training)  # new dropout follows the model's mode
         for name in targeting.select_saved(self.model, getattr(config, "modules_to_save", None)):
             self._layer_at(name, lambda m: ModulesToSaveWrapper, config).add_adapter(adapter_name)
-        canonical = [n.replace(".base_layer.", ".") for n in self.bias_names(adapter_name, getattr(config, "bias", "none"))]
-        self.biases.register(adapter_name, canonical)
+        trained = self.bias_names(adapter_name, getattr(config, "bias", "none"))
+        self.biases.register(adapter_name, [n.replace(".base_layer.", ".") for n in trained])
 
     def _add_encoder(self, adapter_name: str, module: nn.Module) -> None:
         param = next(self.model.parameters(), None)
