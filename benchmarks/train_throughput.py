@@ -14,8 +14,9 @@ only), same LoRA (r=16, alpha=32, all linear layers), same global batch, steps, 
   this machine's matmul peak in the contender's compute dtype, measured afresh at the start of the
   run (``peak_flops(refresh=True)``) with the children's thread count.
 
-Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding), ``deltatune`` with its
-default dtype (``auto``: bf16 matmuls where the CPU has native bf16, else fp32),
+Contenders: ``hf`` (peft + Trainer, fp32, DataCollatorForSeq2Seq padding; ``hf-bf16``: the same
+with Trainer's ``bf16=True``), ``deltatune`` with its default dtype (``auto``: bf16 matmuls where
+the CPU has native bf16, else fp32),
 ``deltatune-fp32`` (forced fp32, the like-for-like numeric comparison), ``deltatune-bf16``
 (forced bf16), and the same with ``compile=True`` (``deltatune-compile``, ``deltatune-fp32-compile``:
 the decoder layers through ``torch.compile``; their time includes the compilation, reported too).
@@ -24,19 +25,34 @@ revision REV (``git archive``), so each step of the speed work is measured in th
 
 MFU is given against the peak of the contender's own dtype and against both measured peaks (a
 contender's MFU is its model FLOPs per second; each child is given the parent's measured peak).
+The children's code is in ``train_contenders.py``; ``--device cuda`` runs them on a GPU (as
+``gpu_check.py`` does).
 
     python benchmarks/train_throughput.py            # ~6 min on 2 idle CPU cores
     python benchmarks/train_throughput.py --steps 10 --only hf deltatune
     python benchmarks/train_throughput.py --threads 1   # steadier ratios when the machine is shared
 
 Writes benchmarks/results/train_throughput.json and .png, prints a markdown table.
+
+``--concurrent`` (issue 26): on a shared machine, noise between one run and the next is larger than
+the difference, so the two contenders (``hf`` and ``deltatune`` unless ``--only``/``--revs`` name
+two others) train AT THE SAME TIME, each pinned to its own core (``taskset -c``) with one thread
+(``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, ``torch.set_num_threads(1)``), so both see the same noise.
+Round r puts contender i on core ``--cores[(i + r) % 2]``: with ``--rounds 2`` (the default) each
+contender runs once on each core and the core difference cancels in the geometric mean of the
+per-round ratios. The children meet at a barrier once loaded, so their training clocks start
+together (the JSON's ``training_overlap`` says how well the runs overlapped). Each child also reports the exact match of its trained model on the eval set
+(greedy, ``deltatune.training.evaluate.exact_match``, the same function and rows for both), after its
+training clock and peak RSS are taken. Writes train_throughput_concurrent.json and .png.
+
+    python benchmarks/train_throughput.py --concurrent --steps 100 --batch 8 --eval-n 100
+    python benchmarks/train_throughput.py --concurrent --steps 4 --eval-n 8     # a check of the plumbing
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,10 +63,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results"
-CONTENDERS = ("hf", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
+CONTENDERS = ("hf", "hf-bf16", "deltatune", "deltatune-fp32", "deltatune-bf16", "deltatune-compile", "deltatune-fp32-compile")
 DEFAULT_CONTENDERS = ("hf", "deltatune", "deltatune-fp32")
-LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "deltatune": "deltatune (default dtype)",
+LABELS = {"hf": "HF peft + Trainer (defaults, fp32)", "hf-bf16": "HF peft + Trainer (bf16=True)", "deltatune": "deltatune (default dtype)",
           "deltatune-fp32": "deltatune (fp32)", "deltatune-bf16": "deltatune (bf16)",
           "deltatune-compile": "deltatune (default dtype, compiled layers)",
           "deltatune-fp32-compile": "deltatune (fp32, compiled layers)"}
@@ -64,116 +81,6 @@ def label(name: str) -> str:
     if "@" in name:
         return f"deltatune at {name.split('@', 1)[1]} (default dtype)"
     return LABELS[name]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -- children ------------------------------------------------------------------------------------
-
-def load_data(args):
-    from deltatune import models
-    from deltatune.training.data import load_dataset
-
-    tok = models.load_default_tokenizer()
-    return tok, load_dataset(args.train_file, tok), load_dataset(args.eval_file, tok)
-
-
-def final_eval_loss(model, eval_ds, autocast=None) -> float:
-    from contextlib import nullcontext
-
-    from deltatune.training.evaluate import eval_loss
-
-    return eval_loss(model, eval_ds, batch_size=16, device="cpu", autocast=autocast or nullcontext)["eval_loss"]
-
-
-def child_hf(args) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, \
-        TrainingArguments
-
-    from deltatune import models
-
-    tok, train_ds, eval_ds = load_data(args)
-    model = AutoModelForCausalLM.from_pretrained(str(models.default_model_path()), dtype=torch.float32)
-    torch.manual_seed(args.seed)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in train_ds]
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    seen = {"tokens": 0, "padded": 0}
-
-    def counting_collator(features):
-        batch = collate(features)
-        seen["tokens"] += int(batch["attention_mask"].sum())
-        seen["padded"] += batch["attention_mask"].numel()
-        return batch
-
-    clock = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["t0"] = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            clock["t1"] = time.perf_counter()
-
-    with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
-                                  learning_rate=args.lr, seed=args.seed, report_to="none", save_strategy="no",
-                                  logging_steps=1, disable_tqdm=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator,
-                          callbacks=[Clock()])
-        trainer.train()
-    rss = peak_rss_mb()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    train_s = clock["t1"] - clock["t0"]
-    return {"tokens": seen["tokens"], "padded_tokens": seen["padded"], "train_s": train_s,
-            "tokens_per_s": seen["tokens"] / train_s, "peak_rss_mb": rss, "losses": losses,
-            "mfu": mfu(model, train_ds, args, train_s, torch.float32),
-            "eval_loss": final_eval_loss(model, eval_ds), "dtype": "float32"}
-
-
-def mfu(model, train_ds, args, train_s: float, dtype) -> float:
-    """Model FLOPs of the ``steps x batch`` examples trained on, per second, over the cached peak."""
-    from deltatune.training.flops import FlopCounter, peak_flops
-
-    examples = [train_ds[i] for i in range(min(len(train_ds), args.steps * args.batch))]
-    labels = sum(sum(1 for t in e.labels if t != -100) for e in examples)
-    flops = FlopCounter(model).step([len(e) for e in examples], labels).total
-    return flops / train_s / peak_flops("cpu", dtype)
-
-
-def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
-    import torch
-
-    from deltatune.training import TrainConfig, Trainer
-    from deltatune.training.api import load_model
-    from deltatune.training.precision import autocast_for
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(data=args.train_file, batch_size=args.batch, max_steps=args.steps, lr=args.lr,
-                          schedule="linear", warmup_steps=0, seed=args.seed, dtype=dtype, out=out,
-                          progress=False, r=16, alpha=32, target="all-linear",
-                          **({"compile": True} if compile else {}))
-        device = torch.device("cpu")
-        model, tok = load_model(cfg, device)
-        tok, train_ds, eval_ds = load_data(args)
-        trainer = Trainer(model, tok, cfg, train_ds, device=device)
-        result = trainer.fit()
-        rss = peak_rss_mb()
-        losses = [r["loss"] for r in trainer.log.records if "loss" in r]
-        steps = [r for r in trainer.log.records if "loss" in r]  # after the first 2: compilation is done
-        late = steps[2:]
-        late_s = late[-1]["elapsed_s"] - steps[1]["elapsed_s"] if late else 0.0
-    return {"tokens": result["tokens"], "padded_tokens": None, "train_s": result["train_time_s"],
-            "tokens_per_s": result["tokens_per_s"], "peak_rss_mb": rss, "losses": losses,
-            "mfu": result["mfu"], "eval_loss": final_eval_loss(model, eval_ds, autocast_for(trainer.dtype, device)),
-            "dtype": str(trainer.dtype).replace("torch.", ""), "compile_s": result.get("compile_s"),
-            "tokens_per_s_after_2": sum(r["tokens"] for r in late) / late_s if late_s > 0 else None,
-            "compiled": result.get("compiled")}
 
 
 # -- parent --------------------------------------------------------------------------------------
@@ -193,8 +100,8 @@ def child_dtype(name: str) -> str:
 
     from deltatune.training.precision import resolve_dtype
 
-    if name == "hf":
-        return "float32"
+    if name.startswith("hf"):
+        return "bfloat16" if name == "hf-bf16" else "float32"
     option = DELTATUNE.get(name.split("@")[0], ("auto", False))[0]
     return str(resolve_dtype(option, torch.device("cpu"))).removeprefix("torch.")
 
@@ -202,26 +109,46 @@ def child_dtype(name: str) -> str:
 def package_at(rev: str, tmp: Path) -> Path:
     """A directory holding the ``deltatune`` package as it was at git revision ``rev``."""
     root = tmp / f"rev-{rev}"
+    if root.exists():  # a later round of --concurrent
+        return root
     root.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "deltatune"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
     return root
 
 
-def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
-    env = dict(os.environ, DELTATUNE_PEAK_GFLOPS=str(peaks[child_dtype(name)]))
+def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = None,
+                  barrier: Path | None = None) -> tuple[list, dict]:
+    """``(argv, env)`` of one contender's child; with ``core``, pinned there with one thread; with
+    ``barrier``, it waits there for its partner before its training starts."""
+    env = dict(os.environ, **({"DELTATUNE_PEAK_GFLOPS": str(peaks[child_dtype(name)])} if peaks else {}))
     extra = []
     if "@" in name:
         extra = ["--package-root", str(package_at(name.split("@", 1)[1], tmp))]
     cmd = [sys.executable, __file__, "--child", name.split("@")[0], *extra, "--threads", str(args.threads),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
-           "--eval-file", args.eval_file]
+           "--eval-file", args.eval_file, "--device", args.device] + (["--exact-match"] if args.exact_match else [])
+    if barrier is not None:
+        cmd += ["--barrier", str(barrier), "--barrier-n", "2"]
+    if core is not None:
+        cmd = ["taskset", "-c", str(core), *cmd]
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return cmd, env
+
+
+def child_result(name: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """The JSON line a child printed last, or an error carrying the end of its stderr."""
+    if returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_child(name: str, args, peaks: dict, tmp: Path) -> dict:
+    cmd, env = child_command(name, args, peaks, tmp)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_result(name, proc.returncode, proc.stdout, proc.stderr)
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -289,42 +216,115 @@ def measure_peaks(args) -> dict:
     return peaks
 
 
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=100)
-    p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS))
+    p.add_argument("--only", nargs="+", choices=CONTENDERS,
+                   help=f"contenders (default {' '.join(DEFAULT_CONTENDERS)}; with --concurrent: hf deltatune)")
     p.add_argument("--revs", nargs="+", default=[], metavar="REV",
                    help="also run the default deltatune contender at these git revisions (before the others)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per child (default 0 = all cores); 1 gives stable ratios on a busy machine")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per contender (per round with --concurrent)")
+    p.add_argument("--exact-match", action="store_true",
+                   help="also score each trained model's exact match on the eval rows (always on with --concurrent)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="two contenders at once, each on its own core with one thread (see the notes above)")
+    p.add_argument("--rounds", type=int, default=2, help="--concurrent: rounds, cores swapped between them")
+    p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
+                   help="--concurrent: the two cores (taskset -c)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs the children there)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)
+    p.add_argument("--barrier", help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--eval-file", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.only is None:
+        args.only = ["hf", "deltatune"] if args.concurrent else list(DEFAULT_CONTENDERS)
+    if args.concurrent:
+        args.threads, args.exact_match = 1, True
+        if len(args.only) + len(args.revs) != 2:
+            p.error(f"--concurrent runs exactly two contenders; got {args.only + args.revs}")
+        missing = set(args.cores) - os.sched_getaffinity(0)
+        if missing or args.cores[0] == args.cores[1]:
+            p.error(f"--cores {args.cores}: need two distinct cores this process may use "
+                    f"({sorted(os.sched_getaffinity(0))})")
+    return args
 
+
+def contender_order(args) -> list[str]:
+    """HF's contenders first (the baseline), then deltatune at ``--revs``, then the other contenders."""
+    return [n for n in args.only if n.startswith("hf")] + [f"deltatune@{rev}" for rev in args.revs] + \
+        [n for n in args.only if not n.startswith("hf")]
+
+
+def run_as_child(args) -> int:
+    if args.package_root:  # a contender at another git revision: its package first on the path
+        sys.path.insert(0, args.package_root)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    import train_contenders as contenders
+
+    if args.child.startswith("hf"):
+        result = contenders.child_hf(args, bf16=args.child == "hf-bf16")
+    else:
+        result = contenders.child_deltatune(args, *DELTATUNE[args.child])
+    print(json.dumps(result))
+    return 0
+
+
+def setup_record(args, peaks: dict) -> dict:
+    setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
+    setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
+                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg(), peak_gflops=peaks,
+                 command="python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]))
+    return setup
+
+
+def run_concurrent(names: list[str], args, peaks: dict, tmp: Path) -> int:
+    """The --concurrent protocol (``train_concurrent.py``); writes train_throughput_concurrent.*."""
+    import train_concurrent as conc
+    from deltatune.checkpoint.io import atomic_path, atomic_write_json
+
+    rounds = conc.run_rounds(names, args.rounds, args.cores,
+                             lambda name, core, barrier: child_command(name, args, peaks, tmp, core, barrier),
+                             child_result, args.timeout, tmp)
+    summary = conc.summarize(names, rounds)
+    md = conc.table(names, rounds, summary, label)
+    print("\n" + md)
+    setup = setup_record(args, peaks)
+    setup.update(protocol="concurrent: both contenders started together, each pinned with taskset to its own core, "
+                          "OMP_NUM_THREADS=MKL_NUM_THREADS=1 and torch.set_num_threads(1); cores swapped each round",
+                 rounds=args.rounds, cores=args.cores)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "train_throughput_concurrent.json"
+    atomic_write_json(out, {"setup": setup, "summary": summary, "rounds": rounds, "table": md})
+    with atomic_path(out.with_suffix(".png")) as path:
+        conc.plot(names, rounds, path, f"{label(names[1])} vs {label(names[0])}, at the same time on one core each: "
+                                       f"LoRA r=16 all-linear, SmolLM2-135M, {args.steps} steps x batch {args.batch}")
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
-        if args.package_root:  # a contender at another git revision: its package first on the path
-            sys.path.insert(0, args.package_root)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        result = child_hf(args) if args.child == "hf" else child_deltatune(args, *DELTATUNE[args.child])
-        print(json.dumps(result))
-        return 0
-
+        return run_as_child(args)
     peaks = measure_peaks(args)
+    names = contender_order(args)
     with tempfile.TemporaryDirectory() as tmp:
         write_subsets(args, Path(tmp))
+        if args.concurrent:
+            return run_concurrent(names, args, peaks, Path(tmp))
         results = {}
-        names = [n for n in args.only if n == "hf"] + [f"deltatune@{rev}" for rev in args.revs] + \
-            [n for n in args.only if n != "hf"]
         for name in names:
             print(f"running {name} ...", flush=True)
             results[name] = run_child(name, args, peaks, Path(tmp))
@@ -337,10 +337,8 @@ def main() -> int:
     md = table(results)
     print("\n" + md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    setup = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed", "eval_n")}
-    setup.update(model="SmolLM2-135M-Instruct", lora="r=16 alpha=32 all-linear", cpu_cores=os.cpu_count(),
-                 threads=args.threads or os.cpu_count(), load_average=os.getloadavg(), peak_gflops=peaks)
-    atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup, "results": results, "table": md})
+    atomic_write_json(RESULTS / "train_throughput.json", {"setup": setup_record(args, peaks), "results": results,
+                                                          "table": md})
     with atomic_path(RESULTS / "train_throughput.png") as tmp:
         plot(results, tmp)
     print(f"\nwrote {RESULTS / 'train_throughput.json'} and {RESULTS / 'train_throughput.png'}")

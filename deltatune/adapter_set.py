@@ -11,17 +11,27 @@ A *route* says what the current call applies, and is what a layer's ``forward`` 
 - a ``LongTensor`` of slots, one per row: a mixed batch; each layer gathers every row's factors
   from its bank (slot 0 is the base: zero delta).
 
-``PeftModel.forward`` / ``generate`` (and the training loss) set a per-call route in
-``try/finally`` through ``AdapterSet.routing``; outside such a call the route is the active adapter.
+The per-call route lives in a ``contextvars.ContextVar``, not on the set: two threads (or asyncio
+tasks) calling the same model at once with different adapters each see their own route. Only the
+call entry (``PeftModel.applying``) sets it, through ``AdapterSet.routed``; outside a call the
+route is the active adapter.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator, Sequence
 
 import torch
 
 BASE_NAME = "__base__"
+
+# id(adapter set) -> its route, for the calls running in this thread / task. One variable for all
+# sets (a ContextVar per instance could not be pickled or deep-copied with the model); the mapping
+# is replaced, never mutated, so a copied context keeps what it saw.
+_ROUTES: ContextVar[dict | None] = ContextVar("deltatune_routes", default=None)
+_COUNT_LOCK = threading.Lock()  # guards ``AdapterSet.routed_calls`` (module level: sets stay picklable)
 
 
 class MixingError(ValueError):
@@ -48,7 +58,7 @@ class AdapterSet:
         self.merged: list[str] = []
         self.disabled = False
         self.version = 0
-        self._route: tuple = ()          # () outside a routed call, else (route,)
+        self.routed_calls = 0           # routed calls running now, in any thread (see ``route``)
 
     # -- membership ----------------------------------------------------------------------------
     def add(self, name: str, config) -> int:
@@ -81,36 +91,63 @@ class AdapterSet:
 
     # -- routing -------------------------------------------------------------------------------
     def route(self):
-        """What the current call applies: None (base), an adapter name, or per-row slots (N,)."""
+        """What the current call applies: None (base), an adapter name, or per-row slots (N,).
+
+        The route of this thread's / task's innermost ``routed`` call, else the active adapter.
+        The context variable is read only while some routed call runs: ``torch.compile`` cannot
+        trace ``ContextVar.get`` (a graph break in every layer), and a training step, compiled
+        or not, routes nothing (it applies the active adapter).
+        """
         if self.disabled:
             return None
-        if self._route:
-            return self._route[0]
+        if not self.routed_calls:
+            return self.active
+        routes = _ROUTES.get()
+        if routes is not None and id(self) in routes:
+            return routes[id(self)]
         return self.active
 
     @contextmanager
-    def routing(self, adapter_names: Sequence[str] | None, device=None) -> Iterator[None]:
-        """Route this call's rows: ``adapter_names[i]`` for row ``i`` (``"__base__"`` = no adapter).
+    def routed(self, route) -> Iterator[None]:
+        """Run the body with ``route`` (from ``resolve``) as this context's route; the previous
+        route comes back on exit. Other threads and tasks never see it."""
+        routes = dict(_ROUTES.get() or {})
+        routes[id(self)] = route
+        token = _ROUTES.set(routes)
+        with _COUNT_LOCK:
+            self.routed_calls += 1
+        try:
+            yield
+        finally:
+            with _COUNT_LOCK:
+                self.routed_calls -= 1
+            _ROUTES.reset(token)
 
-        ``None`` keeps the active adapter. A list naming one adapter for every row takes the
-        single-adapter path. Layers repeat per-row slots to fit inputs whose leading dimension
-        is a multiple of the rows (beams, ``num_return_sequences``).
+    @contextmanager
+    def routing(self, adapter_names: Sequence[str] | None, device=None) -> Iterator[None]:
+        """Route this call's rows: ``adapter_names[i]`` for row ``i`` (``"__base__"`` = no adapter);
+        ``None`` keeps the current route. ``resolve`` + ``routed``; ``PeftModel.applying`` is the
+        entry calls use (it also checks mixability, puts trained biases live and prepares inputs).
 
         Raises:
-            MixingError: an unknown name, or an adapter is merged into the base weights.
+            MixingError: see ``resolve``.
         """
         if adapter_names is None:
             yield
             return
-        route = self._resolve(list(adapter_names), device)
-        previous = self._route
-        self._route = (route,)
-        try:
+        with self.routed(self.resolve(list(adapter_names), device)):
             yield
-        finally:
-            self._route = previous
 
-    def _resolve(self, names: list[str], device):
+    def resolve(self, names: Sequence[str], device=None):
+        """The route for rows named ``names``: one name for every row gives that name (the
+        single-adapter path; ``None`` for the base or while disabled), different names a
+        ``LongTensor`` of slots (N,). Layers repeat per-row slots to fit inputs whose leading
+        dimension is a multiple of the rows (beams, ``num_return_sequences``).
+
+        Raises:
+            MixingError: no names, an unknown name, or an adapter is merged into the base weights.
+        """
+        names = list(names)
         if not names:
             raise MixingError("adapter_names is empty; give one adapter name per row")
         unknown = sorted({n for n in names if n != BASE_NAME and n not in self.slots})
@@ -126,7 +163,6 @@ class AdapterSet:
             return None if names[0] == BASE_NAME else names[0]
         return torch.tensor([0 if n == BASE_NAME else self.slots[n] for n in names],
                             dtype=torch.long, device=device)
-
 
 
 def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:

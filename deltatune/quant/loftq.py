@@ -40,7 +40,7 @@ from torch import nn
 
 from deltatune import registry
 from deltatune.config import ConfigError
-from deltatune.quant import dense_weight, is_4bit
+from deltatune.quant.layers import dense_weight, is_4bit
 from deltatune.quant.nf4 import Linear4bit, check_backend
 
 __all__ = ["LoftQResult", "loftq_decompose", "low_rank_factors", "replace_lora_weights_loftq", "save_4bit_layers",

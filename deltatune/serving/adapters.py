@@ -62,6 +62,20 @@ def adapter_rank(config) -> int:
     return max(int(r) for r in ranks)
 
 
+def check_servable(config, path) -> None:
+    """Refuse, at load time, an adapter whose method the engine cannot run (its declared
+    ``servable`` capability), saying why. Raises AdapterLoadError."""
+    from deltatune import registry
+
+    method = registry.method_of(config)
+    if not method.servable:
+        raise AdapterLoadError(
+            f"{Path(path) / 'adapter_config.json'}: peft_type {method.peft_type} adds virtual tokens to the "
+            "prompt, which the engine cannot serve yet: the engine's batches share one KV cache and would "
+            "need each row's own virtual tokens in it; run this adapter with PeftModel.generate instead",
+            "lora_path")
+
+
 def read_version_files(path) -> tuple[object, dict]:
     """``(config, tensors)`` of an adapter directory, every problem as an ``AdapterLoadError``
     naming the file (missing directory, bad JSON, unknown method, corrupt weights, PiSSA)."""
@@ -115,6 +129,7 @@ class AdapterPool:
         if name in self.current and not replace:
             raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first or reload it in place "
                                    "(load_inplace / replace=True)", "lora_name")
+        check_servable(config, path)
         rank = adapter_rank(config)
         if rank > self.max_lora_rank:
             raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: rank r={rank} is above max_lora_rank="
@@ -212,15 +227,14 @@ class AdapterPool:
         self.ready[v.internal] = v
 
     def _check_mixable(self, v: Version) -> None:
-        where = f"adapter {v.name!r} ({v.path})"
-        if self.peft.base_model.trains_biases(v.internal):
-            raise AdapterLoadError(f"{where}: adapter_config.json has bias={v.config.bias!r}: rows of one batch "
-                                   "cannot have different biases; serve adapters trained with bias='none'",
+        """The call entry's one mixing rule (``peft_model.mixing_problem``): every served adapter
+        shares batches with the others."""
+        from deltatune.peft_model import mixing_problem
+
+        problem = mixing_problem(self.peft, v.internal)
+        if problem is not None:
+            raise AdapterLoadError(f"adapter {v.name!r} ({v.path}) cannot be served beside others: {problem}",
                                    "lora_path")
-        for module, layer in self.peft.base_model.adapter_layers():
-            if v.internal in layer.held and not layer.mixable:
-                raise AdapterLoadError(f"{where}: module {module} ({type(layer).__name__}) cannot serve mixed "
-                                       f"batches: {layer.cannot_mix_reason()}", "lora_path")
 
     def _eject(self, v: Version) -> None:
         self.peft.delete_adapter(v.internal)

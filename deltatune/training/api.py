@@ -79,7 +79,8 @@ def load_model(config: TrainConfig, device: torch.device):
     on ``device`` first: QLoRA. With ``init="loftq[:N]"`` LoftQ makes the 4-bit base instead,
     while the adapter goes on (``deltatune.quant.loftq``).
     """
-    from deltatune import get_peft_model, models
+    from deltatune import models
+    from deltatune.peft_model import get_peft_model
     from deltatune.training.precision import bound_cpu_kernel_caches, resolve_dtype
 
     dtype = resolve_dtype(config.dtype, device)
@@ -162,7 +163,8 @@ def train(config: TrainConfig | dict | str | os.PathLike | None = None, *, model
 def load_inference_model(model: str = "default", adapter: str | None = None, dtype: str = "auto",
                          device: str = "auto"):
     """``(model, tokenizer, device, autocast)``: a base (+ saved adapter) in eval mode."""
-    from deltatune import PeftModel, models
+    from deltatune import models
+    from deltatune.peft_model import PeftModel
     from deltatune.training.distributed import resolve_device
     from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from deltatune.checkpoint.io import CheckpointError, atomic_save_tensors, atomic_write_json, \
+from deltatune.checkpoint.io import CheckpointError, atomic_directory, atomic_save_tensors, atomic_write_json, \
     atomic_write_text, load_tensors
 
 LATEST = "latest"
@@ -55,8 +54,7 @@ def save_checkpoint(out: str | Path, state: TrainState, model, optimizer, config
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_directory(root / name) as tmp:  # a re-save of this step replaces it whole
         params = trainable_parameters(model)
         atomic_save_tensors({n: p.detach() for n, p in params.items()}, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _optimizer_state(optimizer)
@@ -67,17 +65,9 @@ def save_checkpoint(out: str | Path, state: TrainState, model, optimizer, config
             "python_rng": _python_rng(), "config": config})
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp / "adapter")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.chmod(0o755)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, keep, protect=name)
-    return final
+    return root / name
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

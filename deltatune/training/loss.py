@@ -21,6 +21,7 @@ from torch import nn
 
 from deltatune.training.batching import Batch
 from deltatune.training.data import IGNORE
+from deltatune.training.wrappers import adapter_model, unwrap  # noqa: F401 - also imported from here
 
 # Rows up to this long use eager attention under bf16 on the CPU (see ``cpu_bf16_attention``).
 EAGER_MAX_LEN = 256
@@ -87,32 +88,15 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.T
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel / DDP wrapper (adapter layers are in place)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "base_model", None), nn.Module) and \
-                isinstance(getattr(model.base_model, "model", None), nn.Module):
-            model = model.base_model.model
-        else:
-            return model
-
-
-def adapter_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP-style ``.module`` wrappers: the PeftModel (or plain model) itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def applying(model: nn.Module, adapter_names=None):
-    """The adapter model's ``applying`` context (what its ``forward`` does to a call), so the loss
-    and evaluation, which call the decoder directly, apply adapters exactly as ``forward`` does."""
-    from deltatune.peft_model import PeftModel
+    """The adapter model's call entry (``PeftModel.applying``: what its ``forward`` does to a call),
+    so the loss and evaluation, which call the decoder directly, apply adapters exactly as
+    ``forward`` does. Yields the ``Call`` whose ``prepare`` gives the decoder's inputs; for a
+    model without adapters, one that prepares nothing."""
+    from deltatune.peft_model import NO_ADAPTERS, PeftModel
 
     inner = adapter_model(model)
-    return inner.applying(adapter_names) if isinstance(inner, PeftModel) else nullcontext()
+    return inner.applying(adapter_names) if isinstance(inner, PeftModel) else nullcontext(NO_ADAPTERS)
 
 
 def packable(model) -> bool:
@@ -150,14 +134,15 @@ def _fast_parts(hf: nn.Module):
 def lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over ``batch``'s label positions; fp32 scalar.
 
-    The decoder is called directly (label-only head), inside the adapter model's ``applying``
-    context, so adapters act on the batch exactly as in ``PeftModel.forward``.
+    The decoder is called directly (label-only head), inside the adapter model's call entry
+    (``applying``), whose call prepares the decoder's inputs (virtual tokens), so adapters act on
+    the batch exactly as in ``PeftModel.forward``.
     """
-    with applying(model):
-        return _lm_loss_sum(model, batch)
+    with applying(model) as call:
+        return _lm_loss_sum(model, batch, call)
 
 
-def _lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _lm_loss_sum(model: nn.Module, batch: Batch, call) -> torch.Tensor:
     hf = unwrap(model)
     sel = batch.targets != IGNORE                                               # (R, L)
     targets = batch.targets[sel]                                                # (N,)
@@ -166,10 +151,8 @@ def _lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         return F.cross_entropy(out.logits[sel].float(), targets, reduction="sum")
     decoder, head, plain = parts
-    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    inner = adapter_model(model)
-    if hasattr(inner, "base_model") and hasattr(inner.base_model, "prepare_call"):
-        inputs = inner.base_model.prepare_call(inputs, callee=decoder)  # the method's inputs (virtual tokens)
+    inputs = call.prepare(dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False),
+                          callee=decoder)                               # the method's inputs (virtual tokens)
     with cpu_bf16_attention(hf, batch.input_ids):
         hidden = decoder(**inputs).last_hidden_state                            # (R, L, d)
     hidden = hidden[sel]                                                        # (N, d)

@@ -128,7 +128,7 @@ def shard_vocabulary(model: nn.Module, mesh) -> int:
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    from deltatune.training.loss import unwrap
+    from deltatune.training.wrappers import unwrap
 
     hf = unwrap(model)
     matrices = {}

@@ -3,15 +3,14 @@
 Structure mirrors peft's so parameter names match theirs (``base_model.model.<path>...``):
 ``PeftModel.base_model`` is a ``TunerModel`` whose ``.model`` is the user's model with some
 modules replaced by adapter layers. Every layer shares the model's one ``AdapterSet`` (names,
-slots, active / merged / disabled), and ``applying`` is the one place that decides what the
-adapters do to a call: ``forward``, ``generate`` and the training loss all enter it, with
-``adapter_names=`` (one name per row) for mixed-adapter batches. Files are read and written by
-``checkpoint.peft_format``; merging is each layer's pure ``merged_weight``.
+slots, active / merged / disabled), and ``applying`` (``peft_model.call``) is the one entry that
+decides what the adapters do to a call: ``forward``, ``generate``, the training loss and the
+serving engine all enter it, with ``adapter_names=`` (one name per row) for mixed-adapter
+batches. Files: ``peft_model.files``; merging: each layer's pure ``merged_weight``.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -19,55 +18,14 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from deltatune.adapter_set import AdapterSet, MixingError
+from deltatune import registry
+from deltatune.adapter_set import AdapterSet
 from deltatune.config import TASK_HEADS, PeftConfig
+from deltatune.peft_model import call as _call
+from deltatune.peft_model import files as _files
+from deltatune.peft_model import merge as _merge
+from deltatune.peft_model.signature import new_signed, signed_class
 from deltatune.tuner import TunerModel
-
-
-def _signed_class(cls: type, base_type: type) -> type:
-    """``cls`` with a ``forward`` that shows ``base_type.forward``'s parameters to ``inspect``.
-
-    Tools that read a model's forward signature (transformers' ``Trainer`` drops dataset
-    columns the forward does not name and finds label columns there) then see ``input_ids``,
-    ``labels``, ... instead of ``*args, **kwargs``. One subclass per (class, base type), cached;
-    it keeps ``cls``'s name, and ``isinstance(model, cls)`` holds.
-    """
-    key = (cls, base_type)
-    if key not in _SIGNED:
-        unsigned_forward = cls.forward
-
-        def forward(self, *args, **kwargs):
-            return unsigned_forward(self, *args, **kwargs)
-
-        forward.__doc__ = unsigned_forward.__doc__
-        try:
-            forward.__signature__ = _with_adapter_names(inspect.signature(base_type.forward))
-        except (TypeError, ValueError):  # a builtin or odd callable: keep *args, **kwargs
-            pass
-        _SIGNED[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__, "_deltatune_signed": (cls, base_type)})
-    return _SIGNED[key]
-
-
-_SIGNED: dict[tuple[type, type], type] = {}
-
-
-def _with_adapter_names(sig: inspect.Signature) -> inspect.Signature:
-    """``sig`` plus a keyword-only ``adapter_names=None`` (before ``**kwargs``), so a dataset column
-    of that name survives tools that keep only the columns the forward names."""
-    params = list(sig.parameters.values())
-    if "adapter_names" in sig.parameters:
-        return sig
-    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    return sig.replace(parameters=params[:cut] + [extra] + params[cut:])
-
-
-def _new_signed(cls: type, base_type: type):
-    """Unpickling helper: an empty instance of ``_signed_class(cls, base_type)``."""
-    return object.__new__(_signed_class(cls, base_type))
-
 
 class PeftModel(nn.Module):
     """A base model with named adapters. Use ``get_peft_model`` or ``PeftModel.from_pretrained``.
@@ -79,7 +37,7 @@ class PeftModel(nn.Module):
 
     def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
         if model is not None and "_deltatune_signed" not in cls.__dict__:
-            cls = _signed_class(cls, type(model))
+            cls = signed_class(cls, type(model))
         return super().__new__(cls)
 
     def __reduce_ex__(self, protocol):
@@ -88,7 +46,7 @@ class PeftModel(nn.Module):
         signed = type(self).__dict__.get("_deltatune_signed")
         if signed is None or not isinstance(reduced, tuple) or len(reduced) < 2:
             return reduced
-        return (_new_signed, signed) + tuple(reduced[2:])
+        return (new_signed, signed) + tuple(reduced[2:])
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         from deltatune.quant import prepare_4bit_layers
@@ -96,6 +54,7 @@ class PeftModel(nn.Module):
         super().__init__()
         prepare_4bit_layers(model)  # registers weight access for bitsandbytes 4-bit layers, if any
         self.adapter_set = AdapterSet()
+        self._mixing_problems: tuple[int, dict] = (-1, {})   # cache of ``call.mixing_problem``
         self.base_model = TunerModel(model, self.adapter_set)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
@@ -123,59 +82,40 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
         on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword."""
-        with self.applying(adapter_names):
-            if self.base_model.routed_component() is not None:  # the method prepares the inputs
-                kwargs = self.base_model.prepare_call(_named(self.base_model.model, args, kwargs))
-                args = ()
-            return self.base_model.model(*args, **kwargs)
+        model = self.base_model.model
+        with self.applying(adapter_names) as call:
+            if call.prepares_inputs:  # the method prepares the inputs (by name)
+                args, kwargs = (), call.prepare(_call.named(model, args, kwargs))
+            return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """``generate`` of the wrapped transformers model with the active adapter applied, or one
         adapter per prompt with ``adapter_names`` (beams and sampling included: each prompt's
         expanded rows keep its adapter)."""
-        with self.applying(adapter_names):
-            component = self.base_model.routed_component()
-            if component is not None:  # the method puts its virtual tokens in the cache
-                kwargs = component.generation_kwargs(self.base_model.model, _named(self.base_model.model, args, kwargs))
-                args = ()
-            return self.base_model.model.generate(*args, **kwargs)
+        model = self.base_model.model
+        with self.applying(adapter_names) as call:
+            if call.prepares_inputs:  # the method puts its virtual tokens in the cache
+                args, kwargs = (), call.prepare_generate(_call.named(model, args, kwargs))
+            return model.generate(*args, **kwargs)
 
-    @contextmanager
-    def applying(self, adapter_names: Sequence[str] | None = None):
-        """The one place that decides what the adapters do to a call; ``forward``, ``generate``
-        and the training loss run inside it.
+    def applying(self, adapter_names: Sequence[str] | str | None = None, *, reuse: _call.Call | None = None):
+        """The one call entry: a context that decides what the adapters do to a call and yields a
+        ``Call`` that prepares its inputs (``call.prepare(kwargs, callee=...)``,
+        ``call.prepare_generate(kwargs)``); ``forward``, ``generate``, the training loss and the
+        serving engine all run inside it.
 
-        ``adapter_names=None`` applies the active adapter (and merged ones). A list gives each
-        row's adapter: one name for every row takes the single-adapter path; different names
-        make a mixed batch, where each layer gathers every row's factors from its bank.
+        ``adapter_names=None`` applies the current route (the active adapter and merged ones, or
+        an enclosing call's). A list gives each row's adapter: one name for every row takes the
+        single-adapter path; different names make a mixed batch, where each layer gathers every
+        row's factors from its bank. The route is this thread's / task's own. ``reuse``: a
+        previous call whose route tensor to reuse for the same rows (see ``call.applying``).
 
         Raises:
-            MixingError: an unknown name, an adapter merged into the weights, a layer type or
-                method that cannot mix, or adapters with trained biases in a mixed batch.
+            MixingError: an unknown name, an adapter merged into the weights, or an adapter that
+                cannot share a batch (``call.mixing_problem``: its method, trained biases, or a
+                layer type without a per-row path).
         """
-        if adapter_names is None:
-            yield
-            return
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        with self.adapter_set.routing(names):
-            route = self.adapter_set.route()
-            if route is not None and not isinstance(route, str):
-                from deltatune import registry
-
-                for n in dict.fromkeys(names):
-                    if n in self.peft_config and not registry.method_of(self.peft_config[n]).mixable:
-                        raise MixingError(f"adapter {n!r} is a {self.peft_config[n].peft_type.value} adapter, which "
-                                          "cannot share a batch with other adapters; run its rows in a separate call")
-                biased = sorted({n for n in names if self.base_model.trains_biases(n)})
-                if biased:
-                    raise MixingError(f"adapter(s) {biased} train their own biases (bias != 'none'); "
-                                      "rows with different adapters cannot have different biases")
-            previous = self.base_model._bias_live
-            self.base_model.sync_biases([route] if isinstance(route, str) else [])
-            try:
-                yield
-            finally:
-                self.base_model.sync_biases(previous)
+        return _call.applying(self, adapter_names, reuse)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -198,8 +138,6 @@ class PeftModel(nn.Module):
         if adapter_name in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         peft_config = _for_task(peft_config)
-        from deltatune import registry
-
         complete = registry.method_of(peft_config).complete_config
         if complete is not None:  # fields that depend on the base, as peft writes them
             peft_config = complete(peft_config, self.base_model.model)
@@ -299,46 +237,13 @@ class PeftModel(nn.Module):
         checked for non-finite values before any is written; another error (a method that cannot
         merge) unmerges the layers already done and re-raises.
         """
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        unknown = [n for n in names if n not in self.adapter_set]
-        if unknown:
-            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; have {sorted(self.peft_config)}")
-        self._check_mergeable(names)
-        layers = [layer for _, layer in self.base_model.adapter_layers()]
-        for name in [n for n in names if n not in self.adapter_set.merged]:
-            if safe_merge:  # check every layer before writing any
-                for layer in layers:
-                    layer.check_merge(name)
-            done = []
-            try:
-                for layer in layers:
-                    layer.merge([name], safe_merge=safe_merge)
-                    done.append(layer)
-            except BaseException:
-                for layer in reversed(done):
-                    layer.unmerge([name])
-                raise
-            self.adapter_set.merged.append(name)
+        _merge.merge_adapter(self, list(adapter_names) if adapter_names is not None else self.active_adapters,
+                             safe_merge)
         self.base_model.sync_biases(self._applied())
-
-    def _check_mergeable(self, names: list[str]) -> None:
-        """Raise NotImplementedError naming the method of an adapter whose method cannot merge."""
-        from deltatune import registry
-
-        for name in names:
-            config = self.peft_config.get(name)
-            if config is not None and not registry.method_of(config).mergeable:
-                raise NotImplementedError(
-                    f"adapter {name!r} ({config.peft_type.value}) cannot be merged into the base weights: its "
-                    "virtual tokens are extra inputs, not a weight change. Use unload() to get the base model "
-                    "back without the adapter, or keep the PeftModel for inference.")
 
     def unmerge_adapter(self) -> None:
         """Undo ``merge_adapter`` (every merged adapter, last merged first)."""
-        merged = list(self.adapter_set.merged)
-        for _, layer in self.base_model.adapter_layers():
-            layer.unmerge(merged)
-        self.adapter_set.merged = []
+        _merge.unmerge_adapter(self)
         self.base_model.sync_biases(self._applied())
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -354,17 +259,7 @@ class PeftModel(nn.Module):
         Raises:
             NotImplementedError: an adapter method that cannot merge (the message names it).
         """
-        from deltatune import quant
-
-        self._check_mergeable(list(adapter_names) if adapter_names is not None else self.active_adapters)
-        quantized = any(quant.is_4bit(m) for m in self.base_model.model.modules())
-        if quantized:
-            quant.dequantize_model(self.base_model.model)
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        model = self.base_model.unload(merged=list(self.adapter_set.merged))
-        if quantized and requantize:
-            quant.requantize(model)
-        return model
+        return _merge.merge_and_unload(self, adapter_names, safe_merge, requantize)
 
     def unload(self) -> nn.Module:
         """Return the base model with every adapter removed and nothing merged (merged adapters
@@ -429,19 +324,8 @@ class PeftModel(nn.Module):
         rank-2r LoRA on the original base (``checkpoint.convert.pissa_to_lora``), which any LoRA
         loader (peft, vLLM, ``deltatune serve``) applies correctly.
         """
-        from deltatune.checkpoint.peft_format import write_adapters
-
-        if not is_main_process:
-            return
-        adapters = {}
-        for name in selected_adapters or list(self.peft_config):
-            if name not in self.adapter_set:
-                raise ValueError(f"cannot save unknown adapter {name!r}; have {sorted(self.peft_config)}")
-            config, tensors = self.peft_config[name], self.base_model.adapter_state(name)
-            if path_initial_model_for_weight_conversion is not None:
-                config, tensors = _as_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
-            adapters["" if name == "default" else name] = (config, tensors)
-        write_adapters(save_directory, adapters)
+        if is_main_process:
+            _files.save_pretrained(self, save_directory, selected_adapters, path_initial_model_for_weight_conversion)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -452,99 +336,17 @@ class PeftModel(nn.Module):
             FileNotFoundError, ConfigError, CheckpointError: the message names the file and key;
                 ``model`` is left as it was.
         """
-        from deltatune.checkpoint.peft_format import loftq_of, read_adapter
-
-        config, tensors = read_adapter(model_id, config)
-        loftq = loftq_of(model_id, config)
-        peft_model = cls(model, _for_loading(config, is_trainable, loftq), adapter_name)
-        try:
-            peft_model._load_weights(adapter_name, tensors, model_id)
-        except BaseException:
-            peft_model._discard(adapter_name)
-            raise
-        if loftq:
-            peft_model._loaded_loftq(adapter_name, loftq, model_id)
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
+        return _files.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      **_ignored) -> None:
         """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``)."""
-        from deltatune.checkpoint.peft_format import loftq_of, read_adapter
-
-        config, tensors = read_adapter(model_id)
-        loftq = loftq_of(model_id, config)
-        self.add_adapter(adapter_name, _for_loading(config, is_trainable, loftq))
-        try:
-            self._load_weights(adapter_name, tensors, model_id)
-        except BaseException:
-            self._discard(adapter_name)
-            self._refresh()
-            raise
-        if loftq:
-            self._loaded_loftq(adapter_name, loftq, model_id)
-        self._refresh()
-
-    def _loaded_loftq(self, adapter_name: str, loftq: dict, source) -> None:
-        """A LoftQ adapter was loaded as plain LoRA (no LoftQ redone): record its init again, so
-        saving keeps the mark, and warn when its layers sit on full-precision weights."""
-        from deltatune.quant import is_4bit
-
-        config = self.adapter_set.configs[adapter_name]
-        self.adapter_set.configs[adapter_name] = dataclasses.replace(config, init_lora_weights="loftq",
-                                                                     loftq_config=loftq)
-        dense = [n for n, layer in self.base_model.adapter_layers()
-                 if adapter_name in layer.held and not is_4bit(layer.get_base_layer())]
-        if dense:
-            warnings.warn(
-                f"{source}: adapter {adapter_name!r} was initialised by LoftQ for a 4-bit NF4 base, but {len(dense)} "
-                f"of its layers (e.g. {dense[0]}) are full precision here: its factors start from the NF4 rounding "
-                "error, so on the original weights they change the model. Load it onto the 4-bit base it was made "
-                "for (with loftq_iter=1 that is deltatune.quantize(base)).", stacklevel=3)
+        _files.load_adapter(self, model_id, adapter_name, is_trainable)
 
     def _load_weights(self, adapter_name: str, tensors: dict, source) -> None:
-        """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly: every
-        key present with its shape and every key used, else nothing is copied."""
-        import torch
-
-        from deltatune.checkpoint.peft_format import check_tensors, drop_peft_artefacts
-
-        if adapter_name in self.base_model.components:  # a file holds the encoder's result, not the encoder
-            self.base_model.components[adapter_name].resolve()
-        expected = self.base_model.adapter_state(adapter_name)
-        tensors = drop_peft_artefacts(tensors, self.base_model.saved_module_names())
-        check_tensors({k: tuple(v.shape) for k, v in expected.items()}, tensors, source)
-        with torch.no_grad():
-            for key, live in expected.items():
-                live.copy_(tensors[key].to(device=live.device, dtype=live.dtype))
-
-
-def _as_plain_lora(config: PeftConfig, tensors: dict, initial_dir) -> tuple[PeftConfig, dict]:
-    """A PiSSA adapter's tensors as plain LoRA on the original base, from its initial save."""
-    from deltatune.checkpoint.convert import pissa_to_lora
-    from deltatune.checkpoint.peft_format import read_adapter
-
-    if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA" or config.use_dora:
-        raise ValueError("path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA) only, "
-                         f"not {config.peft_type.value}{' with DoRA' if getattr(config, 'use_dora', False) else ''}")
-    _, initial = read_adapter(initial_dir)
-    return pissa_to_lora(config, {k: v.detach() for k, v in tensors.items()}, initial, source=initial_dir)
-
-
-def _for_loading(config: PeftConfig, is_trainable: bool, loftq: dict | None) -> PeftConfig:
-    """A saved adapter's config as it is added before its tensors are copied in: inference mode
-    unless trainable, and a LoftQ adapter as plain LoRA (its factors go onto the base as it is)."""
-    plain = {"init_lora_weights": True, "loftq_config": {}} if loftq else {}
-    return dataclasses.replace(config, inference_mode=not is_trainable, **plain)
-
-
-def _named(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Positional arguments of a call to ``model`` as keywords (an input hook edits them by name)."""
-    if not args:
-        return kwargs
-    names = [n for n in inspect.signature(model.forward).parameters if n not in ("self",)]
-    return {**dict(zip(names, args)), **kwargs}
+        """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly
+        (``files.load_weights``)."""
+        _files.load_weights(self, adapter_name, tensors, source)
 
 
 def _for_task(config: PeftConfig) -> PeftConfig:
@@ -562,12 +364,7 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
         p.requires_grad_(False)
     if adapter_name is None or config is None or config.inference_mode:
         return
-    for _, layer in tuner.adapter_layers():
-        for _, p in layer.adapter_parameters(adapter_name):
-            p.requires_grad_(True)
-    for p in tuner.live_bias_parameters(adapter_name):
-        p.requires_grad_(True)
-    for p in tuner.component_parameters(adapter_name):
+    for p in tuner.adapter_parameters(adapter_name):
         p.requires_grad_(True)
 
 
