@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from deltatune.atomic import atomic_directory
 from deltatune.cli.common import parse_adapters
 
 
@@ -90,15 +89,9 @@ def cmd_merge(args) -> int:
     base = models.load(args.base)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload(safe_merge=True)
     tokenizer = models.load_tokenizer(args.base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # the one directory swap (deltatune.atomic)
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged {args.adapter} into {args.base} -> {out}")
     return 0
 
@@ -140,18 +133,6 @@ def cmd_combine(args) -> int:
     loaded = " (base loaded for DoRA)" if base else ""
     print(f"combined {', '.join(adapters)} ({args.type}, weights {weights}) -> {args.out}{loaded}")
     return 0
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``; an existing ``target`` is swapped out, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def cmd_targets(args) -> int:

@@ -54,7 +54,7 @@ class ModelRunner:
         self.cache = make_cache(cfg, max_num_seqs, self.max_model_len, self.dtype, self.device)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pool = AdapterPool(model, max_loras, max_cpu_loras, max_lora_rank)
-        self._route: tuple | None = None        # (row adapter names, slot tensor) of the last mixed forward
+        self._last_call = None                  # the previous forward's Call: its route tensor is reused
 
     def _pack(self, pack_weights: bool | None, rows: int) -> int:
         """Pack the bare base's linear weights for ``rows``-row GEMMs where that applies; how many."""
@@ -100,7 +100,7 @@ class ModelRunner:
         """Zero cache positions before anything is written or read there (in chunks, so not every step)."""
         self.cache.ensure_clean(min(-(-length // CLEAN_CHUNK) * CLEAN_CHUNK, self.cache.max_len))
 
-    # -- the forward pass with adapter routing (the seam the core's call entry will replace) ----
+    # -- the forward pass, through the model's one call entry ---------------------------------
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, names: list[str]):
         kwargs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "use_cache": True,
                   "logits_to_keep": 1, self._cache_kw: self.cache}
@@ -108,26 +108,15 @@ class ModelRunner:
             if self.pool.peft is None:
                 out = self.model(**kwargs)
             else:
-                with self.pool.peft.applying(names):
-                    self._keep_route(names)
-                    out = self.model(**kwargs)
+                # reuse=: when the rows' adapters are the previous step's (and no adapter came or
+                # went), the call routes with the previous route tensor, so layers reuse their
+                # gathered factors at once (``AdapterLayer.gathered``'s identity check, as on each
+                # decode step of ``generate``). Safe here: a version's tensors never change while a
+                # request runs on it (a reload is a new version).
+                with self.pool.peft.applying(names, reuse=self._last_call) as call:
+                    self._last_call = call
+                    out = self.model(**call.prepare(kwargs))
         return out.logits[:, -1].float()                                   # (B, V)
-
-    def _keep_route(self, names: list[str]) -> None:
-        """Route this call's rows with the previous call's slot tensor when the rows' adapters are
-        the same: layers then reuse their gathered factors at once (``AdapterLayer.gathered``'s
-        identity check, the path ``generate`` takes on every step) instead of re-checking their
-        banks first. Safe here: a version's tensors never change while a request runs on it (a
-        reload is a new version), and gathered factors are copies, untouched by other adapters
-        being loaded or evicted."""
-        adapter_set = self.pool.peft.adapter_set
-        route = adapter_set.route()
-        if not isinstance(route, torch.Tensor):
-            return
-        if self._route is not None and self._route[0] == names:
-            adapter_set._route = (self._route[1],)
-        else:
-            self._route = (list(names), route)
 
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, seqs: list[Seq], logits: torch.Tensor, eos: set[int]) -> list[int]:
