@@ -38,6 +38,7 @@ from deltatune import registry
 from deltatune.adapter_set import MixingError
 from deltatune.merging import dora_merge, dora_unmerge
 from deltatune.methods.base import tensor_versions
+from deltatune.methods.lora_kernel import may_add_in_place
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -75,7 +76,7 @@ def _gather_g(bank: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor
 class DoraMixin:
     """What DoRA adds to a LoRA layer: magnitudes, the norm, the DoRA merge and output.
 
-    The layer class provides ``delta``, ``_in_place`` and ``_dropout_active``, and may change the
+    The layer class provides ``delta``, ``adds_in_place`` and ``_dropout_active``, and may change the
     row layout below (one norm per output feature or channel; Embedding's are per dimension):
     ``_as_rows`` (weight -> (n_norms, k)), ``_from_rows`` (its inverse), ``_factor_rows`` (an
     adapter's ``(A, B)`` in that layout), ``_magnitude_shape`` (peft's stored shape) and
@@ -84,12 +85,13 @@ class DoraMixin:
 
     def _init_dora(self) -> None:
         self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora: dict[str, bool] = {}                       # names with a magnitude (a plain dict: read per call)
         self._base_sq: tuple | None = None                    # (base version key, ||W_i||²)
         self._norm_cache: dict[str, tuple] = {}               # name -> (version key, n)
         self._merge_norms: dict[str, torch.Tensor] = {}       # name -> n used when it was merged
 
     def per_adapter_tables(self) -> list[dict]:
-        return super().per_adapter_tables() + [self._norm_cache, self._merge_norms]
+        return super().per_adapter_tables() + [self._dora, self._norm_cache, self._merge_norms]
 
     def train(self, mode: bool = True):
         """Switching mode drops cached norms: fused optimizers update the factors in place
@@ -103,6 +105,7 @@ class DoraMixin:
             m = self.weight_norm(name, cached=False)
         dtype = self._factor_rows(name)[0].dtype
         self.lora_magnitude_vector[name] = Magnitude(self._magnitude_shape(m).to(dtype))
+        self._dora[name] = True
         self._register(name)  # the magnitude is one more of this adapter's tensors
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -133,9 +136,7 @@ class DoraMixin:
 
     def uses_dora(self, route) -> bool:
         """True when this call's route (a held adapter's name, or per-row slots) needs DoRA's output."""
-        if isinstance(route, str):
-            return route in self.lora_magnitude_vector
-        return len(self.lora_magnitude_vector) > 0
+        return route in self._dora if isinstance(route, str) else bool(self._dora)
 
     # -- the norm ------------------------------------------------------------------------------
     def _base_key(self) -> tuple:
@@ -208,9 +209,8 @@ class DoraMixin:
             return self._dora_dropout(x, route, base, bias)
         if not isinstance(route, str) and self.training:
             self._refuse_dropout_rows(route)
-        if self._in_place(route, x, base):
-            out = base if bias is None else base.sub_(bias)
-            self.delta(x, route, out=out)
+        if self.adds_in_place and may_add_in_place(x, base):
+            out = self.delta(x, route, out=base if bias is None else base.sub_(bias))   # in place if it can
             out.mul_(self._gain(route, out))
             return out if bias is None else out.add_(bias)
         lora = self.delta(x, route).to(base.dtype)                           # (..., out)

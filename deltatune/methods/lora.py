@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
     """
 
     adapter_containers = ("lora_A", "lora_B", MAGNITUDE)
+    adds_in_place: ClassVar[bool] = True    # the layer type has an in-place inference path
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -132,7 +134,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
             return result
         if self.uses_dora(route):
             return self.dora_forward(x, route, result)
-        if self._in_place(route, x, result):
+        if self.adds_in_place and may_add_in_place(x, result):
             return self.delta(x, route, out=result)
         return result + self.delta(x, route).to(result.dtype)
 
@@ -141,8 +143,10 @@ class LoraLayer(DoraMixin, AdapterLayer):
         batch), or per-row slots (a LongTensor, as ``route()`` gives; slot-0 rows get zeros).
 
         Args:
-            out: the base output to add the delta into in place, where ``_in_place`` allows it
-                (inference); returned. None: a new tensor (autograd-safe).
+            out: inference only (``may_add_in_place``): the base output; ``out + delta`` is
+                returned, computed in place into ``out`` where the factors allow it (no dropout to
+                apply; fp32 factors on a 16-bit input only where ``cast_factors_on`` says so).
+                None: the delta, a new tensor (autograd-safe).
             dropout: apply the adapter's dropout (one adapter; DoRA passes an input it dropped).
 
         Raises:
@@ -154,20 +158,6 @@ class LoraLayer(DoraMixin, AdapterLayer):
 
     def _dropout_active(self, name: str) -> bool:
         return self.training and _dropout_p(self.lora_dropout[name]) > 0
-
-    def _in_place(self, route, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """True when ``delta`` may add into ``result`` in place: inference (``may_add_in_place``), no
-        dropout to apply, and factors usable in the input's dtype (fp32 factors on a 16-bit
-        input run as cached 16-bit copies only where ``cast_factors_on`` says so)."""
-        if not may_add_in_place(x, result):
-            return False
-        if isinstance(route, str):
-            if self._dropout_active(route):
-                return False
-        elif self.training:
-            return False
-        name = route if isinstance(route, str) else self.held[0]
-        return self.lora_A[name].weight.dtype == x.dtype or cast_factors_on(x.device)
 
 
 class LoraLinear(LoraLayer):
@@ -254,6 +244,9 @@ class LoraLinear(LoraLayer):
         """
         A, B = self.lora_A[name].weight, self.lora_B[name].weight          # (r, in), (out, r)
         if out is not None:
+            if (dropout and self.training and _dropout_p(self.lora_dropout[name]) > 0) or not (
+                    A.dtype == x.dtype or cast_factors_on(x.device)):
+                return out + self._one(name, x, None, dropout).to(out.dtype)
             if A.dtype != x.dtype:
                 A, B = self._factors_in(name, A, B, x.dtype)
             return lora_matmul(x, A.T, B.T, self.scaling[name], out)
@@ -272,6 +265,8 @@ class LoraLinear(LoraLayer):
         """Each row's own adapter delta, gathered from the bank (in the input's dtype in place)."""
         n = x.shape[0]
         if out is not None:
+            if self.training or not (self.lora_A[self.held[0]].weight.dtype == x.dtype or cast_factors_on(x.device)):
+                return out + self._rows(route, x, None).to(out.dtype)
             A, B, _ = self.gathered(route, n, gather_lora_as(x.dtype))    # (n, in, r), (n, r, out)
             return lora_matmul(x, A, B, out=out)
         A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
@@ -305,6 +300,7 @@ class LoraEmbedding(LoraLayer):
     ``B`` (dim, r). No dropout (as in peft); DoRA norms run over the vocabulary, per dimension."""
 
     adapter_containers = ("lora_embedding_A", "lora_embedding_B", MAGNITUDE)
+    adds_in_place = False                    # ids in: the output has another dtype
 
     def __init__(self, base_layer: nn.Embedding, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -331,9 +327,6 @@ class LoraEmbedding(LoraLayer):
 
     def _dropout_active(self, name: str) -> bool:
         return False
-
-    def _in_place(self, route, x: torch.Tensor, result: torch.Tensor) -> bool:
-        return False                                            # ids in: nothing to add into in their dtype
 
     def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """``s·B A[:, x]``: the adapter's change to the embeddings of ids ``x`` -> (..., dim)."""
@@ -379,6 +372,8 @@ class LoraEmbedding(LoraLayer):
 class LoraConv2d(LoraLayer):
     """LoRA (and DoRA) on ``nn.Conv2d``: ``A`` has the base's kernel, stride and padding, ``B`` is 1x1."""
 
+    adds_in_place = False                    # the convolution by A makes a new tensor anyway
+
     def __init__(self, base_layer: nn.Conv2d, adapter_set: AdapterSet | None = None) -> None:
         if base_layer.groups != 1:
             raise ConfigError(f"LoRA on grouped Conv2d (groups={base_layer.groups}) is not supported")
@@ -403,9 +398,6 @@ class LoraConv2d(LoraLayer):
     def cannot_mix_reason(self) -> str:
         return ("LoRA on Conv2d has no per-row path yet; run rows for different adapters in "
                 "separate calls (or merge one adapter)")
-
-    def _in_place(self, route, x: torch.Tensor, result: torch.Tensor) -> bool:
-        return False              # the convolution by A makes a new tensor anyway
 
     def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """The convolution by ``A`` into rank space, then ``lora_matmul`` over the channels (``B``

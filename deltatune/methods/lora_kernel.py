@@ -20,17 +20,22 @@ def lora_matmul(x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor, scale=
         out: the base output to add into in place (inference: no autograd, the input's dtype, its
             own contiguous memory), returned; None: a new tensor (autograd-safe).
     """
-    per_row = B.dim() == 3
     if out is None:
         h = x if A is None else x @ A                                          # (..., r)
         return (h * scale) @ B                                                 # (..., out)
-    lead = (x.shape[0], -1) if per_row else (-1,)
-    xs = x.reshape(*lead, x.shape[-1])                                         # (N, T, in) or (M, in)
-    h = xs if A is None else (torch.bmm(xs, A) if per_row else xs @ A)         # (N, T, r) or (M, r)
+    if B.dim() == 3:                                                           # a factor per row
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])                            # (N, T, in)
+        h = xs if A is None else torch.bmm(xs, A)                              # (N, T, r)
+        if isinstance(scale, torch.Tensor):
+            h, scale = h * scale.to(h.dtype), 1.0
+        rows = out.view(x.shape[0], -1, out.shape[-1])                         # (N, T, out)
+        rows.baddbmm_(h, B) if scale == 1.0 else rows.baddbmm_(h, B, alpha=scale)
+        return out
+    xs = x.reshape(-1, x.shape[-1])                                            # (M, in)
+    h = xs if A is None else xs @ A                                            # (M, r)
     if isinstance(scale, torch.Tensor):
         h, scale = h * scale.to(h.dtype), 1.0
-    rows = out.view(*lead, out.shape[-1])                                      # (N, T, out) or (M, out)
-    (rows.baddbmm_ if per_row else rows.addmm_)(h, B, alpha=scale)
+    out.view(-1, out.shape[-1]).addmm_(h, B, alpha=scale)                     # (M, r) @ (r, out)
     return out
 
 
