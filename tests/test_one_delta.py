@@ -157,3 +157,16 @@ def test_every_scaling_goes_through_merging_lora_scaling(monkeypatch, rslora):
         combined = arithmetic.lora_config_for(config, {"q_proj": (8, s)}, use_rslora=rslora)
         assert combined.lora_alpha == pytest.approx(16)
 
+
+
+def test_safe_merge_with_modules_to_save():
+    """Mergeability is the method's: a modules-to-save copy has nothing to fold in (its check used to
+    call a merge it does not have)."""
+    from tests.conftest import tiny_bert
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    perturb_trainable(model)
+    ids = token_batch()
+    before = model(input_ids=ids).logits
+    model.merge_adapter(safe_merge=True)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
