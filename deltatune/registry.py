@@ -35,6 +35,8 @@ class Method:
         complete_config: ``(config, model) -> config`` filling fields that depend on the base
             (peft writes them to the file), applied when the adapter is added.
         default_lr: the peak learning rate ``deltatune train`` uses when none is given.
+        why_not_mergeable: for a method that cannot merge, why (ends the error ``merge_adapter``
+            and ``merge_and_unload`` raise).
     """
 
     peft_type: str
@@ -47,6 +49,7 @@ class Method:
     component: Callable | None = None
     complete_config: Callable | None = None
     default_lr: float = 2e-4
+    why_not_mergeable: str = ""
 
     def layer_class_for(self, module: nn.Module, config=None) -> type | None:
         """The adapter layer class for ``module``'s type (most specific registered base type), or

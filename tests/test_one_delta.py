@@ -170,3 +170,17 @@ def test_safe_merge_with_modules_to_save():
     before = model(input_ids=ids).logits
     model.merge_adapter(safe_merge=True)
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+
+
+def test_unmergeable_methods_say_their_own_reason():
+    """merge_and_unload on a method that cannot merge names that method's reason, declared once on
+    the method (a bottleneck adapter is not a set of virtual tokens)."""
+    from deltatune import AdapterConfig, PromptTuningConfig, get_peft_model
+
+    cases = [(AdapterConfig(bottleneck_size=4), "non-linearity"),
+             (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), "virtual tokens")]
+    for config, reason in cases:
+        peft = get_peft_model(tiny_llama(), config)
+        with pytest.raises(NotImplementedError, match=reason) as info:
+            peft.merge_and_unload()
+        assert config.peft_type.value in str(info.value)

@@ -230,8 +230,8 @@ def _register() -> None:
     from transformers.pytorch_utils import Conv1D
 
     key = PeftType.BOTTLENECK.value
-    # not mergeable: the non-linearity sits between the two projections
-    registry.register_method(key, AdapterConfig, cli_names=("adapter", "bottleneck"), mergeable=False)
+    registry.register_method(key, AdapterConfig, cli_names=("adapter", "bottleneck"), mergeable=False,
+                             why_not_mergeable="its non-linearity sits between two projections")
     registry.register_method(key, AdapterConfig, cli_names=("houlsby",), overrides={"adapter_type": "houlsby"})
     registry.register_method(key, AdapterConfig, cli_names=("pfeiffer",), overrides={"adapter_type": "pfeiffer"})
     for base_type in (nn.Linear, Conv1D):

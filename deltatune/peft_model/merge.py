@@ -14,11 +14,12 @@ def check_mergeable(peft, names: list[str]) -> None:
     """Raise NotImplementedError naming the method of an adapter whose method cannot merge."""
     for name in names:
         config = peft.peft_config.get(name)
-        if config is not None and not registry.method_of(config).mergeable:
+        method = registry.method_of(config) if config is not None else None
+        if method is not None and not method.mergeable:
+            why = f": {method.why_not_mergeable}" if method.why_not_mergeable else ""
             raise NotImplementedError(
-                f"adapter {name!r} ({config.peft_type.value}) cannot be merged into the base weights: its "
-                "virtual tokens are extra inputs, not a weight change. Use unload() to get the base model "
-                "back without the adapter, or keep the PeftModel for inference.")
+                f"adapter {name!r} ({config.peft_type.value}) cannot be merged into the base weights{why}. "
+                "Use unload() to get the base model back without the adapter, or keep the PeftModel for inference.")
 
 
 def merge_adapter(peft, names: list[str], safe_merge: bool) -> None:
