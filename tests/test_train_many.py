@@ -120,3 +120,42 @@ def test_names_must_be_unique(tmp_path, tok, files):
     tasks = [TaskSpec("x", files["lora"], configs()["lora"]), TaskSpec("x", files["ia3"], configs()["ia3"])]
     with pytest.raises(ValueError, match="'x' given twice"):
         train_many(tiny_causal_lm(len(tok)), tasks, tokenizer=tok, out=str(tmp_path / "out"), **SHARED)
+
+
+def test_cli_task_flags_train_one_adapter_per_task(tmp_path, files):
+    from deltatune.cli import main
+    from test_training_helpers import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "multi"
+    code = main(["train", "--model", str(model_dir), "--task", f"a={files['lora']}", "--task", f"b={files['ia3']}",
+                 "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--r", "4", "--target", "q_proj,v_proj",
+                 "--dtype", "float32", "--no-progress"])
+    assert code in (0, None)
+    for name in ("a", "b"):
+        config = json.loads((out / name / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4
+        assert json.loads((out / name / "summary.json").read_text())["steps"] == 2
+
+
+def test_weighted_loss_sum_and_token_losses_match_cross_entropy(tmp_path, tok):
+    """``lm_loss_sum``'s per-position weights and per-token output (what train_many's loss uses)."""
+    import torch.nn.functional as F
+
+    from deltatune.training.batching import collate
+    from deltatune.training.data import IGNORE
+    from deltatune.training.loss import lm_loss_sum
+
+    model = tiny_causal_lm(len(tok))
+    rows = load_dataset(write_jsonl(tmp_path / "rows.jsonl", chat_rows(3, seed=5)), tok).examples
+    batch = collate(rows, packing=False)
+    weights = torch.rand(batch.targets.shape)
+    token_losses = torch.zeros(batch.targets.shape)
+    total = lm_loss_sum(model, batch, weights, token_losses)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+    sel = batch.targets != IGNORE
+    ce = F.cross_entropy(logits[sel], batch.targets[sel], reduction="none")
+    torch.testing.assert_close(token_losses[sel], ce.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, (ce * weights[sel]).sum(), rtol=1e-5, atol=1e-5)
+    assert bool((token_losses[~sel] == 0).all())
+
