@@ -159,3 +159,18 @@ def test_weighted_loss_sum_and_token_losses_match_cross_entropy(tmp_path, tok):
     torch.testing.assert_close(total, (ce * weights[sel]).sum(), rtol=1e-5, atol=1e-5)
     assert bool((token_losses[~sel] == 0).all())
 
+
+
+def test_a_task_without_lr_gets_its_methods_default_unless_the_run_sets_one():
+    from deltatune import registry
+    from deltatune.training.api import make_config
+    from deltatune.training.many import _task_config
+
+    ia3, lora = configs()["ia3"], configs()["lora"]
+    unset = make_config(None, out="x")
+    assert _task_config(TaskSpec("a", "a.jsonl"), unset, ia3).lr == registry.method_of(ia3).default_lr
+    assert _task_config(TaskSpec("a", "a.jsonl"), unset, lora).lr == registry.method_of(lora).default_lr
+    shared = make_config(None, out="x", lr=1e-3)
+    assert _task_config(TaskSpec("a", "a.jsonl"), shared, ia3).lr == 1e-3
+    assert _task_config(TaskSpec("a", "a.jsonl", lr=3e-2), shared, ia3).lr == 3e-2
+    assert _task_config(TaskSpec("a", "a.jsonl", epochs=3), shared, ia3).out == "x/a"

@@ -145,12 +145,16 @@ def _adapter_config(spec: TaskSpec, shared: TrainConfig):
 
 def _task_config(spec: TaskSpec, shared: TrainConfig, adapter) -> TrainConfig:
     """The task's ``TrainConfig``: the shared fields, its own data, lr, epochs, options and folder."""
-    fields = {**shared.to_dict(), "data": str(spec.data), "eval_data": spec.eval_data and str(spec.eval_data),
-              "epochs": spec.epochs, "out": str(Path(shared.out) / spec.name), "lr": spec.lr or shared.lr,
-              **spec.options}
-    if adapter is not None and fields["lr"] is None:
-        from deltatune import registry
+    from deltatune import registry
 
+    fields = {**shared.to_dict(), "data": str(spec.data), "eval_data": spec.eval_data and str(spec.eval_data),
+              "epochs": spec.epochs, "out": str(Path(shared.out) / spec.name), **spec.options}
+    fields["lr"] = spec.lr or spec.options.get("lr")
+    # TrainConfig fills an unset lr with its method's default: a shared lr equal to that default
+    # counts as unset, so each task gets its own method's default (IA3's is not LoRA's).
+    if fields["lr"] is None and (adapter is None or shared.lr != registry.default_lr(shared.method)):
+        fields["lr"] = shared.lr
+    elif fields["lr"] is None:
         fields["lr"] = registry.method_of(adapter).default_lr
     return TrainConfig.from_dict(fields, source=f"task {spec.name!r}")
 
@@ -243,10 +247,7 @@ class ManyTrainer:
             losses, tokens = self._step()
             dt = time.perf_counter() - t0
             self.step += 1
-            progress.update(sum(losses.values()), tokens / max(dt, 1e-9), self.shared.lr or 0.0)
-            if progress.bar is not None:  # one line: every unfinished task's loss
-                progress.bar.set_postfix_str(" ".join(f"{n}={v:.4f}" for n, v in losses.items())
-                                             + f" tok/s={tokens / max(dt, 1e-9):,.0f}", refresh=False)
+            _show(progress, losses, tokens / max(dt, 1e-9))
             for run in self.runs:
                 if run.done and run.result is None:
                     self._finish(run, progress)
@@ -308,6 +309,15 @@ class ManyTrainer:
         progress.write(f"task {run.name}: done after {run.step} steps (run step {self.step}, "
                        f"{fmt_duration(time.perf_counter() - self.started)}), loss {result['final_loss']:.4f}"
                        f"{evaluated}; adapter -> {result['adapter']}")
+
+
+def _show(progress: Progress, losses: dict[str, float], tokens_per_s: float) -> None:
+    """Advance the one bar with every unfinished task's loss on its line (``sql=1.2345 ...``)."""
+    if progress.bar is None:
+        return
+    tasks = " ".join(f"{name}={loss:.4f}" for name, loss in losses.items())
+    progress.bar.set_postfix_str(f"{tasks} tok/s={tokens_per_s:,.0f}", refresh=False)
+    progress.bar.update(1)
 
 
 def save_task_adapter(peft, name: str, directory: str | os.PathLike) -> Path:
