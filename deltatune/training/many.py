@@ -115,7 +115,8 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
 
 
 # Options of a solo run that train_many does not do yet, with the value that means "off".
-_NOT_YET = {"quantize": None, "fsdp": False, "compile": False, "resume": False, "save_every": 0, "init": None}
+_NOT_YET = {"quantize": None, "fsdp": False, "compile": False, "resume": False, "save_every": 0, "init": None,
+            "grad_checkpointing": False}
 
 
 def _check_supported(shared: TrainConfig) -> None:
