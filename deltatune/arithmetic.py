@@ -29,7 +29,6 @@ What the combined adapter is (``combination_type`` as peft names them):
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import warnings
 from collections import Counter
@@ -81,19 +80,8 @@ def combine_adapters(sources: Sequence[Source], weights: Sequence[float], combin
             source without ``base_weight``.
     """
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(sources))]
-    if not sources:
-        raise CombineError("no adapters to combine")
-    if len(weights) != len(sources):
-        raise CombineError(f"{len(weights)} weights for {len(sources)} adapters {names}; give one weight each")
-    merging.check_combination(combination_type, density, majority_sign_method)
-    types = {config.peft_type for config, _ in sources}
-    if types == {PeftType.IA3}:
+    if _check_sources(sources, weights, names, combination_type, density, majority_sign_method) == PeftType.IA3:
         return _combine_ia3(sources, weights, combination_type, names, module_order)
-    if types != {PeftType.LORA}:
-        raise CombineError(f"adapters {names} are {sorted(t.value for t in types)}: only LoRA (and DoRA) adapters "
-                           "combine with each other, and (IA)³ adapters with each other")
-    for (config, _), name in zip(sources, names):
-        _check_lora_source(config, name)
     kind = "linear" if len(sources) == 1 else combination_type
     rank = _combined_rank(sources, names, kind, svd_rank, base_weight)
     options = dict(density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
@@ -110,11 +98,7 @@ def combine_adapters(sources: Sequence[Source], weights: Sequence[float], combin
         shapes[module] = (A.shape[0], 1.0)
         worst = max(worst, (err, module), key=lambda t: t[0])
     if worst[0] > 1e-4:
-        warnings.warn(
-            f"add_weighted_adapter(combination_type={kind!r}) combines the A and B factors separately (peft's "
-            f"behaviour), so the new adapter's delta is not the weighted sum of the adapters' deltas (relative "
-            f"error {worst[0]:.2g} at {worst[1]}). Exact types: 'cat', and 'svd' with svd_rank at least the sum "
-            "of the ranks.", stacklevel=3)
+        _warn_inexact(kind, *worst)
     for _, tensors in sources:  # targeted embeddings' base weights travel unchanged, as in each source
         out.update({k: v for k, v in tensors.items() if k.endswith(".base_layer.weight") and k not in out})
     first = sources[0][0]
@@ -122,6 +106,32 @@ def combine_adapters(sources: Sequence[Source], weights: Sequence[float], combin
     config = dataclasses.replace(config, use_dora=False, init_lora_weights=True, inference_mode=True,
                                  **_target_fields([c for c, _ in sources], modules))
     return config, out
+
+
+def _check_sources(sources, weights, names, combination_type, density, majority_sign_method) -> PeftType:
+    """The sources' one method (LORA or IA3); CombineError for what cannot combine."""
+    if not sources:
+        raise CombineError("no adapters to combine")
+    if len(weights) != len(sources):
+        raise CombineError(f"{len(weights)} weights for {len(sources)} adapters {names}; give one weight each")
+    merging.check_combination(combination_type, density, majority_sign_method)
+    types = {config.peft_type for config, _ in sources}
+    if types == {PeftType.IA3}:
+        return PeftType.IA3
+    if types != {PeftType.LORA}:
+        raise CombineError(f"adapters {names} are {sorted(t.value for t in types)}: only LoRA (and DoRA) adapters "
+                           "combine with each other, and (IA)³ adapters with each other")
+    for (config, _), name in zip(sources, names):
+        _check_lora_source(config, name)
+    return PeftType.LORA
+
+
+def _warn_inexact(kind: str, error: float, module: str) -> None:
+    warnings.warn(
+        f"add_weighted_adapter(combination_type={kind!r}) combines the A and B factors separately (peft's "
+        f"behaviour), so the new adapter's delta is not the weighted sum of the adapters' deltas (relative "
+        f"error {error:.2g} at {module}). Exact types: 'cat', and 'svd' with svd_rank at least the sum "
+        "of the ranks.", stacklevel=4)
 
 
 def add_weighted_adapter(model, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -257,7 +267,7 @@ def module_scaling(config: LoraConfig, module: str, rank: int) -> float:
     from deltatune.methods.lora import pattern_value
 
     alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return merging.lora_scaling(alpha, rank, config.use_rslora)
 
 
 def _factors(source: Source, module: str):
@@ -306,7 +316,7 @@ def lora_config_for(config: LoraConfig, modules: dict[str, tuple[int, float]], u
     its ``(rank, scaling)`` (scaling None: any): the most common pair as ``r``/``lora_alpha``, the others as patterns
     keyed by the module's escaped full name (peft's pattern rule matches it and nothing else)."""
     def alpha(rank: int, scaling: float) -> float:
-        a = scaling * (math.sqrt(rank) if use_rslora else rank)
+        a = merging.lora_alpha_for(scaling, rank, use_rslora)
         return int(a) if float(a).is_integer() else a
 
     scaled = {m: v for m, v in modules.items() if v[1] is not None}     # None: any scaling (a zeroed layer)

@@ -20,13 +20,13 @@ the padded ranks), so ``save_pretrained`` after a swap writes a file that loads 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 
 import torch
 from torch import nn
 
+from deltatune import merging
 from deltatune.arithmetic import LORA_KEYS, lora_config_for, module_scaling
 from deltatune.config import PeftType
 from deltatune.methods.dora import MAGNITUDE
@@ -209,8 +209,7 @@ def _set_scaling(layer, adapter_name: str, value: float) -> None:
         current.fill_(value)
     else:
         layer.scaling[adapter_name] = value
-    rank = layer.r[adapter_name]
-    layer.lora_alpha[adapter_name] = value * (math.sqrt(rank) if _rslora(layer, adapter_name) else rank)
+    layer.lora_alpha[adapter_name] = merging.lora_alpha_for(value, layer.r[adapter_name], _rslora(layer, adapter_name))
 
 
 def _rslora(layer, adapter_name: str) -> bool:
@@ -297,12 +296,10 @@ def _pad(layer, name: str, rank: int) -> None:
             new = _resized(old, dim, rank)
             new.weight = nn.Parameter(_padded(old.weight, dim, rank), requires_grad=old.weight.requires_grad)
             getattr(layer, attr)[name] = new
-    old_rank = layer.r[name]
+    rslora, old_rank = _rslora(layer, name), layer.r[name]
     layer.r[name] = rank
-    if _rslora(layer, name):
-        layer.lora_alpha[name] = layer.lora_alpha[name] * math.sqrt(rank / old_rank)
-    else:
-        layer.lora_alpha[name] = layer.lora_alpha[name] * rank / old_rank
+    scaling = merging.lora_scaling(layer.lora_alpha[name], old_rank, rslora)     # unchanged by the padding
+    layer.lora_alpha[name] = merging.lora_alpha_for(scaling, rank, rslora)
     layer._register(name)      # the adapter's tensors changed: drop cached lists and banks
 
 

@@ -5,6 +5,8 @@ Nothing here sees a model or a file: weights, factors and vectors in, tensors ou
 
 Deltas (what an adapter adds to a base weight ``W``, Linear layout (out, in[, kh, kw])):
 
+- ``lora_scaling(alpha, r, use_rslora)``: LoRA's ``s``, the one place its rule is written
+  (``lora_alpha_for`` is its inverse);
 - ``lora_delta(A, B, s)``: ``s · B A`` (LoRA, Hu et al. 2021); a convolution's factors compose
   as two convolutions.
 - ``dora_merge(W, delta, m)``: ``m · (W + ΔW) / ||W + ΔW||`` per output row (DoRA, Liu et al.
@@ -49,6 +51,27 @@ PRUNING_TYPES = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_sv
 
 
 # -- deltas ------------------------------------------------------------------------------------
+def _rank_divisor(r: float, use_rslora: bool) -> float:
+    """What LoRA divides ``alpha`` by: ``r`` (Hu et al. 2021), or ``sqrt(r)`` with rsLoRA
+    (Kalajdzievski 2023, arXiv:2312.03732). Both are powers of ``r``, so doubling the rank
+    multiplies it by ``_rank_divisor(2)``."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(alpha: float, r: float, use_rslora: bool = False) -> float:
+    """LoRA's scaling ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+    Every module that needs the scale of a LoRA adapter (the layers, ``add_weighted_adapter``,
+    hot-swapping, file conversion) calls this or ``lora_alpha_for``, so the rule is written once.
+    """
+    return alpha / _rank_divisor(r, use_rslora)
+
+
+def lora_alpha_for(scaling: float, r: float, use_rslora: bool = False) -> float:
+    """The ``lora_alpha`` giving ``scaling`` at rank ``r`` (the inverse of ``lora_scaling``)."""
+    return scaling * _rank_divisor(r, use_rslora)
+
+
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling) -> torch.Tensor:
     """``scaling · B A`` in fp32, in the layout of the weight the factors adapt.
 

@@ -1,9 +1,10 @@
 """Small lookup tables: method name -> config class and layer classes; module type -> weight access.
 
 ``METHOD_MODULES`` says which modules define each method; they are imported on first use (in the
-order listed: a variant after the method it extends) and register their config and layers, so
+order listed) and register their config and layers, so
 nothing depends on what happened to be imported first, and adding a method means one line here
-plus its own file.
+plus its own file. A method has one layer class per base module type (LoRA's holds plain LoRA and
+DoRA adapters alike), so the layer a module gets never depends on which adapter wrapped it first.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class Method:
     Attributes:
         peft_type: the ``peft_type`` string in ``adapter_config.json``.
         config_cls: its config dataclass.
-        layers: base module type -> adapter layer class wrapping it.
+        layers: base module type -> the adapter layer class wrapping it (one per type: it holds
+            every adapter of the method, whatever the config's flags, e.g. LoRA and DoRA).
         mergeable, mixable, packable: what the method can do, consulted by merging
             (``merge_adapter``), mixed-adapter batches (``adapter_names=``) and training
             (packing several sequences into one row) instead of tests on ``peft_type``.
@@ -38,9 +40,6 @@ class Method:
     peft_type: str
     config_cls: type
     layers: dict[type, type] = field(default_factory=dict)
-    # config flag (a boolean field, e.g. "use_dora") -> base module type -> layer class used
-    # instead of ``layers`` when the flag is true.
-    variants: dict[str, dict[type, type]] = field(default_factory=dict)
     mergeable: bool = True
     mixable: bool = True
     packable: bool = True
@@ -50,16 +49,9 @@ class Method:
     default_lr: float = 2e-4
 
     def layer_class_for(self, module: nn.Module, config=None) -> type | None:
-        """The adapter layer class for ``module``'s type (most specific registered base type).
-
-        A ``config`` with a variant flag set (e.g. ``use_dora=True``) selects that variant's
-        layers; None if the variant has no layer for this type.
-        """
+        """The adapter layer class for ``module``'s type (most specific registered base type), or
+        None. ``config`` does not change it: one class holds all of the method's adapters."""
         table = self.layers
-        for flag, layers in self.variants.items():
-            if getattr(config, flag, False):
-                table = layers
-                break
         for klass in type(module).__mro__:
             if klass in table:
                 return table[klass]
@@ -69,8 +61,7 @@ class Method:
 
     def container_names(self) -> set[str]:
         """Attribute names that hold adapter tensors in this method's layers (``lora_A``, ...)."""
-        tables = [self.layers, *self.variants.values()]
-        return {name for table in tables for cls in table.values() for name in cls.adapter_containers}
+        return {name for cls in self.layers.values() for name in cls.adapter_containers}
 
 
 _METHODS: dict[str, Method] = {}
@@ -78,7 +69,7 @@ _METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, tuple[str, dict]] = {}
 # peft_type -> the modules that define it, imported in this order by ``method_for``.
 METHOD_MODULES: dict[str, tuple[str, ...]] = {
-    "LORA": ("deltatune.methods.lora", "deltatune.methods.dora"),
+    "LORA": ("deltatune.methods.lora",),
     "IA3": ("deltatune.methods.ia3",),
     "DELTATUNE_BOTTLENECK": ("deltatune.methods.bottleneck",),
     "PROMPT_TUNING": ("deltatune.methods.prompt",),
@@ -103,7 +94,7 @@ def register_method(peft_type: str, config_cls: type, cli_names: tuple[str, ...]
     """
     method = _METHODS.setdefault(peft_type, Method(peft_type, config_cls))
     for key, value in capabilities.items():
-        if not hasattr(method, key) or key in ("peft_type", "config_cls", "layers", "variants"):
+        if not hasattr(method, key) or key in ("peft_type", "config_cls", "layers"):
             raise TypeError(f"register_method: unknown capability {key!r}")
         setattr(method, key, value)
     for name in cli_names:
@@ -130,15 +121,10 @@ def init_for(value) -> Callable | None:
     return _INITS.get(value) if isinstance(value, str) else None
 
 
-def register_layer(peft_type: str, base_type: type, layer_cls: type, variant: str | None = None) -> None:
-    """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type``.
-
-    ``variant`` names a boolean config field (e.g. ``"use_dora"``): when it is true the config
-    gets ``layer_cls`` for ``base_type`` instead of the plain layer.
-    """
-    method = _METHODS[peft_type]
-    table = method.variants.setdefault(variant, {}) if variant else method.layers
-    table[base_type] = layer_cls
+def register_layer(peft_type: str, base_type: type, layer_cls: type) -> None:
+    """Declare that ``layer_cls`` wraps modules of ``base_type`` for method ``peft_type`` (all of
+    the method's adapters on such a module live in that one class)."""
+    _METHODS[peft_type].layers[base_type] = layer_cls
 
 
 def method_for(peft_type: str) -> Method:

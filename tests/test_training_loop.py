@@ -143,33 +143,6 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig(schedule="step")
 
 
-def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
-    from deltatune.training import precision
-
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: False)
-    cpu = torch.device("cpu")
-    assert precision.resolve_dtype("auto", cpu) == torch.float32
-    with pytest.warns(UserWarning, match="slower than fp32"):
-        assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert precision.resolve_dtype("bf16", cpu) == torch.bfloat16
-
-
-def test_auto_dtype_on_cpu_is_bf16_only_with_amx(monkeypatch):
-    # AVX512-BF16 without AMX: bf16 matmuls run at about half fp32's rate, so auto picks fp32.
-    from deltatune.training import precision
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert precision.cpu_has_native_bf16() and not precision.cpu_prefers_bf16()
-    assert precision.resolve_dtype("auto", cpu) == torch.float32
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16", "amx_bf16", "amx_tile"})
-    assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
-
-
 def test_bf16_training_runs_with_fp32_adapters(tmp_path, tok, data):
     train, held = data
     model = wrapped(tok)

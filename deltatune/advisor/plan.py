@@ -161,6 +161,7 @@ def _checkpoint_bytes(shape: ModelShape) -> int:
 
 def _recommend(p: Plan, shape: ModelShape, setup: M.Setup, tasks: int, goal: str, frozen_ok: bool,
                allow_4bit: bool) -> None:
+    """Set ``p.recommendation`` and its reasons: the goal's pick, then the decision table's, if it fits."""
     fits = {e.method: e.peak <= p.memory for e in p.estimates}
     fits["qlora"] = fits["qlora"] and allow_4bit
     peak = {e.method: e.peak for e in p.estimates}
@@ -196,6 +197,15 @@ def _recommend(p: Plan, shape: ModelShape, setup: M.Setup, tasks: int, goal: str
                f"16-bit LoRA does not fit ({g(peak['lora'])} needed)")
         reasons.append(f"one device and {why}: QLoRA keeps the base in 4-bit NF4 "
                        f"({g(p.estimate('qlora').base_weights)} of weights) and fits in {g(peak['qlora'])}")
+    if p.recommendation is None:
+        _fallback(p, fits, peak, frozen_ok)
+    _advise(p, setup, tasks)
+
+
+def _fallback(p: Plan, fits: dict, peak: dict, frozen_ok: bool) -> None:
+    """Recommend what fits when the goal's and the table's first choices do not: LoRA, QLoRA, else the
+    smallest frozen-base method."""
+    g, reasons = M.gib, p.reasons
     if p.recommendation is None and fits["lora"]:
         p.recommendation = "lora"
         reasons.append(f"LoRA fits ({g(peak['lora'])} of {g(p.memory)}) with a 16-bit base, faster and a little "
@@ -210,6 +220,11 @@ def _recommend(p: Plan, shape: ModelShape, setup: M.Setup, tasks: int, goal: str
             p.recommendation = min(small, key=lambda m: peak[m])
             reasons.append(f"only {M.LABELS[p.recommendation]} fits ({g(peak[p.recommendation])}); the base "
                            "stays frozen and untouched")
+
+
+def _advise(p: Plan, setup: M.Setup, tasks: int) -> None:
+    """Advice on the recommended method: serving many tasks, a low rank, gradient checkpointing."""
+    g, reasons = M.gib, p.reasons
     if tasks > 1 and p.recommendation in ("lora", "qlora", "dora"):
         reasons.append(f"{tasks} tasks on one base: train one adapter per task and serve them together "
                        "(one base in memory, a different adapter per request in the same batch: "
@@ -290,8 +305,8 @@ def train_settings(dtype: str | None = None, seq_len: int = 2048) -> dict:
     """
     import torch
 
+    from deltatune.devices import resolve_dtype
     from deltatune.training.loss import EAGER_MAX_LEN
-    from deltatune.training.precision import resolve_dtype
 
     resolved = resolve_dtype(dtype or "auto", torch.device("cpu"))
     bf16 = resolved == torch.bfloat16

@@ -14,10 +14,10 @@ and the scaling kept: ``lora_alpha`` doubles with ``r`` (times sqrt 2 with rsLoR
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
+from deltatune import merging
 from deltatune.checkpoint.io import CheckpointError
 from deltatune.config import LoraConfig
 
@@ -69,9 +69,16 @@ def pissa_to_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], initial:
                                   "was it saved from this adapter right after initialisation?")
         dim, sign = _FACTORS[suffix]
         out[key] = torch.cat([value, sign * initial[key].to(value.dtype)], dim=dim)
-    factor = math.sqrt(2) if config.use_rslora else 2
+    # the scaling's rank divisor (r, or sqrt(r) with rsLoRA) is a power of r: doubling r
+    # multiplies it by its value at 2, and lora_alpha must follow to keep the scaling
+    factor = _tidy(merging.lora_alpha_for(1.0, 2, config.use_rslora))
     converted = dataclasses.replace(
-        config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True,
+        config, r=2 * config.r, lora_alpha=_tidy(config.lora_alpha * factor), init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()})
+        alpha_pattern={k: _tidy(v * factor) for k, v in config.alpha_pattern.items()})
     return converted, out
+
+
+def _tidy(value: float):
+    """An integral float as an int (``lora_alpha: 16``, not ``16.0``, in the written config)."""
+    return int(value) if float(value).is_integer() else value

@@ -8,7 +8,8 @@ tensors. Everything else (saving, deleting, marking trainable, counting, the ban
 parameters through that declaration, never by looking for substrings in parameter names.
 
 Mixed-adapter batches: a mixable method builds a *bank* per layer, its adapters' tensors stacked
-by slot (``build_bank``), and ``mixed_forward`` applies each row's slot; slot 0 is the base.
+by slot (``build_bank``), and the layer's delta gathers each row's slot from it (``gathered``);
+slot 0 is the base.
 The bank is derived from the ordinary modules (which stay what training, FSDP and
 ``torch.compile`` see): rebuilt differentiably when the adapter is being trained, cached otherwise
 until a tensor, the slots or the mode change.
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from deltatune import registry
-from deltatune.adapter_set import AdapterSet, MixingError, rows_for
+from deltatune.adapter_set import AdapterSet, rows_for
 
 
 def tensor_versions(tensors) -> tuple:
@@ -35,7 +36,9 @@ class AdapterLayer(nn.Module):
 
     Subclasses implement ``add_adapter(name, config, module_name)`` and ``forward``; additive or
     multiplicative methods implement ``merged_weight``/``unmerged_weight`` to be mergeable, and
-    ``build_bank``/``mixed_forward`` to be mixable.
+    ``build_bank`` (read through ``gathered``) for mixed batches. What a method can do (mergeable,
+    mixable, packable) is declared once, on its ``registry.Method``; a layer type that lacks a
+    path its method has (LoRA on Conv2d: no per-row path) says why in ``cannot_mix_reason``.
 
     Attributes:
         base_layer: the wrapped module.
@@ -44,8 +47,6 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ()
-    mergeable: ClassVar[bool] = True
-    mixable: ClassVar[bool] = True
     is_adapter_layer: ClassVar[bool] = True   # how ``targeting`` recognises wrappers without importing us
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
@@ -95,13 +96,18 @@ class AdapterLayer(nn.Module):
         route = self.adapter_set.route()
         if isinstance(route, str) and (route not in self.held or route in self.adapter_set.merged):
             return None
-        if isinstance(route, torch.Tensor) and not self.mixable:
-            raise MixingError(f"{type(self).__name__} cannot run a mixed-adapter batch: {self.cannot_mix_reason()}")
         return route
 
-    def cannot_mix_reason(self) -> str:
-        """Why this layer type cannot serve rows with different adapters (for error messages)."""
-        return "the method has no per-row path"
+    def cannot_mix_reason(self) -> str | None:
+        """Why this layer type cannot run rows with different adapters (its delta raises
+        MixingError saying so), or None when it can."""
+        return None
+
+    @property
+    def mixable(self) -> bool:
+        """False for a layer type without a per-row path: a server refuses such an adapter when it
+        loads it rather than at its first mixed batch."""
+        return self.cannot_mix_reason() is None
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config, module_name: str) -> None:  # pragma: no cover
@@ -171,8 +177,6 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name not in self.held:
                 continue
-            if not self.mergeable:
-                raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
             with torch.no_grad():
                 base = registry.get_weight(self.base_layer)
                 new = self.merged_weight(base.float(), name)
@@ -182,7 +186,7 @@ class AdapterLayer(nn.Module):
 
     def check_merge(self, name: str) -> None:
         """Raise if merging ``name`` would give non-finite weights (``safe_merge``); writes nothing."""
-        if name in self.held and self.mergeable:
+        if name in self.held:
             with torch.no_grad():
                 if not torch.isfinite(self.merged_weight(registry.get_weight(self.base_layer).float(), name)).all():
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
@@ -323,6 +327,9 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def merge(self, names, safe_merge: bool = False) -> None:
         """A full copy has nothing to fold in; it replaces the original when unloading."""
+
+    def check_merge(self, name: str) -> None:
+        """Nothing is folded in, so nothing can turn non-finite."""
 
     def unmerge(self, names) -> None:
         """Nothing was folded in."""

@@ -125,16 +125,22 @@ BottleneckConfig = AdapterConfig
 
 
 def gather_bottleneck(bank: dict[str, torch.Tensor], rows: torch.Tensor):
-    """Each row's down (N, d, b), down bias (N, b), up (N, b, d), up bias (N, d)."""
-    return (bank["down"][rows].transpose(1, 2), bank["down_bias"][rows],
-            bank["up"][rows].transpose(1, 2), bank["up_bias"][rows])
+    """Each row's down (N, d, b), down bias (N, 1, b), up (N, b, d), up bias (N, 1, d)."""
+    return (bank["down"][rows].transpose(1, 2), bank["down_bias"][rows][:, None],
+            bank["up"][rows].transpose(1, 2), bank["up_bias"][rows][:, None])
+
+
+def bottleneck_mlp(h: torch.Tensor, down, down_bias, up, up_bias, act) -> torch.Tensor:
+    """``act(h·down + down_bias)·up + up_bias``: one adapter's (``h`` (..., d), ``down`` (d, b),
+    ``up`` (b, d), biases (b,), (d,)) or each row's own (``h`` (N, T, d), ``down`` (N, d, b),
+    ``up`` (N, b, d), biases (N, 1, b), (N, 1, d)), in one expression."""
+    return act(h @ down + down_bias) @ up + up_bias                         # (..., d)
 
 
 class BottleneckLayer(AdapterLayer):
     """A linear-like layer followed by residual bottleneck MLPs, one per adapter."""
 
     adapter_containers = ("adapter_down", "adapter_up")
-    mergeable = False
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -166,11 +172,29 @@ class BottleneckLayer(AdapterLayer):
         route = self.route()
         if route is None:
             return result
+        return result + self.delta(result, route).to(result.dtype)
+
+    def delta(self, y: torch.Tensor, route) -> torch.Tensor:
+        """``up(act(down(y)))`` for ``route``: one adapter's (a name), or each row's own (per-row
+        slots, gathered from the bank; the rows' adapters must share their non-linearity)."""
         if isinstance(route, str):
             down, up = self.adapter_down[route], self.adapter_up[route]
-            h = NON_LINEARITIES[self.non_linearity[route]](down(result.to(down.weight.dtype)))  # (..., b)
-            return result + up(h).to(result.dtype)                # (..., d)
-        return result + self.mixed_delta(result, route).to(result.dtype)
+            act = NON_LINEARITIES[self.non_linearity[route]]
+            h = y.to(down.weight.dtype)                                       # (..., d)
+            return bottleneck_mlp(h, down.weight.T, down.bias, up.weight.T, up.bias, act)
+        act = self._shared_act(route)
+        n = y.shape[0]
+        down, down_bias, up, up_bias = self.gathered(route, n, gather_bottleneck)
+        h = y.reshape(n, -1, y.shape[-1]).to(down.dtype)                     # (n, T, d)
+        return bottleneck_mlp(h, down, down_bias, up, up_bias, act).reshape(y.shape)
+
+    def _shared_act(self, route: torch.Tensor):
+        slots = set(route.tolist())
+        acts = {self.non_linearity[n] for n in self.held if self.adapter_set.slots[n] in slots}
+        if len(acts) > 1:
+            raise MixingError(f"bottleneck adapters with different non-linearities {sorted(acts)} cannot share "
+                              "a mixed batch; run them in separate calls")
+        return NON_LINEARITIES[acts.pop() if acts else "relu"]
 
     def build_bank(self) -> dict[str, torch.Tensor]:
         """Down ``(slots, b_max, d)`` + bias, up ``(slots, d, b_max)`` + bias; zeros for slot 0 and
@@ -190,19 +214,6 @@ class BottleneckLayer(AdapterLayer):
     def hyper_key(self) -> tuple:
         return tuple((n, self.non_linearity[n]) for n in self.held)
 
-    def mixed_delta(self, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        """Each row's ``up(act(down(y)))`` with its own adapter; rows' adapters must share ``act``."""
-        acts = {self.non_linearity[n] for n in self.held if self.adapter_set.slots[n] in set(route.tolist())}
-        if len(acts) > 1:
-            raise MixingError(f"bottleneck adapters with different non-linearities {sorted(acts)} cannot share "
-                              "a mixed batch; run them in separate calls")
-        act = NON_LINEARITIES[acts.pop() if acts else "relu"]
-        n = y.shape[0]
-        down, down_bias, up, up_bias = self.gathered(route, n, gather_bottleneck)
-        h = y.reshape(n, -1, y.shape[-1]).to(down.dtype)                      # (n, T, d)
-        h = act(torch.baddbmm(down_bias[:, None, :], h, down))               # (n, T, b)
-        return torch.baddbmm(up_bias[:, None, :], h, up).reshape(y.shape)    # (..., d)
-
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         """Bottleneck adapters cannot be merged (nothing to do when ``names`` holds none of ours)."""
         if any(n in self.held for n in names):
@@ -219,7 +230,8 @@ def _register() -> None:
     from transformers.pytorch_utils import Conv1D
 
     key = PeftType.BOTTLENECK.value
-    registry.register_method(key, AdapterConfig, cli_names=("adapter", "bottleneck"))
+    # not mergeable: the non-linearity sits between the two projections
+    registry.register_method(key, AdapterConfig, cli_names=("adapter", "bottleneck"), mergeable=False)
     registry.register_method(key, AdapterConfig, cli_names=("houlsby",), overrides={"adapter_type": "houlsby"})
     registry.register_method(key, AdapterConfig, cli_names=("pfeiffer",), overrides={"adapter_type": "pfeiffer"})
     for base_type in (nn.Linear, Conv1D):

@@ -4,13 +4,14 @@
 
 so the layer output is computed from the base output ``base(x) = W x + bias`` as
 
-    y = (m / n) * (base(x) - bias + s·B(A(x))) + bias
+    y = g * (base(x) - bias + s·B(A(x))) + bias,      g = m / ||W + s·B A||
 
-(with LoRA dropout in training, ``W x`` must see the dropped-out input, as in peft, which costs one
-more pass through the base layer).
-``m`` (``lora_magnitude_vector``) starts at ``||W + s·B A||`` so a new adapter leaves the model
-unchanged. Following the paper's section 4.3 the norm ``n`` is treated as a constant: it gets no
-gradient, so it is computed under ``no_grad`` and never enters the autograd graph.
+where ``s·B(A(x))`` is the LoRA layer's own ``delta`` (one kernel for LoRA and DoRA alike; in
+inference it is added into the base output in place, then scaled by ``g``). With LoRA dropout in
+training, ``W x`` must see the dropped-out input, as in peft, which costs one more pass through the
+base layer. ``m`` (``lora_magnitude_vector``) starts at ``||W + s·B A||`` so a new adapter leaves
+the model unchanged. Following the paper's section 4.3 the norm is treated as a constant: it gets
+no gradient, so it is computed under ``no_grad`` and never enters the autograd graph.
 
 The norm is computed without forming ``W + s·B A``:
 
@@ -20,27 +21,24 @@ The norm is computed without forming ``W + s·B A``:
 product reading ``W`` once, the rest is r x r work: no dense copy of the weight per step. In eval
 mode the norm itself is cached until the base weight or the factors change.
 
-Files are peft's: the magnitude is saved as ``<module>.lora_magnitude_vector`` with peft's shapes
-((out,) for linear layers, (dim,) for Embedding, (1, out, 1, 1) for Conv2d).
-
-The DoRA layers subclass the LoRA layers; a DoRA layer may also hold plain LoRA adapters (those
-without a magnitude). They are registered as the ``use_dora`` variant of the LoRA method, so
-``TunerModel.inject`` picks them whenever ``LoraConfig(use_dora=True)``.
+DoRA is not a layer class of its own: ``DoraMixin`` is what the one LoRA layer class per base type
+(``methods/lora.py``) uses for its adapters that have a magnitude, beside plain LoRA adapters in the
+same layer, so the order in which adapters wrap a module never matters. Files are peft's: the
+magnitude is saved as ``<module>.lora_magnitude_vector`` with peft's shapes ((out,) for linear
+layers, (dim,) for Embedding, (1, out, 1, 1) for Conv2d).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from deltatune import registry
-from deltatune.adapter_set import AdapterSet, MixingError
-from deltatune.config import LoraConfig, PeftType
+from deltatune.adapter_set import MixingError
 from deltatune.merging import dora_merge, dora_unmerge
 from deltatune.methods.base import tensor_versions
-from deltatune.methods.lora import LoraConv2d, LoraEmbedding, LoraLinear, gather_lora, lora_bmm
+from deltatune.methods.lora_kernel import may_add_in_place
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -71,22 +69,29 @@ def row_norms(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     return torch.linalg.vecdot(B32, t).add_(base_sq).sqrt_()            # (out,)
 
 
-class DoraMixin:
-    """What DoRA adds to a LoRA layer class: magnitudes, the norm, the DoRA merge.
+def _gather_g(bank: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    return bank["g"][rows]                                              # (N, n_norms)
 
-    A subclass defines ``_as_rows`` (weight layout -> (n_norms, k) rows), ``_from_rows`` (inverse)
-    and ``_factor_rows`` (the adapter's ``(A, B)`` in that row layout).
+
+class DoraMixin:
+    """What DoRA adds to a LoRA layer: magnitudes, the norm, the DoRA merge and output.
+
+    The layer class provides ``delta``, ``adds_in_place`` and ``_dropout_active``, and may change the
+    row layout below (one norm per output feature or channel; Embedding's are per dimension):
+    ``_as_rows`` (weight -> (n_norms, k)), ``_from_rows`` (its inverse), ``_factor_rows`` (an
+    adapter's ``(A, B)`` in that layout), ``_magnitude_shape`` (peft's stored shape) and
+    ``_channel_view`` (an (out,) vector shaped to broadcast over the layer's output).
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
-        super().__init__(base_layer, adapter_set)
+    def _init_dora(self) -> None:
         self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora: dict[str, bool] = {}                       # names with a magnitude (a plain dict: read per call)
         self._base_sq: tuple | None = None                    # (base version key, ||W_i||²)
         self._norm_cache: dict[str, tuple] = {}               # name -> (version key, n)
         self._merge_norms: dict[str, torch.Tensor] = {}       # name -> n used when it was merged
 
     def per_adapter_tables(self) -> list[dict]:
-        return super().per_adapter_tables() + [self._norm_cache, self._merge_norms]
+        return super().per_adapter_tables() + [self._dora, self._norm_cache, self._merge_norms]
 
     def train(self, mode: bool = True):
         """Switching mode drops cached norms: fused optimizers update the factors in place
@@ -94,15 +99,13 @@ class DoraMixin:
         self._norm_cache.clear()
         return super().train(mode)
 
-    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
-        """The LoRA adapter, plus (when ``config.use_dora``) its magnitude ``m = ||W + s·B A||``."""
-        super().add_adapter(name, dataclasses.replace(config, use_dora=False), module_name)
-        if not config.use_dora:
-            return
+    def add_magnitude(self, name: str) -> None:
+        """Make adapter ``name`` (its LoRA factors already made) a DoRA adapter: ``m = ||W + s·B A||``."""
         with torch.no_grad():
             m = self.weight_norm(name, cached=False)
         dtype = self._factor_rows(name)[0].dtype
         self.lora_magnitude_vector[name] = Magnitude(self._magnitude_shape(m).to(dtype))
+        self._dora[name] = True
         self._register(name)  # the magnitude is one more of this adapter's tensors
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -110,18 +113,32 @@ class DoraMixin:
         for key, p in super().adapter_parameters(name):
             yield (MAGNITUDE if key == f"{MAGNITUDE}.weight" else key), p
 
+    # -- row layout (linear-likes and Conv2d; Embedding overrides) ---------------------------------
+    def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)                                             # (out, in[·kh·kw])
+
+    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(like.shape)
+
+    def _factor_rows(self, name: str):
+        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)  # (r, k), (out, r)
+
     def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
         return m
+
+    def _channel_view(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t                                                             # features last
 
     def magnitude(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s magnitude as a flat (n_norms,) vector."""
         m = self.lora_magnitude_vector[name].weight
         return m if m.dim() == 1 else m.reshape(-1)
 
-    # -- the norm ------------------------------------------------------------------------------
-    def _base_rows(self) -> torch.Tensor:
-        return self._as_rows(registry.get_weight(self.base_layer))
+    def uses_dora(self, route) -> bool:
+        """True when this call's route (a held adapter's name, or per-row slots) needs DoRA's output."""
+        return route in self._dora if isinstance(route, str) else bool(self._dora)
 
+    # -- the norm ------------------------------------------------------------------------------
     def _base_key(self) -> tuple:
         """Identity and version of the base layer's own tensors: changes when they are written."""
         base = self.base_layer
@@ -150,184 +167,76 @@ class DoraMixin:
             if hit is not None and hit[0] == key:
                 return hit[1]
         with torch.no_grad():
-            W = self._base_rows()                                            # (out, k)
+            W = self._as_rows(registry.get_weight(self.base_layer))           # (out, k)
             n = row_norms(W, A, B, s, self._base_sq_norms(W))
         if use_cache:
             self._norm_cache[name] = (key, n)
         return n
 
+    def dora_gains(self, like: torch.Tensor) -> torch.Tensor:
+        """The bank's ``g (slots, n_norms)``: ``m / ||W + s·B A||`` for DoRA adapters, ones for plain
+        LoRA adapters and slot 0, so every row of a mixed batch computes ``g * (W x + s·B A x) + bias``."""
+        first = next(iter(self.lora_magnitude_vector))
+        g = torch.ones(self.adapter_set.num_slots, self.magnitude(first).numel(), dtype=like.dtype,
+                       device=like.device)
+        for name in self.lora_magnitude_vector:
+            g[self.adapter_set.slots[name]] = self._gain_of(name, g)
+        return g
+
+    def _gain_of(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """``m / n`` (n_norms,) in ``like``'s dtype; gradient flows to ``m`` only."""
+        m = self.magnitude(name)
+        return (m / self.weight_norm(name).to(m.dtype)).to(like.dtype)
+
     # -- merging -------------------------------------------------------------------------------
-    def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """``(m / n) * (W + ΔW)``; remembers ``n`` so ``unmerged_weight`` can invert exactly."""
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(weight, name)
+    def dora_merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``(m / n) * (W + ΔW)``; remembers ``n`` so ``dora_unmerged_weight`` can invert exactly."""
         delta = self._as_rows(self.delta_weight(name).to(weight.device))             # (out, k)
         rows, self._merge_norms[name] = dora_merge(self._as_rows(weight), delta, self.magnitude(name))
         return self._from_rows(rows, weight)
 
-    def unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(weight, name)
+    def dora_unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         delta = self._as_rows(self.delta_weight(name).to(weight.device))
         rows = dora_unmerge(self._as_rows(weight), delta, self.magnitude(name), self._merge_norms.pop(name))
         return self._from_rows(rows, weight)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        route = self.route()
-        if route is None or (isinstance(route, str) and route not in self.lora_magnitude_vector) \
-                or (isinstance(route, torch.Tensor) and not len(self.lora_magnitude_vector)):
-            return super().forward(x, *args, **kwargs)                # base, or a plain LoRA adapter
-        base = self.base_layer(x, *args, **kwargs)
-        if isinstance(route, str):
-            return self._dora_output(route, x, base)
-        return self._mixed_output(x, route, base)
-
-    def build_bank(self) -> dict[str, torch.Tensor]:
-        """LoRA's bank plus ``g (slots, n_norms)``: ``m / ||W + s·B A||`` for DoRA adapters, ones for
-        plain LoRA adapters and slot 0, so every row computes ``g * (W x + s·B A x) + bias``."""
-        bank = super().build_bank()
-        like = next(iter(bank.values()))
-        g = torch.ones(self.adapter_set.num_slots, self.magnitude(next(iter(self.lora_magnitude_vector))).numel(),
-                       dtype=like.dtype, device=like.device)
-        for name in self.lora_magnitude_vector:
-            m = self.magnitude(name)
-            g[self.adapter_set.slots[name]] = (m / self.weight_norm(name).to(m.dtype)).to(g.dtype)
-        bank["g"] = g
-        return bank
-
-    def _scale(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """``m / n`` (n_norms,) in ``like``'s dtype; gradient flows to ``m`` only."""
-        m = self.magnitude(name)
-        return (m / self.weight_norm(name).to(m.dtype)).to(like.dtype)
-
-    def _dora_linear_output(self, name: str, x: torch.Tensor, base: torch.Tensor, bias, view) -> torch.Tensor:
-        """Shared by Linear and Conv2d: ``(m/n) * (W x + s·B A x) + bias``.
-
-        ``bias`` is the base layer's bias already shaped to broadcast (or None); ``view`` shapes
-        the (out,) scale the same way.
-        """
-        A, B = self.lora_A[name], self.lora_B[name]
-        dropout, s = self.lora_dropout[name], self.scaling[name]
-        scale = view(self._scale(name, base))
-        if isinstance(dropout, nn.Identity) or not self.training:
-            lora = B(A(x.to(A.weight.dtype))).to(base.dtype)
-            direction = base if bias is None else base - bias            # W x
-            out = scale * torch.add(direction, lora, alpha=s)
-            return out if bias is None else out + bias
-        # Training with dropout: the direction must see the same dropped-out input as the LoRA
-        # path (as in peft), which costs one more pass through the base layer.
-        h = dropout(x.to(A.weight.dtype))
-        lora = B(A(h)).to(base.dtype)
-        direction = self.base_layer(h.to(x.dtype))
-        direction = direction if bias is None else direction - bias
-        return base + scale * torch.add(direction, lora, alpha=s) - direction
-
-
-def gather_dora(bank: dict[str, torch.Tensor], rows: torch.Tensor):
-    """``gather_lora``'s factors plus each row's DoRA scale ``g (N, out)``."""
-    return (*gather_lora(bank, rows), bank["g"][rows])
-
-
-def _gather_g(bank: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    return bank["g"][rows]
-
-
-class DoraLinear(DoraMixin, LoraLinear):
-    """DoRA on a linear-like layer (``nn.Linear``, transformers' ``Conv1D``)."""
-
-    adapter_containers = LoraLinear.adapter_containers + (MAGNITUDE,)
-
-    def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight                                                        # (out, in)
-
-    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return rows
-
-    def _factor_rows(self, name: str):
-        return self.lora_A[name].weight, self.lora_B[name].weight              # (r, in), (out, r)
-
-    def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self.base_layer, "bias", None)                        # (out,) or None
-        return self._dora_linear_output(name, x, base, bias, lambda t: t)    # (..., out)
-
-    def _mixed_output(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Each row: ``g * (base(x) - bias + s·B A x) + bias`` with its own factors and ``g``."""
-        n = x.shape[0]
-        A, B, p, g = self.gathered(route, n, gather_dora)       # (n, in, r), (n, r, out), (n,), (n, out)
-        if self.training and bool((p > 0).any()):
-            raise MixingError("DoRA with lora_dropout cannot train on a mixed-adapter batch (its direction "
-                              "needs a second base pass per row); train each adapter on its own batches")
-        h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)
-        delta = lora_bmm(h, A, B).reshape(base.shape).to(base.dtype)        # (..., out)
-        bias = getattr(self.base_layer, "bias", None)
-        g = g.to(base.dtype).view(n, *([1] * (base.dim() - 2)), -1)          # (n, 1.., out)
-        out = g * ((base if bias is None else base - bias) + delta)
+    def dora_forward(self, x: torch.Tensor, route, base: torch.Tensor) -> torch.Tensor:
+        """``g * (base - bias + delta(x, route)) + bias`` from the base output ``base``; in
+        inference the delta goes into ``base`` in place (the LoRA fast path) and ``g`` scales it there."""
+        bias = self._channel_view(getattr(self.base_layer, "bias", None))
+        if isinstance(route, str) and self._dropout_active(route):
+            return self._dora_dropout(x, route, base, bias)
+        if not isinstance(route, str) and self.training:
+            self._refuse_dropout_rows(route)
+        if self.adds_in_place and may_add_in_place(x, base):
+            out = self.delta(x, route, out=base if bias is None else base.sub_(bias))   # in place if it can
+            out.mul_(self._gain(route, out))
+            return out if bias is None else out.add_(bias)
+        lora = self.delta(x, route).to(base.dtype)                           # (..., out)
+        out = self._gain(route, base) * ((base if bias is None else base - bias) + lora)
         return out if bias is None else out + bias
 
+    def _gain(self, route, like: torch.Tensor) -> torch.Tensor:
+        """``g`` shaped to scale ``like``: one adapter's (out,) (channels for Conv2d), or each
+        row's (n, 1.., out) in a mixed batch."""
+        if isinstance(route, str):
+            return self._channel_view(self._gain_of(route, like))
+        n = like.shape[0]
+        g = self.gathered(route, n, _gather_g).to(like.dtype)                # (n, out)
+        return g.view(n, *([1] * (like.dim() - 2)), -1)
 
-class DoraEmbedding(DoraMixin, LoraEmbedding):
-    """DoRA on ``nn.Embedding``: one magnitude per embedding dimension (norms over the vocabulary)."""
+    def _dora_dropout(self, x: torch.Tensor, name: str, base: torch.Tensor, bias) -> torch.Tensor:
+        """Training with dropout: the direction ``W x`` sees the same dropped-out input as the
+        LoRA path (as in peft), which costs one more pass through the base layer."""
+        h = self.lora_dropout[name](x)
+        lora = self.delta(h, name, dropout=False).to(base.dtype)
+        direction = self.base_layer(h)
+        direction = direction if bias is None else direction - bias
+        return base + self._gain(name, base) * (direction + lora) - direction
 
-    adapter_containers = LoraEmbedding.adapter_containers + (MAGNITUDE,)
-
-    def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T                                                      # (dim, vocab)
-
-    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return rows.T
-
-    def _factor_rows(self, name: str):
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]      # (r, vocab), (dim, r)
-
-    def _lookup(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lookup(name, x)                                          # (..., dim)
-
-    def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(name, base)                                      # (dim,)
-        lora = self._lookup(name, x).to(base.dtype)                          # (..., dim)
-        return scale * torch.add(base, lora, alpha=self.scaling[name])
-
-    def _mixed_output(self, x: torch.Tensor, route: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Each row: ``g * (base + s·B A[:, x])`` with its own factors and ``g``."""
-        n = x.shape[0]
-        g = self.gathered(route, n, _gather_g)                               # (n, dim)
-        g = g.to(base.dtype).view(n, *([1] * (base.dim() - 2)), -1)
-        return g * (base + self.mixed_delta(x, route).to(base.dtype))
-
-
-class DoraConv2d(DoraMixin, LoraConv2d):
-    """DoRA on ``nn.Conv2d``: one magnitude per output channel, stored (1, out, 1, 1) as in peft."""
-
-    adapter_containers = LoraConv2d.adapter_containers + (MAGNITUDE,)
-
-    def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
-        return m.view(1, -1, 1, 1)
-
-    def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.flatten(1)                                             # (out, in·kh·kw)
-
-    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return rows.reshape(like.shape)
-
-    def _factor_rows(self, name: str):
-        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)  # (r, k), (out, r)
-
-    def _dora_output(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.view(1, -1, 1, 1)
-        return self._dora_linear_output(name, x, base, bias, lambda t: t.view(1, -1, 1, 1))  # (N, out, H', W')
-
-
-def _register() -> None:
-    from transformers.pytorch_utils import Conv1D
-
-    key = PeftType.LORA.value
-    registry.register_method(key, LoraConfig, cli_names=("dora",), overrides={"use_dora": True})
-    for base_type in (nn.Linear, Conv1D):
-        registry.register_layer(key, base_type, DoraLinear, variant="use_dora")
-    registry.register_layer(key, nn.Embedding, DoraEmbedding, variant="use_dora")
-    registry.register_layer(key, nn.Conv2d, DoraConv2d, variant="use_dora")
-
-
-_register()
+    def _refuse_dropout_rows(self, route: torch.Tensor) -> None:
+        slots = set(route.tolist())
+        if any(self._dropout_active(n) for n in self.held if self.adapter_set.slots[n] in slots):
+            raise MixingError("DoRA with lora_dropout cannot train on a mixed-adapter batch (its direction "
+                              "needs a second base pass per row); train each adapter on its own batches")

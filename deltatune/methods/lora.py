@@ -1,84 +1,40 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): ``h = W x + s * B A x`` with rank-r factors.
 
-``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievic 2023,
-arXiv:2312.03732). ``B`` starts at zero so a new adapter leaves the model unchanged.
-Layers: linear-likes (``nn.Linear``, transformers' ``Conv1D``, registered 4-bit layers),
-``nn.Conv2d`` and ``nn.Embedding``. Factors are ``nn.Linear``/``nn.Conv2d`` children so FSDP and
+``s = merging.lora_scaling(lora_alpha, r, use_rslora)``: ``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732). ``B`` starts at zero
+so a new adapter leaves the model unchanged.
+
+One layer class per base layer type: ``LoraLinear`` (``nn.Linear``, transformers' ``Conv1D``,
+registered 4-bit layers), ``LoraEmbedding`` and ``LoraConv2d``. Each holds plain LoRA and DoRA
+adapters side by side (DoRA = LoRA + a magnitude, ``methods/dora.py``), so the order in which
+adapters wrap a module never matters. Each has one ``delta(x, route)``: the single-adapter path and
+the mixed-batch path (each row's factors gathered from the layer's bank) both end in
+``lora_matmul``, the one LoRA kernel, run in place into the base output in inference and out of
+place under autograd. Factors are ``nn.Linear``/``nn.Conv2d`` children so FSDP and
 ``torch.compile`` see ordinary modules.
 """
 from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune import registry
-from deltatune.adapter_set import AdapterSet
+from deltatune import merging, registry
+from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
 from deltatune.methods.base import AdapterLayer
+from deltatune.methods.dora import MAGNITUDE, DoraMixin
+from deltatune.methods.lora_kernel import (cast_factors_on, gather_embedding, gather_lora, gather_lora_as,
+                                           lora_matmul, may_add_in_place, row_dropout)
 
 
 def _dropout_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
-
-
-def gather_lora(bank: dict[str, torch.Tensor], rows: torch.Tensor):
-    """Each row's factors from a linear layer's bank: ``A (N, in, r)``, ``B (N, r, out)`` (scale
-    folded in), dropout probability ``p (N,)``."""
-    return bank["A"][rows].transpose(1, 2), bank["B"][rows].transpose(1, 2), bank["p"][rows]
-
-
-_GATHER_IN: dict = {}
-
-
-def cast_factors_on(device: torch.device) -> bool:
-    """Whether inference on a 16-bit input should run fp32 LoRA factors as 16-bit copies.
-
-    Not on the CPU: there small bf16 GEMMs cost more than the fp32 ones plus the casts (measured
-    on this machine, (32, 576) x (576, 16) then x (16, 576): 68 us in bf16, 37 us casting to fp32),
-    so the plain path, which computes the delta in the factors' fp32, is kept. On accelerators
-    16-bit GEMMs are the fast ones.
-    """
-    return device.type != "cpu"
-
-
-def _gather_lora_in(dtype: torch.dtype):
-    """``gather_lora`` returning the factors in ``dtype`` (one function object per dtype, so the
-    per-route cache in ``AdapterLayer.gathered`` keeps one entry per dtype)."""
-    if dtype not in _GATHER_IN:
-        def gather(bank, rows):
-            A, B, p = gather_lora(bank, rows)
-            return A.to(dtype), B.to(dtype), p
-        _GATHER_IN[dtype] = gather
-    return _GATHER_IN[dtype]
-
-
-def gather_embedding(bank: dict[str, torch.Tensor], rows: torch.Tensor):
-    """Rows' slots, the whole lookup bank ``A (slots, vocab, r)`` and each row's ``B (N, r, dim)``."""
-    return rows, bank["A"], bank["B"][rows]
-
-
-def lora_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The mixed-batch LoRA delta: row ``i`` of ``x`` (N, T, in) times its own ``A[i]`` (in, r) then
-    ``B[i]`` (r, out) -> (N, T, out). The one place a fused gather-matmul kernel would replace."""
-    return torch.bmm(torch.bmm(x, A), B)
-
-
-def row_dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Inverted dropout with a probability per row: ``x`` (N, T, d), ``p`` (N,)."""
-    keep = (1.0 - p).to(x.dtype)[:, None, None]                        # (N, 1, 1)
-    mask = torch.rand_like(x) < keep
-    return torch.where(mask, x / keep.clamp_min(1e-12), torch.zeros_like(x))
-
-
-def _inference(x: torch.Tensor, result: torch.Tensor) -> bool:
-    """True when the delta may be added into the base output in place: no autograd, same dtype,
-    and an output whose memory is its own layout (a fresh, contiguous tensor)."""
-    return not torch.is_grad_enabled() and x.dtype == result.dtype and result.is_contiguous()
 
 
 def pattern_value(patterns: dict, module_name: str, default):
@@ -89,8 +45,17 @@ def pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-class LoraLayer(AdapterLayer):
-    """Shared LoRA bookkeeping: rank, alpha, scaling and dropout per adapter."""
+class LoraLayer(DoraMixin, AdapterLayer):
+    """The LoRA layer of one base type: rank, alpha, scaling and dropout per adapter; an adapter
+    with a magnitude (``use_dora``) is a DoRA adapter (``DoraMixin``).
+
+    A subclass makes the factors (``create_factors``, ``init_factors``), gives the weight-layout
+    delta (``delta_weight``) and DoRA's row layout, and computes its delta for one adapter
+    (``_one``) and per row (``_rows``), both through ``lora_matmul``.
+    """
+
+    adapter_containers = ("lora_A", "lora_B", MAGNITUDE)
+    adds_in_place: ClassVar[bool] = True    # the layer type has an in-place inference path
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -98,6 +63,7 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self._init_dora()
 
     def hyper_key(self) -> tuple:
         """Scalings enter the bank (folded into B); dropout is read only while training, when the
@@ -106,7 +72,7 @@ class LoraLayer(AdapterLayer):
                      for s in self.scaling.values())
 
     def per_adapter_tables(self) -> list[dict]:
-        return [self.r, self.lora_alpha, self.scaling]
+        return super().per_adapter_tables() + [self.r, self.lora_alpha, self.scaling]
 
     def delete_adapter(self, name: str) -> None:
         """Also drop the adapter's dropout module (a ModuleDict, not a per-adapter table)."""
@@ -115,14 +81,12 @@ class LoraLayer(AdapterLayer):
             del self.lora_dropout[name]
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
-        """Create adapter ``name`` for this layer from ``config`` (``module_name`` picks patterns)."""
-        if config.use_dora:
-            raise ConfigError("use_dora=True: DoRA is not available for "
-                              f"{type(self.base_layer).__name__} ({module_name})")
+        """Create adapter ``name`` for this layer from ``config`` (``module_name`` picks patterns);
+        with ``use_dora`` it also gets its magnitude."""
         r = int(pattern_value(config.rank_pattern, module_name, config.r))
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.r[name], self.lora_alpha[name] = r, alpha
-        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.scaling[name] = merging.lora_scaling(alpha, r, config.use_rslora)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_factors(name, r)
         init = registry.init_for(config.init_lora_weights)   # e.g. LoftQ (deltatune.quant.loftq)
@@ -131,6 +95,8 @@ class LoraLayer(AdapterLayer):
         else:
             self.init_factors(name, config.init_lora_weights, module_name)
         self._register(name)
+        if config.use_dora:
+            self.add_magnitude(name)
 
     def create_factors(self, name: str, r: int) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -143,9 +109,13 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError
 
     def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return self.dora_merged_weight(weight, name)
         return weight + self.delta_weight(name).to(weight.device)
 
     def unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return self.dora_unmerged_weight(weight, name)
         return weight - self.delta_weight(name).to(weight.device)
 
     def _factor_device(self) -> torch.device:
@@ -155,11 +125,43 @@ class LoraLayer(AdapterLayer):
             return t.device
         return torch.device("cpu")
 
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x) + delta(x, route)`` for this call's route (DoRA adapters: ``dora_forward``)."""
+        result = self.base_layer(x, *args, **kwargs)            # (..., out) or (N, out, H', W')
+        route = self.route()
+        if route is None:
+            return result
+        if self.uses_dora(route):
+            return self.dora_forward(x, route, result)
+        if self.adds_in_place and may_add_in_place(x, result):
+            return self.delta(x, route, out=result)
+        return result + self.delta(x, route).to(result.dtype)
+
+    def delta(self, x: torch.Tensor, route, out: torch.Tensor | None = None, dropout: bool = True) -> torch.Tensor:
+        """The LoRA change ``s·B A x`` for ``route``: an adapter's name (one adapter for the whole
+        batch), or per-row slots (a LongTensor, as ``route()`` gives; slot-0 rows get zeros).
+
+        Args:
+            out: inference only (``may_add_in_place``): the base output; ``out + delta`` is
+                returned, computed in place into ``out`` where the factors allow it (no dropout to
+                apply; fp32 factors on a 16-bit input only where ``cast_factors_on`` says so).
+                None: the delta, a new tensor (autograd-safe).
+            dropout: apply the adapter's dropout (one adapter; DoRA passes an input it dropped).
+
+        Raises:
+            MixingError: per-row slots on a layer type without a per-row path (Conv2d).
+        """
+        if isinstance(route, str):
+            return self._one(route, x, out, dropout)
+        return self._rows(route, x, out)
+
+    def _dropout_active(self, name: str) -> bool:
+        return self.training and _dropout_p(self.lora_dropout[name]) > 0
+
 
 class LoraLinear(LoraLayer):
-    """LoRA on a linear-like layer: ``y = base(x) + B(A(dropout(x))) * s``."""
-
-    adapter_containers = ("lora_A", "lora_B")
+    """LoRA (and DoRA) on a linear-like layer: ``y = base(x) + s·x Aᵀ Bᵀ``."""
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -231,43 +233,26 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base(x) + B(A(dropout(x)) * s)`` for this call's adapter, or each row's in a mixed batch."""
-        result = self.base_layer(x, *args, **kwargs)            # (..., out) or (N, out, H', W')
-        route = self.route()
-        if route is None:
-            return result
-        if _inference(x, result):
-            if isinstance(route, str) and self._add_delta_(result, route, x):
-                return result
-            if not isinstance(route, str) and self._add_mixed_delta_(result, route, x):
-                return result
-        if isinstance(route, str):
-            return result + self.delta(route, x).to(result.dtype)
-        return result + self.mixed_delta(x, route).to(result.dtype)
+    def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """One adapter: ``s·x Aᵀ Bᵀ`` (..., in) -> (..., out).
 
-    def _add_delta_(self, result: torch.Tensor, name: str, x: torch.Tensor) -> bool:
-        """Inference: add ``s·B(A x)`` into ``result`` in place with two GEMMs (no dropout, no
-        autograd); False where that does not apply (then ``delta`` runs).
-
-        Factors kept in fp32 on a 16-bit base (as peft keeps them) are used, where
-        ``cast_factors_on`` says so, through a copy in the input's dtype cached until they change
-        (the GEMMs still accumulate in fp32; no per-call casts of input and result).
+        In place (``out``) the factors run in the input's dtype: fp32 factors on a 16-bit base (as
+        peft keeps them) through a copy cached until they change (the GEMMs still accumulate in
+        fp32; no per-call casts of input and result). Out of place, the input is cast to the
+        factors' dtype, except under autocast (the GEMMs cast it themselves: a cast to fp32 here
+        would be cast straight back).
         """
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if A.dim() != 2 or (self.training and _dropout_p(self.lora_dropout[name]) > 0):
-            return False
-        if A.dtype != x.dtype:
-            if not cast_factors_on(x.device):
-                return False
-            A, B = self._factors_in(name, A, B, x.dtype)
-        flat = result.view(-1, result.shape[-1])                                      # (M, out)
-        h, s = x.reshape(-1, x.shape[-1]) @ A.T, self.scaling[name]                  # (M, r)
-        if isinstance(s, torch.Tensor):  # a tensor scaling (compiled hot-swap): no recompile when it changes
-            flat.addmm_(h * s.to(h.dtype), B.T)
-        else:
-            flat.addmm_(h, B.T, alpha=s)                                              # (M, r) @ (r, out)
-        return True
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight          # (r, in), (out, r)
+        if out is not None:
+            if (dropout and self.training and _dropout_p(self.lora_dropout[name]) > 0) or not (
+                    A.dtype == x.dtype or cast_factors_on(x.device)):
+                return out + self._one(name, x, None, dropout).to(out.dtype)
+            if A.dtype != x.dtype:
+                A, B = self._factors_in(name, A, B, x.dtype)
+            return lora_matmul(x, A.T, B.T, self.scaling[name], out)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        return lora_matmul(self.lora_dropout[name](x) if dropout else x, A.T, B.T, self.scaling[name])
 
     def _factors_in(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
         key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
@@ -276,28 +261,24 @@ class LoraLinear(LoraLayer):
             hit = self._cast[name] = (key, A.to(dtype), B.to(dtype))
         return hit[1], hit[2]
 
-    def _add_mixed_delta_(self, result: torch.Tensor, route: torch.Tensor, x: torch.Tensor) -> bool:
-        """Inference, mixed batch: ``result[i] += x[i] A[i] B[i]`` in place (gathered factors,
-        in the input's dtype: see ``_add_delta_``)."""
-        if self.training or (self.lora_A[self.held[0]].weight.dtype != x.dtype and not cast_factors_on(x.device)):
-            return False
+    def _rows(self, route: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Each row's own adapter delta, gathered from the bank (in the input's dtype in place)."""
         n = x.shape[0]
-        A, B, _ = self.gathered(route, n, _gather_lora_in(x.dtype))       # (n, in, r), (n, r, out)
-        rows = result.view(n, -1, result.shape[-1])                        # (n, T, out)
-        rows.baddbmm_(torch.bmm(x.reshape(n, -1, x.shape[-1]), A), B)
-        return True
-
-    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One adapter's ``s * B(A(dropout(x)))`` through the ordinary factor modules."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the GEMMs cast x themselves:
-            x = x.to(A.weight.dtype)                        # a cast to fp32 here would be cast straight back
-        h = self.lora_dropout[name](x)
-        return B(A(h) * self.scaling[name])                     # (..., r) -> (..., out)
+        if out is not None:
+            if self.training or not (self.lora_A[self.held[0]].weight.dtype == x.dtype or cast_factors_on(x.device)):
+                return out + self._rows(route, x, None).to(out.dtype)
+            A, B, _ = self.gathered(route, n, gather_lora_as(x.dtype))    # (n, in, r), (n, r, out)
+            return lora_matmul(x, A, B, out=out)
+        A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
+        h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)           # (n, T, in)
+        if self.training and bool((p > 0).any()):
+            h = row_dropout(h, p)
+        return lora_matmul(h, A, B).reshape(*x.shape[:-1], -1)  # (..., out)
 
     def build_bank(self) -> dict[str, torch.Tensor]:
-        """``A (slots, r_max, in)``, ``B (slots, out, r_max)`` with the scaling folded into B, and
-        dropout ``p (slots,)``; zeros where an adapter does not reach (slot 0, smaller ranks)."""
+        """``A (slots, r_max, in)``, ``B (slots, out, r_max)`` with the scaling folded into B,
+        dropout ``p (slots,)`` and, with DoRA adapters, their gains ``g``; zeros where an adapter
+        does not reach (slot 0, smaller ranks)."""
         S, r_max = self.adapter_set.num_slots, max(self.r[n] for n in self.held)
         like = self.lora_A[self.held[0]].weight
         A = like.new_zeros(S, r_max, self.in_features)
@@ -308,22 +289,18 @@ class LoraLinear(LoraLayer):
             A[slot, :r] = self.lora_A[name].weight.to(A.dtype)
             B[slot, :, :r] = self.lora_B[name].weight.to(B.dtype) * self.scaling[name]
             p[slot] = _dropout_p(self.lora_dropout[name])
-        return {"A": A, "B": B, "p": p}
-
-    def mixed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        """Each row's own adapter delta (slot 0 rows get zeros): gathered factors, batched matmuls."""
-        n = x.shape[0]
-        A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
-        h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)           # (n, T, in)
-        if self.training and bool((p > 0).any()):
-            h = row_dropout(h, p)
-        return lora_bmm(h, A, B).reshape(*x.shape[:-1], -1)     # (..., out)
+        bank = {"A": A, "B": B, "p": p}
+        if self.lora_magnitude_vector:
+            bank["g"] = self.dora_gains(A)
+        return bank
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: the row lookup goes through ``A`` (r, vocab), then ``B`` (dim, r)."""
+    """LoRA (and DoRA) on ``nn.Embedding``: the row lookup goes through ``A`` (r, vocab), then
+    ``B`` (dim, r). No dropout (as in peft); DoRA norms run over the vocabulary, per dimension."""
 
-    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B", MAGNITUDE)
+    adds_in_place = False                    # ids in: the output has another dtype
 
     def __init__(self, base_layer: nn.Embedding, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -348,26 +325,26 @@ class LoraEmbedding(LoraLayer):
         # A (r, vocab), B (dim, r): the delta of the (vocab, dim) table is (B A)ᵀ
         return lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]).T
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)             # (..., dim)
-        route = self.route()
-        if route is None:
-            return result
-        if isinstance(route, str):
-            return result + (self.lookup(route, x) * self.scaling[route]).to(result.dtype)
-        return result + self.mixed_delta(x, route).to(result.dtype)
+    def _dropout_active(self, name: str) -> bool:
+        return False
 
-    def lookup(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``B A[:, x]``: the adapter's (unscaled) change to the embeddings of ids ``x`` -> (..., dim)."""
+    def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """``s·B A[:, x]``: the adapter's change to the embeddings of ids ``x`` -> (..., dim)."""
         base = self.base_layer
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                         base.scale_grad_by_freq, base.sparse)                      # (..., r)
-        return h @ B.T
+        return lora_matmul(h, None, B.T, self.scaling[name])
+
+    def _rows(self, route: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        n = x.shape[0]
+        rows, A, B = self.gathered(route, n, gather_embedding)
+        h = A[rows[:, None], x.reshape(n, -1)]                                       # (n, T, r)
+        return lora_matmul(h, None, B).reshape(*x.shape, -1)                         # (..., dim)
 
     def build_bank(self) -> dict[str, torch.Tensor]:
         """``A (slots, vocab, r_max)`` (transposed for row lookup) and ``B (slots, r_max, dim)``
-        with the scaling folded in; zeros for slot 0 and beyond each adapter's rank."""
+        with the scaling folded in (and DoRA gains ``g``); zeros for slot 0 and beyond each rank."""
         S, r_max = self.adapter_set.num_slots, max(self.r[n] for n in self.held)
         base, like = self.base_layer, self.lora_embedding_A[self.held[0]]
         A = like.new_zeros(S, base.num_embeddings, r_max)
@@ -376,21 +353,26 @@ class LoraEmbedding(LoraLayer):
             slot, r = self.adapter_set.slots[name], self.r[name]
             A[slot, :, :r] = self.lora_embedding_A[name].T.to(A.dtype)
             B[slot, :r] = self.lora_embedding_B[name].T.to(B.dtype) * self.scaling[name]
-        return {"A": A, "B": B}
+        bank = {"A": A, "B": B}
+        if self.lora_magnitude_vector:
+            bank["g"] = self.dora_gains(A)
+        return bank
 
-    def mixed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        rows, A, B = self.gathered(route, n, gather_embedding)
-        ids = x.reshape(n, -1)                                                       # (n, T)
-        h = A[rows[:, None], ids]                                                    # (n, T, r)
-        return torch.bmm(h, B).reshape(*x.shape, -1)                                 # (..., dim)
+    # DoRA's row layout: one norm per embedding dimension, over the vocabulary.
+    def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T                                                      # (dim, vocab)
+
+    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.T
+
+    def _factor_rows(self, name: str):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]      # (r, vocab), (dim, r)
 
 
 class LoraConv2d(LoraLayer):
-    """LoRA on ``nn.Conv2d``: ``A`` has the base's kernel, stride and padding, ``B`` is 1x1."""
+    """LoRA (and DoRA) on ``nn.Conv2d``: ``A`` has the base's kernel, stride and padding, ``B`` is 1x1."""
 
-    adapter_containers = ("lora_A", "lora_B")
-    mixable = False
+    adds_in_place = False                    # the convolution by A makes a new tensor anyway
 
     def __init__(self, base_layer: nn.Conv2d, adapter_set: AdapterSet | None = None) -> None:
         if base_layer.groups != 1:
@@ -417,14 +399,24 @@ class LoraConv2d(LoraLayer):
         return ("LoRA on Conv2d has no per-row path yet; run rows for different adapters in "
                 "separate calls (or merge one adapter)")
 
-    # Same as LoraLinear's: A and B are modules, so ``B(A(h) * s)`` holds for convolutions too.
-    forward = LoraLinear.forward
-    delta = LoraLinear.delta
+    def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """The convolution by ``A`` into rank space, then ``lora_matmul`` over the channels (``B``
+        is 1x1): (N, in, H, W) -> (N, out, H', W') (unbatched (C, H, W) too)."""
+        A, B = self.lora_A[name], self.lora_B[name].weight                  # B (out, r, 1, 1)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.weight.dtype)
+        h = A(self.lora_dropout[name](x) if dropout else x).movedim(-3, -1)  # (N, H', W', r)
+        return lora_matmul(h, None, B.flatten(1).T, self.scaling[name]).movedim(-1, -3)
 
-    def _add_delta_(self, result: torch.Tensor, name: str, x: torch.Tensor) -> bool:
-        """No in-place GEMM path for convolutions (``forward`` then runs ``delta``); without this
-        inference under ``no_grad`` failed on Conv2d LoRA (a diffusion UNet's resnets)."""
-        return False
+    def _rows(self, route: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        raise MixingError(f"{type(self).__name__} cannot run a mixed-adapter batch: {self.cannot_mix_reason()}")
+
+    # DoRA: one norm per output channel (the default row layout); peft stores the magnitude (1, out, 1, 1).
+    def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
+        return m.view(1, -1, 1, 1)
+
+    def _channel_view(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.view(1, -1, 1, 1)                     # (1, out, 1, 1)
 
 
 def _register() -> None:
@@ -432,6 +424,7 @@ def _register() -> None:
 
     key = PeftType.LORA.value
     registry.register_method(key, LoraConfig, cli_names=("lora",))
+    registry.register_method(key, LoraConfig, cli_names=("dora",), overrides={"use_dora": True})
     for base_type in (nn.Linear, Conv1D):
         registry.register_layer(key, base_type, LoraLinear)
     registry.register_layer(key, nn.Embedding, LoraEmbedding)

@@ -8,6 +8,9 @@ name) or an adapter. Every request only *submits* to the engine, whose backgroun
 continuously batched decode loop; tokens come back through ``RequestHandle`` async iteration, so
 one event loop serves any number of concurrent clients. A client that goes away aborts its
 request, which frees its slot at the next engine step.
+
+The route handlers live at module level on ``router`` and read the engine and settings from
+``request.app.state``, which ``create_app`` fills.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 from importlib import resources
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,130 +50,157 @@ def create_app(engine, *, api_key: str | None = None, model_path: str | None = N
         manage_engine: start the engine's loop when the app starts and shut it down when it stops.
 
     Returns:
-        A ``fastapi.FastAPI`` instance (run it with uvicorn, or use :func:`serve`).
+        A ``fastapi.FastAPI`` instance (run it with uvicorn, or use :func:`serve`). Its ``state`` holds
+        what the route handlers read: ``engine``, ``metrics``, ``api_key``, ``model_path``,
+        ``manage_engine`` and ``created`` (the models' creation time).
     """
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        if manage_engine:
-            engine.start()
-        try:
-            yield
-        finally:
-            if manage_engine:
-                engine.shutdown()
-
-    app = FastAPI(title="deltatune serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    metrics = Metrics()
-    app.state.engine, app.state.metrics = engine, metrics
-    created = protocol.now()
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_request, exc: ApiError):
-        return JSONResponse(protocol.error_body(exc.status, exc.message, exc.param), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request, exc):  # unknown route, wrong method: still OpenAI's shape
-        return JSONResponse(protocol.error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.count_request("(any)", OTHER, 401)  # not the path: clients choose it
-                return JSONResponse(protocol.error_body(401, "missing or wrong API key: send the header "
-                                                        "'Authorization: Bearer <key>'"), status_code=401)
-        try:
-            return await call_next(request)
-        except Exception as exc:  # noqa: BLE001 — last resort: an answer in the error shape, not a dropped socket
-            print(f"deltatune serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
-            return JSONResponse(protocol.error_body(500, f"internal error: {exc}"), status_code=500)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return resources.files("deltatune.serving").joinpath("playground.html").read_text(encoding="utf-8")
-
-    @app.get("/health")
-    async def health():
-        return Response(status_code=200)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(engine.stats()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def list_models():
-        cards = [protocol.model_card(engine.base_name, model_path or engine.base_name, None, created,
-                                     engine.max_model_len)]
-        for info in engine.adapters():
-            card = protocol.model_card(info.name, str(info.path), engine.base_name, created, engine.max_model_len)
-            card["lora"] = {"rank": info.rank, "state": info.state, "version": info.version}
-            cards.append(card)
-        return {"object": "list", "data": cards}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        body = protocol.parse(protocol.LoadLoraRequest, await request.body())
-        if body.lora_name == engine.base_name:
-            raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name", "lora_name")
-        known = {a.name for a in engine.adapters()}
-        if body.lora_name in known and not body.load_inplace:
-            raise ApiError(400, f"lora_name: the adapter {body.lora_name!r} is already loaded; send "
-                                "load_inplace: true to replace it", "lora_name")
-        try:  # reading and checking files: off the event loop
-            info = await run_in_threadpool(engine.add_adapter, body.lora_name, body.lora_path,
-                                           replace=body.load_inplace)
-        except Exception as exc:  # noqa: BLE001 — engine errors map to their status, the rest to 400 below
-            raise _as_api_error(exc, default_param="lora_path") from None
-        verb = "reloaded" if body.lora_name in known else "added"
-        return PlainTextResponse(f"Success: LoRA adapter '{info.name}' {verb} successfully "
-                                 f"(rank {info.rank}, version {info.version}).")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
-        try:
-            engine.remove_adapter(body.lora_name)
-        except UnknownModel as exc:
-            raise ApiError(404, exc.message, "lora_name") from None
-        except Exception as exc:  # noqa: BLE001
-            raise _as_api_error(exc, default_param="lora_name") from None
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _generate(request, protocol.CompletionRequest, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await _generate(request, protocol.ChatCompletionRequest, chat=True)
-
-    async def _generate(request: Request, model_cls, chat: bool):
-        arrived = time.perf_counter()
-        endpoint = request.url.path
-        model = OTHER
-        try:
-            body = protocol.parse(model_cls, await request.body())
-            model = _label(engine, body.model)
-            handles = _submit(engine, body, chat)
-        except ApiError as exc:
-            metrics.count_request(endpoint, model, exc.status)
-            raise
-        except Exception as exc:  # noqa: BLE001
-            err = _as_api_error(exc)
-            metrics.count_request(endpoint, model, err.status)
-            raise err from None
-        run = _Run(handles, body, chat, arrived, metrics, endpoint, model)
-        if body.stream:
-            return StreamingResponse(run.events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await run.collect(request)
-        if answer is None:  # the client went away; nobody reads this (nginx's "client closed request")
-            return Response(status_code=499)
-        return JSONResponse(answer)
-
+    app = FastAPI(title="deltatune serve", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    state = app.state
+    state.engine, state.metrics, state.created = engine, Metrics(), protocol.now()
+    state.api_key, state.model_path, state.manage_engine = api_key, model_path, manage_engine
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.middleware("http")(_auth)
+    app.include_router(router)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app):
+    engine, manage = app.state.engine, app.state.manage_engine
+    if manage:
+        engine.start()
+    try:
+        yield
+    finally:
+        if manage:
+            engine.shutdown()
+
+
+async def _api_error(_request, exc: ApiError):
+    return JSONResponse(protocol.error_body(exc.status, exc.message, exc.param), status_code=exc.status)
+
+
+async def _http_error(_request, exc):  # unknown route, wrong method: still OpenAI's shape
+    return JSONResponse(protocol.error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+
+async def _auth(request: Request, call_next):
+    """API key check on ``/v1/*``, and a last-resort 500 in OpenAI's error shape."""
+    api_key = request.app.state.api_key
+    if api_key and request.url.path.startswith("/v1"):
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            request.app.state.metrics.count_request("(any)", OTHER, 401)  # not the path: clients choose it
+            return JSONResponse(protocol.error_body(401, "missing or wrong API key: send the header "
+                                                    "'Authorization: Bearer <key>'"), status_code=401)
+    try:
+        return await call_next(request)
+    except Exception as exc:  # noqa: BLE001 — last resort: an answer in the error shape, not a dropped socket
+        print(f"deltatune serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
+        return JSONResponse(protocol.error_body(500, f"internal error: {exc}"), status_code=500)
+
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def playground():
+    return resources.files("deltatune.serving").joinpath("playground.html").read_text(encoding="utf-8")
+
+
+@router.get("/health")
+async def health():
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    state = request.app.state
+    return PlainTextResponse(state.metrics.render(state.engine.stats()),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = request.app.state
+    engine, created = state.engine, state.created
+    cards = [protocol.model_card(engine.base_name, state.model_path or engine.base_name, None, created,
+                                 engine.max_model_len)]
+    for info in engine.adapters():
+        card = protocol.model_card(info.name, str(info.path), engine.base_name, created, engine.max_model_len)
+        card["lora"] = {"rank": info.rank, "state": info.state, "version": info.version}
+        cards.append(card)
+    return {"object": "list", "data": cards}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request):
+    engine = request.app.state.engine
+    body = protocol.parse(protocol.LoadLoraRequest, await request.body())
+    if body.lora_name == engine.base_name:
+        raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name", "lora_name")
+    known = {a.name for a in engine.adapters()}
+    if body.lora_name in known and not body.load_inplace:
+        raise ApiError(400, f"lora_name: the adapter {body.lora_name!r} is already loaded; send "
+                            "load_inplace: true to replace it", "lora_name")
+    try:  # reading and checking files: off the event loop
+        info = await run_in_threadpool(engine.add_adapter, body.lora_name, body.lora_path,
+                                       replace=body.load_inplace)
+    except Exception as exc:  # noqa: BLE001 — engine errors map to their status, the rest to 400 below
+        raise _as_api_error(exc, default_param="lora_path") from None
+    verb = "reloaded" if body.lora_name in known else "added"
+    return PlainTextResponse(f"Success: LoRA adapter '{info.name}' {verb} successfully "
+                             f"(rank {info.rank}, version {info.version}).")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request):
+    body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
+    try:
+        request.app.state.engine.remove_adapter(body.lora_name)
+    except UnknownModel as exc:
+        raise ApiError(404, exc.message, "lora_name") from None
+    except Exception as exc:  # noqa: BLE001
+        raise _as_api_error(exc, default_param="lora_name") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _generate(request, protocol.CompletionRequest, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _generate(request, protocol.ChatCompletionRequest, chat=True)
+
+
+async def _generate(request: Request, model_cls, chat: bool):
+    """Submit the request's prompts; stream the answer as server-sent events or return it as JSON."""
+    arrived = time.perf_counter()
+    engine, metrics = request.app.state.engine, request.app.state.metrics
+    endpoint = request.url.path
+    model = OTHER
+    try:
+        body = protocol.parse(model_cls, await request.body())
+        model = _label(engine, body.model)
+        handles = _submit(engine, body, chat)
+    except ApiError as exc:
+        metrics.count_request(endpoint, model, exc.status)
+        raise
+    except Exception as exc:  # noqa: BLE001
+        err = _as_api_error(exc)
+        metrics.count_request(endpoint, model, err.status)
+        raise err from None
+    run = _Run(handles, body, chat, arrived, metrics, endpoint, model)
+    if body.stream:
+        return StreamingResponse(run.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    answer = await run.collect(request)
+    if answer is None:  # the client went away; nobody reads this (nginx's "client closed request")
+        return Response(status_code=499)
+    return JSONResponse(answer)
 
 
 def _submit(engine, body, chat: bool) -> list:

@@ -1,6 +1,6 @@
 """CLI verbs ``train``, ``eval``, ``chat``: flags in, one call into the training modules.
 
-(``generate``, with one adapter per prompt in a mixed batch, lives in ``deltatune.cli``.)
+(``generate``, with one adapter per prompt in a mixed batch, lives in ``deltatune.cli.generate``.)
 
 ``register(subparsers)`` adds them to the ``deltatune`` parser (``deltatune.cli``). Every ``train``
 flag defaults to None so that only flags actually given override the ``--config`` file.
@@ -36,7 +36,14 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an adapter on JSONL data (also under torchrun)",
                        description="Fine-tune an adapter. Flags override --config (YAML/JSON with the same keys).")
     p.add_argument("--config", help="YAML or JSON file of options (keys as the flags, with underscores)")
-    g = p.add_argument_group("model and adapter")
+    _adapter_flags(p.add_argument_group("model and adapter"))
+    _data_flags(p.add_argument_group("data"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _run_flags(p.add_argument_group("run"))
+    p.set_defaults(func=cmd_train)
+
+
+def _adapter_flags(g) -> None:
     g.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a transformers directory or a .gguf file")
     g.add_argument("--method", help="adapter method (lora, dora, ia3, adapter, ...); default lora")
     g.add_argument("--r", "--rank", type=int, dest="r",
@@ -53,7 +60,9 @@ def _add_train(sub) -> None:
     g.add_argument("--init", metavar="INIT",
                    help="LoRA init: loftq[:N] (with --quantize nf4: LoftQ, N iterations, default 1), gaussian, "
                         "pissa, pissa_niter_N, false")
-    g = p.add_argument_group("data")
+
+
+def _data_flags(g) -> None:
     g.add_argument("--data", help="training JSONL (messages | prompt+completion | text lines)")
     g.add_argument("--eval", dest="eval_data", help="held-out JSONL for eval loss and exact match")
     g.add_argument("--task", action="append", metavar="NAME=PATH", dest="task",
@@ -66,7 +75,9 @@ def _add_train(sub) -> None:
     g.add_argument("--no-packing", dest="packing", **_NOT, help="one sequence per row")
     g.add_argument("--no-group-by-length", dest="group_by_length", **_NOT,
                    help="plain random batches instead of near-equal lengths (more padding)")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation_flags(g) -> None:
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     g.add_argument("--warmup-steps", type=int)
@@ -87,7 +98,9 @@ def _add_train(sub) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="compute dtype (default auto)")
     g.add_argument("--compile", **_FLAG,
                    help="torch.compile the decoder layers for training (first step compiles; eager fallback)")
-    g = p.add_argument_group("run")
+
+
+def _run_flags(g) -> None:
     g.add_argument("--out", help="run directory (default runs/deltatune)")
     g.add_argument("--log-every", type=int)
     g.add_argument("--eval-every", type=int, help="eval loss every N steps (0 = only at the end)")
@@ -103,7 +116,6 @@ def _add_train(sub) -> None:
     g.add_argument("--fsdp", **_FLAG,
                    help="under torchrun: shard the frozen base (also 4-bit) across processes with FSDP2 "
                         "instead of a full copy per process; the adapter stays replicated")
-    p.set_defaults(func=cmd_train)
 
 
 _NOT_OPTIONS = {"config", "func", "verb", "method_arg", "task"}

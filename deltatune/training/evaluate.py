@@ -1,8 +1,8 @@
 """Evaluation: token-level eval loss, and exact match of greedy generations.
 
-Generation is batched: prompts sorted by length (little padding), left-padded, greedy with the KV
-cache, stopping at the tokenizer's end-of-turn tokens. Under DDP each rank takes every
-``world``-th example and counts are summed.
+Generation is ``deltatune.generation.complete`` (shared with ``deltatune generate``): prompts sorted
+by length (little padding), left-padded, greedy with the KV cache, stopping at the tokenizer's
+end-of-turn tokens. Under DDP each rank takes every ``world``-th example and counts are summed.
 """
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from contextlib import nullcontext
 
 import torch
 
+from deltatune.generation import complete, stop_token_ids  # noqa: F401  (stop_token_ids: re-exported)
 from deltatune.training.batching import collate
 from deltatune.training.data import Dataset
 from deltatune.training.distributed import DistInfo, all_reduce_sum
-from deltatune.training.loss import adapter_model, lm_loss_sum, packable, unwrap
-
-_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+from deltatune.training.loss import lm_loss_sum, packable
 
 
 @torch.no_grad()
@@ -47,51 +46,11 @@ def eval_loss(model, dataset: Dataset, batch_size: int = 16, device="cpu", packi
     return {"eval_loss": float(stats[0] / max(stats[1], 1)), "eval_tokens": int(stats[1])}
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """eos plus the chat end-of-turn tokens this vocabulary has."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
-    gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None) if model else None
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(gen_eos)
-    return sorted(ids)
-
-
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64,
                     batch_size: int = 16, device="cpu", autocast=nullcontext) -> list[str]:
     """Greedy completions (decoded, special tokens dropped) of token-id prompts, in input order."""
-    generator = adapter_model(model)  # the PeftModel's generate applies adapters as its forward does
-    was_training = model.training
-    model.eval()
-    stops = stop_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):  # left padding: every row's last prompt token is aligned
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        with autocast():
-            gen = generator.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              temperature=None, top_p=None, top_k=None,
-                              eos_token_id=stops, pad_token_id=pad)
-        for r, i in enumerate(idx):
-            new = gen[r, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
-    model.train(was_training)
-    return out
+    return complete(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, device=device,
+                    autocast=autocast)
 
 
 def exact_match(model, tokenizer, dataset: Dataset, limit: int | None = None, batch_size: int = 16,

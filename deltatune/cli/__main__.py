@@ -1,0 +1,4 @@
+"""``python -m deltatune.cli``: the ``deltatune`` command."""
+from deltatune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""``deltatune serve``: the OpenAI-compatible HTTP server over one engine."""
+from __future__ import annotations
+
+import os
+
+from deltatune.cli.common import parse_adapters
+
+
+def cmd_serve(args) -> int:
+    """Serve the base and its adapters over OpenAI's HTTP API until interrupted."""
+    from deltatune.serving import Engine, ServingError
+    from deltatune.serving.server import serve
+
+    adapters = parse_adapters(args.adapter or [])
+    engine = Engine(args.model, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                    max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+                    max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+                    device=None if args.device == "auto" else args.device,
+                    dtype=None if args.dtype == "auto" else args.dtype, served_name=args.served_model_name)
+    for name, directory in adapters.items():
+        try:
+            engine.add_adapter(name, directory)
+        except ServingError as exc:
+            raise ValueError(f"--adapter {name}={directory}: {exc.message}") from None
+    serve(engine, host=args.host, port=args.port, api_key=args.api_key, model_path=args.model,
+          log_level=args.log_level)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server: one base, many LoRA adapters, continuous batching",
+        description="Serve a base model and LoRA adapters over OpenAI's API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models) plus vLLM's /v1/load_lora_adapter and "
+                    "/v1/unload_lora_adapter, /health, /metrics and a playground page at /. "
+                    "The request's `model` field picks the base or an adapter.")
+    p.add_argument("--model", default="default", help="'default', a transformers directory or a .gguf file")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter served as NAME (repeatable)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base's `model` name in the API (default: 'default' or the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on the first line)")
+    p.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DELTATUNE_API_KEY)")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters in the ready bank at once")
+    p.add_argument("--max-cpu-loras", type=int, default=64, help="more adapters kept in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
