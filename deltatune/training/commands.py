@@ -65,6 +65,9 @@ def _adapter_flags(g) -> None:
 def _data_flags(g) -> None:
     g.add_argument("--data", help="training JSONL (messages | prompt+completion | text lines)")
     g.add_argument("--eval", dest="eval_data", help="held-out JSONL for eval loss and exact match")
+    g.add_argument("--task", action="append", metavar="NAME=PATH", dest="task",
+                   help="train one adapter per task in one run (train_many) instead of --data: task NAME's "
+                        "JSONL at PATH, its adapter in OUT/NAME/adapter; repeatable")
     g.add_argument("--max-length", type=int, help="tokens per example (default 1024)")
     g.add_argument("--overlong", choices=["truncate", "error"], help="over-long examples: truncate (reported) or error")
     g.add_argument("--skip-bad-lines", **_FLAG, help="skip and count malformed lines instead of failing")
@@ -115,7 +118,7 @@ def _run_flags(g) -> None:
                         "instead of a full copy per process; the adapter stays replicated")
 
 
-_NOT_OPTIONS = {"config", "func", "verb", "method_arg"}
+_NOT_OPTIONS = {"config", "func", "verb", "method_arg", "task"}
 
 
 def cmd_train(args) -> int:
@@ -126,12 +129,31 @@ def cmd_train(args) -> int:
     if args.method_arg:
         overrides["method_args"] = dict(_parse_kv(item) for item in args.method_arg)
     config = make_config(args.config, **overrides)
+    if args.task:
+        return _train_tasks(args.task, config)
     finished = False
     try:
         train(config)
         finished = True
     finally:
         shutdown(synchronize=finished)
+    return 0
+
+
+def _train_tasks(items: list[str], config) -> int:
+    """``--task NAME=PATH ...``: one run, one adapter per task (``train_many``), each with the
+    adapter and optimisation flags given; the base is loaded once."""
+    from deltatune.training.many import TaskSpec, train_many
+
+    if config.data:
+        raise ValueError("--task and --data cannot be combined: give the data of every task with --task NAME=PATH")
+    specs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--task {item!r}: expected NAME=PATH (e.g. --task sql=data/sql.jsonl)")
+        specs.append(TaskSpec(name, path))
+    train_many(config.model, specs, config=config)
     return 0
 
 

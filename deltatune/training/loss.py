@@ -30,13 +30,15 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(h_i @ W^T + b, t_i)`` over rows of ``h``, chunked; grads computed in forward.
+    """``sum_i w_i CE(h_i @ W^T + b, t_i)`` over rows of ``h``, chunked; grads computed in forward.
 
     Only ``chunk x V`` logits exist at any time. Returns an fp32 scalar (a sum, not a mean).
+    ``token_weights`` (N,): each row's weight ``w_i`` (default 1); ``ce_out`` (N,): filled with
+    each row's unweighted CE (no gradient), for callers that report parts of the sum.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, token_weights=None, ce_out=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         h_all = hidden.to(weight.dtype)                                       # (N, d)
@@ -48,10 +50,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, t = h_all[s:s + chunk], targets[s:s + chunk]
             logits = F.linear(h, weight, bias).float()                        # (c, V)
             lse = torch.logsumexp(logits, dim=-1)                             # (c,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            ce = lse - logits.gather(1, t[:, None]).squeeze(1)                # (c,)
+            if ce_out is not None:
+                ce_out[s:s + chunk] = ce
+            w = None if token_weights is None else token_weights[s:s + chunk].float()  # (c,)
+            total += (ce if w is None else ce * w).sum()
             if need_h or need_w or need_b:
                 p = logits.sub_(lse[:, None]).exp_()                          # softmax, in place
                 p[torch.arange(t.shape[0], device=t.device), t] -= 1.0        # dCE/dlogits
+                if w is not None:
+                    p.mul_(w[:, None])                                        # d(w CE)/dlogits
                 if need_h:
                     grad_h[s:s + chunk] = p.to(weight.dtype) @ weight
                 if need_w:
@@ -68,24 +76,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b, h_dtype, w_dtype = ctx.flags
         return ((gh * grad_out).to(h_dtype) if need_h else None,
                 (gw * grad_out).to(w_dtype) if need_w else None,
-                (gb * grad_out).to(w_dtype) if need_b else None, None, None)
+                (gb * grad_out).to(w_dtype) if need_b else None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, token_weights: torch.Tensor | None = None,
+                         ce_out: torch.Tensor | None = None) -> torch.Tensor:
     """Summed CE of ``head(hidden)`` against ``targets`` (N,) without materialising all logits.
 
-    A head whose weight FSDP training split by rows (``vocab_shard``) computes its slice of the
-    vocabulary for every process's rows instead (a collective; the weight is frozen there)."""
+    ``token_weights`` (N,) weighs each target's CE; ``ce_out`` (N,) receives the unweighted CEs
+    (``LinearCrossEntropy``). A head whose weight FSDP training split by rows (``vocab_shard``)
+    computes its slice of the vocabulary for every process's rows instead (a collective; the
+    weight is frozen there; no weights there)."""
     vocab = head.weight.shape[0]
     chunk = chunk or max(16, (1 << 24) // vocab)  # ~64 MB of fp32 logits per chunk
     if hasattr(head.weight, "to_local"):
+        if token_weights is not None or ce_out is not None:
+            raise ValueError("per-token loss weights are not supported with a vocabulary-sharded head")
         from deltatune.training.vocab_shard import sharded_linear_cross_entropy
 
         if head.bias is not None and head.bias.requires_grad:  # a trained bias: the head gathered for the call
             return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
         return sharded_linear_cross_entropy(hidden, head, targets, chunk)
-    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, token_weights, ce_out)
 
 
 def applying(model: nn.Module, adapter_names=None):
@@ -131,25 +144,49 @@ def _fast_parts(hf: nn.Module):
     return decoder, head, type(head) is nn.Linear
 
 
-def lm_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def lm_loss_sum(model: nn.Module, batch: Batch, weights: torch.Tensor | None = None,
+                token_losses: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over ``batch``'s label positions; fp32 scalar.
 
     The decoder is called directly (label-only head), inside the adapter model's call entry
     (``applying``), whose call prepares the decoder's inputs (virtual tokens), so adapters act on
     the batch exactly as in ``PeftModel.forward``.
+
+    Args:
+        weights: (R, L) weight of each position's cross-entropy in the sum (default 1 each);
+            ``train_many`` gives each task's tokens ``1 / its label count``.
+        token_losses: (R, L) fp32 tensor that receives each label position's unweighted
+            cross-entropy (other positions untouched; no gradient), to report parts of the sum.
     """
     with applying(model) as call:
-        return _lm_loss_sum(model, batch, call)
+        return _lm_loss_sum(model, batch, call, weights, token_losses)
 
 
-def _lm_loss_sum(model: nn.Module, batch: Batch, call) -> torch.Tensor:
+def _lm_loss_sum(model: nn.Module, batch: Batch, call, weights=None, token_losses=None) -> torch.Tensor:
     hf = unwrap(model)
     sel = batch.targets != IGNORE                                               # (R, L)
     targets = batch.targets[sel]                                                # (N,)
+    w = None if weights is None else weights[sel]                               # (N,)
+    ce_out = None if token_losses is None else torch.empty(targets.shape, dtype=torch.float32,
+                                                           device=targets.device)  # (N,)
+    total = _label_loss(model, hf, batch, call, sel, targets, w, ce_out)
+    if token_losses is not None:
+        token_losses[sel] = ce_out
+    return total
+
+
+def _weighted_sum(ce: torch.Tensor, w: torch.Tensor | None, ce_out: torch.Tensor | None) -> torch.Tensor:
+    """``sum(w * ce)`` of per-target cross-entropies (N,), ``ce`` copied to ``ce_out`` if given."""
+    if ce_out is not None:
+        ce_out.copy_(ce.detach())
+    return (ce if w is None else ce * w).sum()
+
+
+def _label_loss(model, hf, batch: Batch, call, sel, targets, w, ce_out) -> torch.Tensor:
     parts = _fast_parts(hf)
     if parts is None:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        return F.cross_entropy(out.logits[sel].float(), targets, reduction="sum")
+        return _weighted_sum(F.cross_entropy(out.logits[sel].float(), targets, reduction="none"), w, ce_out)
     decoder, head, plain = parts
     inputs = call.prepare(dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False),
                           callee=decoder)                               # the method's inputs (virtual tokens)
@@ -157,8 +194,8 @@ def _lm_loss_sum(model: nn.Module, batch: Batch, call) -> torch.Tensor:
         hidden = decoder(**inputs).last_hidden_state                            # (R, L, d)
     hidden = hidden[sel]                                                        # (N, d)
     if plain:
-        return linear_cross_entropy(hidden, head, targets)
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        return linear_cross_entropy(hidden, head, targets, token_weights=w, ce_out=ce_out)
+    return _weighted_sum(F.cross_entropy(head(hidden).float(), targets, reduction="none"), w, ce_out)
 
 
 @contextmanager
