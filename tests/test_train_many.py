@@ -35,11 +35,11 @@ def files(tmp_path_factory):
 
 
 def configs():
-    """Two LoRA ranks sharing layers (rows gathered per row there); DoRA and IA3 on other layers
-    (a layer holds adapters of one layer class)."""
+    """Two LoRA ranks and a DoRA adapter sharing q_proj (one layer class holds both kinds; rows
+    gathered per row there); IA3 on other layers (a layer holds adapters of one method)."""
     return {"lora": make_method_config("lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
             "lora8": make_method_config("lora", r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-            "dora": make_method_config("dora", r=2, lora_alpha=4, target_modules=["k_proj", "o_proj"]),
+            "dora": make_method_config("dora", r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"]),
             "ia3": make_method_config("ia3", target_modules=["gate_proj", "up_proj"], feedforward_modules=["up_proj"])}
 
 
