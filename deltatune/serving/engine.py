@@ -36,7 +36,7 @@ from pathlib import Path
 from deltatune import devices
 from deltatune.adapter_set import BASE_NAME
 from deltatune.generation import pad_id, stop_token_ids
-from deltatune.serving.adapters import AdapterInfo, read_version_files
+from deltatune.serving.adapters import AdapterInfo, check_name, file_stamp, read_version_files
 from deltatune.serving.detokenize import Detokenizer
 from deltatune.serving.errors import BadRequest, PromptTooLong, RequestFailed, ServingError
 from deltatune.serving.outputs import RequestHandle, RequestOutput
@@ -117,14 +117,18 @@ class Engine:
         mixability). ``replace=True`` makes a new version of an existing name (vLLM's load_inplace):
         requests already submitted finish on the version they started with.
 
+        Any client string following ``adapters.NAME_RULE`` is a name (dots included: the model
+        holds each version under an internal name the pool makes).
+
         Raises:
-            AdapterLoadError: why the adapter cannot be served; ``param`` names the request field.
+            AdapterLoadError: why the adapter cannot be served (a bad name quotes the rule); ``param``
+                names the request field.
         """
-        if name == self.base_name:
-            raise BadRequest(f"{name!r} is the base model's name; choose another adapter name", "lora_name")
+        check_name(name, (self.base_name, BASE_NAME))
+        stamp = file_stamp(path)
         config, tensors = read_version_files(path)
         with self._model_lock, self._lock:
-            v = self.pool.add(name, path, config, tensors, replace, self.scheduler.busy())
+            v = self.pool.add(name, path, config, tensors, replace, self.scheduler.busy(), stamp)
             return AdapterInfo(v.name, v.path, v.rank, self.pool.state(v), v.version)
 
     def remove_adapter(self, name: str) -> None:
