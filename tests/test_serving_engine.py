@@ -374,6 +374,6 @@ def test_a_failing_step_fails_its_requests_and_serving_goes_on(dirs, monkeypatch
     monkeypatch.setattr(engine.runner, "_forward", broken_once)
     with pytest.raises(Exception, match="simulated kernel failure"):
         engine.generate([[5, 6], [7]], adapter=["a", None], sampling=GREEDY)
-    assert engine.stats()["running"] == 0 and engine.pool.versions["a@1"].refs == 0
+    assert engine.stats()["running"] == 0 and engine.pool.resolve("a").refs == 0
     out = engine.generate([[5, 6]], adapter="a", sampling=GREEDY)[0]
     assert out.outputs[0].token_ids == reference(dirs, "a", [5, 6], GREEDY.max_tokens)[0]

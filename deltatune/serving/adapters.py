@@ -7,16 +7,21 @@
   no running sequence uses.
 - *disk*: only the path; read again on first use.
 
-A name maps to its current *version*; each version lives in the model under its own internal
-name (``name@version``), so ``add_adapter(name, path, replace=True)`` (vLLM's ``load_inplace``)
+A client's name maps to its current *version*; each version lives in the model under an internal
+name the pool makes (``a1``, ``a2``, ...: a client string never becomes a module key, so any
+printable name works, dots included), so ``add_adapter(name, path, replace=True)`` (vLLM's ``load_inplace``)
 makes a new version while requests already submitted finish on the one they pinned: a request
 never sees a mix. A replaced or removed version stays (in memory, never re-read from a file that
-may have changed) until its last request ends. Not thread-safe: the engine calls it under its
+may have changed) until its last request ends, and so does the tensors of a version a queued
+request pins. A version is one read of its files, config and tensors together: when an adapter
+dropped to disk is read again and its files changed since (another stamp or config), that read is
+a new version of the name (both new), never the new tensors under the old config. Not thread-safe: the engine calls it under its
 locks (and model changes only between forward passes).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,19 +52,53 @@ class Version:
     config: object
     tensors: dict | None          # host copy; None in the "disk" tier
     rank: int
+    internal: str                 # the module key in the model, made by the pool ("a17")
+    stamp: tuple = ()             # the files' (name, size, mtime) when read: a change is a new version
     refs: int = 0                 # requests (waiting or running) pinned to this version
     retired: bool = False         # replaced or removed: goes away with its last request
     last_used: int = 0
 
-    @property
-    def internal(self) -> str:
-        return f"{self.name}@{self.version}"
+
+MAX_NAME_CHARS = 256
+NAME_RULE = (f"an adapter name is 1 to {MAX_NAME_CHARS} printable characters (no control characters such as "
+             "newlines or tabs), without leading or trailing spaces, and not the base model's name")
+
+
+def check_name(name, base_names=(BASE_NAME,)) -> None:
+    """Raise AdapterLoadError (a BadRequest, param ``lora_name``) quoting ``NAME_RULE`` unless
+    ``name`` follows it. Any other string is fine: the model never sees it."""
+    ok = (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()
+          and name == name.strip() and name not in base_names)
+    if not ok:
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "..."
+        raise AdapterLoadError(f"invalid adapter name {shown!r}: {NAME_RULE} ({', '.join(map(repr, base_names))})",
+                               "lora_name")
+
+
+def file_stamp(path) -> tuple:
+    """``(file name, size, mtime_ns)`` of each file in the adapter directory ``path`` (empty if it
+    cannot be listed): two reads with equal stamps read the same files."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file())
+    except OSError:
+        return ()
 
 
 def adapter_rank(config) -> int:
     """Largest rank an adapter config asks for (``r`` and ``rank_pattern``); 0 for rank-free methods."""
     ranks = [getattr(config, "r", 0) or 0, *(getattr(config, "rank_pattern", None) or {}).values()]
     return max(int(r) for r in ranks)
+
+
+def check_config(config, path, max_lora_rank: int) -> None:
+    """Refuse a config the engine cannot serve: its method (``check_servable``) or a rank above
+    ``max_lora_rank``. Raises AdapterLoadError."""
+    check_servable(config, path)
+    rank = adapter_rank(config)
+    if rank > max_lora_rank:
+        raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: rank r={rank} is above max_lora_rank="
+                               f"{max_lora_rank}; start the server with a larger --max-lora-rank", "lora_path")
 
 
 def check_servable(config, path) -> None:
@@ -102,11 +141,12 @@ class AdapterPool:
         self.ready: OrderedDict[str, Version] = OrderedDict()
         self._clock = 0
         self._next_version: dict[str, int] = {}
+        self._internal_ids = itertools.count(1)
 
     # -- lookups -------------------------------------------------------------------------------
     def resolve(self, name: str) -> Version:
         """The current version of ``name``. Raises UnknownModel."""
-        if name not in self.current:
+        if not isinstance(name, str) or name not in self.current:
             raise UnknownModel(f"the model {name!r} does not exist (adapters: {sorted(self.current)})")
         return self.current[name]
 
@@ -119,24 +159,19 @@ class AdapterPool:
         return [AdapterInfo(v.name, v.path, v.rank, self.state(v), v.version) for v in self.current.values()]
 
     # -- adding and removing -------------------------------------------------------------------
-    def add(self, name: str, path, config, tensors, replace: bool, busy: set) -> Version:
-        """Register ``name`` -> a new version from ``(config, tensors)`` read from ``path``, checked
-        by injecting it into the model now (shapes, targets, mixability). Raises AdapterLoadError;
-        on error nothing changed."""
-        if not isinstance(name, str) or not name or name == BASE_NAME or "@" in name:
-            raise AdapterLoadError(f"invalid adapter name {name!r}: a non-empty string without '@', "
-                                   f"not {BASE_NAME!r}", "lora_name")
+    def add(self, name: str, path, config, tensors, replace: bool, busy: set, stamp: tuple | None = None) -> Version:
+        """Register ``name`` -> a new version from ``(config, tensors)`` read from ``path`` (whose
+        ``file_stamp`` was ``stamp`` before the read; None: take it now), checked by injecting it
+        into the model now (shapes, targets, mixability). Raises AdapterLoadError (a bad name:
+        ``NAME_RULE``); on error nothing changed."""
+        check_name(name)
         if name in self.current and not replace:
             raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first or reload it in place "
                                    "(load_inplace / replace=True)", "lora_name")
-        check_servable(config, path)
-        rank = adapter_rank(config)
-        if rank > self.max_lora_rank:
-            raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: rank r={rank} is above max_lora_rank="
-                                   f"{self.max_lora_rank}; start the server with a larger --max-lora-rank",
-                                   "lora_path")
+        check_config(config, path, self.max_lora_rank)
         number = self._next_version.get(name, 0) + 1
-        v = Version(name, number, os.fspath(path), config, tensors, rank)
+        v = Version(name, number, os.fspath(path), config, tensors, adapter_rank(config),
+                    f"a{next(self._internal_ids)}", stamp if stamp is not None else file_stamp(path))
         self._inject(v)
         self._next_version[name] = number
         old = self.current.get(name)
@@ -180,10 +215,28 @@ class AdapterPool:
         if len(self.ready) >= self.max_loras and not self._evict_one(busy):
             return False
         if v.tensors is None:
-            config, v.tensors = read_version_files(v.path)
+            self._reread(v)
         self._inject(v)
         self._fit(busy | {v.internal})
         return True
+
+    def _reread(self, v: Version) -> None:
+        """Read ``v``'s files again (it was dropped to disk: no request runs on it). Unchanged files
+        give its tensors back; changed ones make ``v`` the name's next version, config and tensors
+        both from this read, under a new internal name, so no layer or route of the old one is
+        reused. Raises AdapterLoadError (the files are gone, broken or no longer fit)."""
+        stamp = file_stamp(v.path)
+        config, tensors = read_version_files(v.path)
+        if stamp == v.stamp and config == v.config:
+            v.tensors = tensors
+            return
+        check_config(config, v.path, self.max_lora_rank)
+        del self.versions[v.internal]
+        number = self._next_version[v.name] + 1
+        self._next_version[v.name] = number
+        v.version, v.config, v.tensors, v.rank, v.stamp = number, config, tensors, adapter_rank(config), stamp
+        v.internal = f"a{next(self._internal_ids)}"
+        self.versions[v.internal] = v
 
     def _evict_one(self, busy: set) -> bool:
         idle = [v for v in self.ready.values() if v.internal not in busy]
@@ -196,8 +249,9 @@ class AdapterPool:
         """Keep the tiers within ``max_loras`` ready and ``max_cpu_loras`` in host memory."""
         while len(self.ready) > self.max_loras and self._evict_one(busy):
             pass
+        # A version a queued request pins keeps its tensors: a file changed meanwhile must not reach it.
         held = [v for v in self.versions.values()
-                if v.internal not in self.ready and v.tensors is not None and not v.retired]
+                if v.internal not in self.ready and v.tensors is not None and not v.retired and v.refs == 0]
         for v in sorted(held, key=lambda v: v.last_used)[:max(0, len(held) - self.max_cpu_loras)]:
             v.tensors = None
 

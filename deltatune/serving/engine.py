@@ -36,9 +36,9 @@ from pathlib import Path
 from deltatune import devices
 from deltatune.adapter_set import BASE_NAME
 from deltatune.generation import pad_id, stop_token_ids
-from deltatune.serving.adapters import AdapterInfo, read_version_files
+from deltatune.serving.adapters import AdapterInfo, check_name, file_stamp, read_version_files
 from deltatune.serving.detokenize import Detokenizer
-from deltatune.serving.errors import BadRequest, PromptTooLong, ServingError
+from deltatune.serving.errors import BadRequest, PromptTooLong, RequestFailed, ServingError
 from deltatune.serving.outputs import RequestHandle, RequestOutput
 from deltatune.serving.requests import Request, Seq
 from deltatune.serving.runner import ModelRunner, engine_dtype
@@ -117,14 +117,18 @@ class Engine:
         mixability). ``replace=True`` makes a new version of an existing name (vLLM's load_inplace):
         requests already submitted finish on the version they started with.
 
+        Any client string following ``adapters.NAME_RULE`` is a name (dots included: the model
+        holds each version under an internal name the pool makes).
+
         Raises:
-            AdapterLoadError: why the adapter cannot be served; ``param`` names the request field.
+            AdapterLoadError: why the adapter cannot be served (a bad name quotes the rule); ``param``
+                names the request field.
         """
-        if name == self.base_name:
-            raise BadRequest(f"{name!r} is the base model's name; choose another adapter name", "lora_name")
+        check_name(name, (self.base_name, BASE_NAME))
+        stamp = file_stamp(path)
         config, tensors = read_version_files(path)
         with self._model_lock, self._lock:
-            v = self.pool.add(name, path, config, tensors, replace, self.scheduler.busy())
+            v = self.pool.add(name, path, config, tensors, replace, self.scheduler.busy(), stamp)
             return AdapterInfo(v.name, v.path, v.rank, self.pool.state(v), v.version)
 
     def remove_adapter(self, name: str) -> None:
@@ -315,11 +319,27 @@ class Engine:
             return bool(joined or sched.running)
 
     def _advance(self, seqs: list[Seq], logits) -> None:
-        """Sample each row's token, stream the deltas, complete finished requests, compact the batch."""
-        tokens = self.runner.sample(seqs, logits, self._eos)
+        """Sample each row's token, stream the deltas, complete finished requests, compact the batch.
+        A row that cannot go on (non-finite logits or sampling, a decoding error) fails its own
+        request only; the other rows are delivered as usual."""
+        tokens, errors = self.runner.sample(seqs, logits, self._eos)
         with self._lock:
-            append = self.detokenizer.append
-            self.scheduler.deliver(seqs, [append(s, token) for s, token in zip(seqs, tokens)])
+            failed: dict = {}
+            done = []
+            for row, (s, token) in enumerate(zip(seqs, tokens)):
+                if s.req in failed:
+                    continue
+                if row in errors:
+                    failed[s.req] = RequestFailed(errors[row])
+                    continue
+                try:
+                    done.append((s, self.detokenizer.append(s, token)))
+                except Exception as exc:  # noqa: BLE001 — this request's text only: fail it, not the batch
+                    log.exception("decoding a token failed")
+                    failed[s.req] = RequestFailed(f"decoding token {token} failed: {type(exc).__name__}: {exc}")
+            done = [(s, delta) for s, delta in done if s.req not in failed]
+            self.scheduler.fail_rows(failed)
+            self.scheduler.deliver([s for s, _ in done], [delta for _, delta in done])
 
     # -- figures -------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -43,3 +43,8 @@ class QueueFull(ServingError):
 class AdapterLoadError(BadRequest):
     """An adapter that cannot be served: missing, corrupt, made for another base, rank above
     ``max_lora_rank``, or a method/field the mixed batch cannot apply. The message says why."""
+
+
+class RequestFailed(ServingError):
+    """One request the engine could not finish (its row's logits or sampling went non-finite, its
+    text could not be decoded); the message says why. The requests beside it in the batch go on."""

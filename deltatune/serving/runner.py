@@ -119,12 +119,26 @@ class ModelRunner:
         return out.logits[:, -1].float()                                   # (B, V)
 
     # -- sampling ------------------------------------------------------------------------------
-    def sample(self, seqs: list[Seq], logits: torch.Tensor, eos: set[int]) -> list[int]:
-        """Each row's next token; tokens that would end a completion are masked before its ``min_tokens``."""
+    def sample(self, seqs: list[Seq], logits: torch.Tensor, eos: set[int]) -> tuple[list[int | None], dict[int, str]]:
+        """Each row's next token, and why for each row that has none (row -> message). A row whose
+        logits are not finite (NaN or inf: a broken adapter, an overflow) or whose sampling
+        distribution is not, fails alone: the batch's other rows get their tokens as usual. Tokens
+        that would end a completion are masked before its ``min_tokens``."""
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()        # rows, from the model
+        errors = {row: f"non-finite logits (NaN or inf) for this request at token {len(seqs[row].tokens)} "
+                       f"(adapter {seqs[row].req.version.name if seqs[row].req.version else 'base'!r}); "
+                       "the other requests went on" for row in bad}
+        if bad:
+            logits[bad] = 0.0              # (len(bad), V): keeps the batched sampler's rows finite
         for row, s in enumerate(seqs):
             if len(s.tokens) < s.req.params.min_tokens:
                 logits[row, _banned(s.req.params, eos)] = float("-inf")
-        return sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+        for row, token in enumerate(tokens):
+            if token is None and row not in errors:
+                errors[row] = (f"sampling failed at token {len(seqs[row].tokens)}: the distribution after "
+                               "temperature, top_k and top_p is non-finite; the other requests went on")
+        return tokens, errors
 
 
 def _banned(params: SamplingParams, eos: set[int]) -> list[int]:

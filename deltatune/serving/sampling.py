@@ -8,6 +8,9 @@ import torch
 
 from deltatune.serving.errors import BadRequest
 
+GREEDY_BELOW = 1e-5   # a temperature under this decodes greedily (vLLM's rule): dividing logits by
+                      # 1e-45 overflows to inf and the softmax to NaN
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -23,7 +26,8 @@ class SamplingParams:
 
     Args:
         n: completions per prompt (default 1).
-        temperature: 0 = greedy; otherwise logits are divided by it (default 1.0).
+        temperature: 0 (or anything below ``GREEDY_BELOW`` = 1e-5, as vLLM) = greedy; otherwise logits
+            are divided by it (default 1.0).
         top_p: nucleus sampling, keep the smallest set of tokens with probability >= top_p (1.0 = off).
         top_k: keep the k most likely tokens (-1, 0 or None = off).
         max_tokens: new tokens at most (default 16; None = up to the context length).
@@ -84,7 +88,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature below ``GREEDY_BELOW`` (1e-5)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -97,10 +102,13 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int | None]:
     """One token per row of ``logits`` (B, V): argmax for greedy rows; otherwise temperature, top-k,
-    top-p (batched over the sampled rows), then a draw from each row's own generator."""
-    out = _argmax(logits)                                                          # (B,)
+    top-p (batched over the sampled rows), then a draw from each row's own generator.
+
+    A sampled row whose distribution is not finite (NaN or inf probabilities, or no token left)
+    gets None instead of a token: the caller fails that row's request alone, the others go on."""
+    out: list[int | None] = _argmax(logits).tolist()                               # (B,)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
@@ -108,10 +116,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         scores = logits[idx].float() / temps[:, None]                              # (S, V)
         scores = _top_k(scores, [params[i].top_k for i in rows])
         scores = _top_p(scores, [params[i].top_p for i in rows])
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)                                      # (S, V)
+        usable = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()    # (S,)
         for j, i in enumerate(rows):
-            out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return out.tolist()
+            out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0]) if usable[j] else None
+    return out
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

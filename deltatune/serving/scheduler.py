@@ -161,6 +161,15 @@ class Scheduler:
         self.release(req)
         req.handle._push([], error=error)
 
+    def fail_rows(self, failed: dict[Request, Exception]) -> None:
+        """End each request of ``failed`` with its error (its handle raises it); its sequences leave
+        the batch at the next ``compact`` while the other rows run on."""
+        for req, error in failed.items():
+            for s in req.seqs:
+                s.finish_reason = s.finish_reason or "error"
+            if not req.done:
+                self.fail(req, error)
+
     def fail_running(self, error: Exception) -> None:
         """End every request in the batch with ``error`` and empty the batch."""
         for req in {s.req for s in self.running}:
