@@ -67,7 +67,7 @@ def launch(world):
     started = []
 
     def start(*, adapters=("a1", "a2", "b1", "b2"), **kw):
-        engine = Engine(str(world["base"]), max_lora_rank=16, served_name="tiny", max_num_seqs=8)
+        engine = Engine(str(world["base"]), max_lora_rank=16, served_name="tiny", max_num_seqs=32)
         for name in adapters:
             engine.add_adapter(name, world["paths"][name])
         live = Live(create_app(engine, **kw))
