@@ -222,5 +222,5 @@ def _start_server(root: Path) -> dict:
     adapters = [arg for name in SERVED + ["gone"] for arg in ("--adapter", f"{name}={paths[name]}")]
     server = Server(base, *adapters, "--api-key", KEY, "--served-model-name", BASE_NAME, "--max-lora-rank", "16",
                     "--max-num-seqs", "32", "--max-waiting", str(MAX_WAITING), "--max-loras", "8",
-                    log=root / "server.log")
+                    "--enable-lora-loading", "--lora-root", str(root), log=root / "server.log")
     return dict(base=base, paths=paths, server=server, url=server.url)

@@ -9,8 +9,20 @@ from deltatune.cli.common import parse_adapters
 def cmd_serve(args) -> int:
     """Serve the base and its adapters over OpenAI's HTTP API until interrupted."""
     from deltatune.serving import Engine, ServingError
+    from deltatune.serving.access import Access, LoraRoot
+    from deltatune.serving.limits import Limits
     from deltatune.serving.server import serve
 
+    # Everything a typo can break is checked before the (slow) model load.
+    access = Access.build(args.api_key, args.api_keys)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_stop=args.max_stop,
+                    max_stop_length=args.max_stop_length,
+                    max_concurrent=args.max_concurrent_per_key or None)
+    if args.enable_lora_loading and not args.lora_root:
+        raise ValueError("--enable-lora-loading needs --lora-root DIR: runtime lora_path values are confined to it")
+    if args.lora_root and not args.enable_lora_loading:
+        raise ValueError("--lora-root is used only with --enable-lora-loading")
+    lora_root = str(LoraRoot(args.lora_root).root) if args.enable_lora_loading else None
     adapters = parse_adapters(args.adapter or [])
     engine = Engine(args.model, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                     max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
@@ -22,8 +34,8 @@ def cmd_serve(args) -> int:
             engine.add_adapter(name, directory)
         except ServingError as exc:
             raise ValueError(f"--adapter {name}={directory}: {exc.message}") from None
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key, model_path=args.model,
-          log_level=args.log_level)
+    serve(engine, host=args.host, port=args.port, model_path=args.model, log_level=args.log_level,
+          access=access, limits=limits, lora_root=lora_root)
     return 0
 
 
@@ -42,6 +54,19 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on the first line)")
     p.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DELTATUNE_API_KEY)")
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help='JSON {"KEY": ["model", ...]}: the models each key may use; "*" = every model and '
+                        "the load/unload endpoints. Other models answer 404 as if they did not exist")
+    p.add_argument("--enable-lora-loading", action="store_true",
+                   help="turn on /v1/load_lora_adapter and /v1/unload_lora_adapter (operator keys only)")
+    p.add_argument("--lora-root", default=None, metavar="DIR",
+                   help="with --enable-lora-loading: runtime lora_path values must resolve inside DIR")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default 1 MiB)")
+    p.add_argument("--max-n", type=int, default=16, help="completions per request (`n`)")
+    p.add_argument("--max-stop", type=int, default=8, help="stop strings per request")
+    p.add_argument("--max-stop-length", type=int, default=256, help="characters per stop string")
+    p.add_argument("--max-concurrent-per-key", type=int, default=128,
+                   help="requests in flight per API key (per client address without keys) before 429; 0 = no bound")
     p.add_argument("--max-loras", type=int, default=8, help="adapters in the ready bank at once")
     p.add_argument("--max-cpu-loras", type=int, default=64, help="more adapters kept in host memory")
     p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")

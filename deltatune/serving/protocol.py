@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 # HTTP status -> the error ``type`` vLLM's OpenAI server reports (its clients match on these).
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+               413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class ApiError(Exception):

@@ -9,6 +9,11 @@ continuously batched decode loop; tokens come back through ``RequestHandle`` asy
 one event loop serves any number of concurrent clients. A client that goes away aborts its
 request, which frees its slot at the next engine step.
 
+Many tenants: keys and the models each may use (``access.py``; a model a key may not use answers
+as one that does not exist), runtime loading off unless enabled and confined to ``--lora-root``,
+request limits (``limits.py``: 413 / 400 / 429). Tokenization, adapter loads and unloads run in
+worker threads, so the event loop never waits on the engine.
+
 The route handlers live at module level on ``router`` and read the engine and settings from
 ``request.app.state``, which ``create_app`` fills.
 """
@@ -16,51 +21,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import socket
 import sys
 import time
 from importlib import resources
-from typing import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltatune.serving import QueueFull, SamplingParams, ServingError, UnknownModel, protocol
+from deltatune.serving import SamplingParams, UnknownModel, protocol
+from deltatune.serving.access import Access, Grant, LoraRoot
+from deltatune.serving.limits import BodyLimit, Concurrency, Limits
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
+from deltatune.serving.responses import Run, as_api_error
 
-DONE = "data: [DONE]\n\n"
 OTHER = "(other)"  # metrics label of requests naming no served model
-DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+GRANT = "deltatune.grant"  # scope key of the request's Grant (set by _auth on /v1/*)
 
 
 def create_app(engine, *, api_key: str | None = None, model_path: str | None = None,
-               manage_engine: bool = True):
+               manage_engine: bool = True, access: Access | None = None, limits: Limits | None = None,
+               lora_root: str | None = None):
     """The FastAPI application serving ``engine``.
 
     Args:
         engine: a :class:`deltatune.serving.Engine` (its base is served under ``engine.base_name``).
         api_key: when set, every ``/v1/*`` request must carry ``Authorization: Bearer <api_key>``
-            (else 401); ``/``, ``/health`` and ``/metrics`` stay open, as in vLLM.
+            (else 401); ``/``, ``/health`` and ``/metrics`` stay open, as in vLLM. An operator key.
         model_path: what ``/v1/models`` reports as the base's ``root`` (default: its served name).
         manage_engine: start the engine's loop when the app starts and shut it down when it stops.
+        access: keys and the models each may use (:class:`~deltatune.serving.access.Access`); adds to
+            ``api_key``.
+        limits: request bounds (:class:`~deltatune.serving.limits.Limits`; default its defaults).
+        lora_root: enables ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, with every
+            ``lora_path`` confined to this directory; None (default) leaves both endpoints off (404).
 
     Returns:
         A ``fastapi.FastAPI`` instance (run it with uvicorn, or use :func:`serve`). Its ``state`` holds
-        what the route handlers read: ``engine``, ``metrics``, ``api_key``, ``model_path``,
-        ``manage_engine`` and ``created`` (the models' creation time).
+        what the route handlers read: ``engine``, ``metrics``, ``access``, ``limits``, ``concurrency``,
+        ``lora_root``, ``model_path``, ``manage_engine`` and ``created`` (the models' creation time).
     """
     app = FastAPI(title="deltatune serve", lifespan=_lifespan, docs_url=None, redoc_url=None)
     state = app.state
     state.engine, state.metrics, state.created = engine, Metrics(), protocol.now()
-    state.api_key, state.model_path, state.manage_engine = api_key, model_path, manage_engine
+    state.model_path, state.manage_engine = model_path, manage_engine
+    state.access = Access({**(access.keys if access else {}), **Access.build(api_key).keys})
+    state.limits = limits or Limits()
+    state.concurrency = Concurrency(state.limits.max_concurrent)
+    state.lora_root = LoraRoot(lora_root) if lora_root is not None else None
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_auth)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_request_bytes)  # outermost: before auth reads
     app.include_router(router)
     return app
 
@@ -86,19 +101,43 @@ async def _http_error(_request, exc):  # unknown route, wrong method: still Open
 
 
 async def _auth(request: Request, call_next):
-    """API key check on ``/v1/*``, and a last-resort 500 in OpenAI's error shape."""
-    api_key = request.app.state.api_key
-    if api_key and request.url.path.startswith("/v1"):
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    """API key check on ``/v1/*`` (the grant is kept in the scope for the handlers), and a last-resort
+    500 in OpenAI's error shape."""
+    if request.url.path.startswith("/v1"):
+        peer = request.client.host if request.client else "?"
+        grant = request.app.state.access.grant(request.headers.get("authorization", ""), peer)
+        if grant is None:
             request.app.state.metrics.count_request("(any)", OTHER, 401)  # not the path: clients choose it
             return JSONResponse(protocol.error_body(401, "missing or wrong API key: send the header "
                                                     "'Authorization: Bearer <key>'"), status_code=401)
+        request.scope[GRANT] = grant
     try:
         return await call_next(request)
     except Exception as exc:  # noqa: BLE001 — last resort: an answer in the error shape, not a dropped socket
         print(f"deltatune serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
         return JSONResponse(protocol.error_body(500, f"internal error: {exc}"), status_code=500)
+
+
+def _grant(request: Request) -> Grant:
+    return request.scope[GRANT]
+
+
+def _not_found(model: str) -> ApiError:
+    """The one answer for a model that does not exist *and* for one this key may not use (same body,
+    so a tenant cannot learn other tenants' adapter names; the engine's message lists them all)."""
+    return ApiError(404, f"the model {model!r} does not exist", "model")
+
+
+def _require_loading(request: Request) -> LoraRoot:
+    """Only operator keys see the load/unload endpoints (others get the unknown-route 404); they are
+    off unless the server was started with ``--enable-lora-loading --lora-root DIR``."""
+    if not _grant(request).operator:
+        raise StarletteHTTPException(404, "Not Found")
+    root = request.app.state.lora_root
+    if root is None:
+        raise ApiError(404, "runtime adapter loading is off: start deltatune serve with --enable-lora-loading "
+                            "--lora-root DIR to enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    return root
 
 
 router = APIRouter()
@@ -124,10 +163,14 @@ async def prometheus(request: Request):
 @router.get("/v1/models")
 async def list_models(request: Request):
     state = request.app.state
-    engine, created = state.engine, state.created
-    cards = [protocol.model_card(engine.base_name, state.model_path or engine.base_name, None, created,
-                                 engine.max_model_len)]
+    engine, created, grant = state.engine, state.created, _grant(request)
+    cards = []
+    if grant.allows(engine.base_name):
+        cards.append(protocol.model_card(engine.base_name, state.model_path or engine.base_name, None, created,
+                                         engine.max_model_len))
     for info in engine.adapters():
+        if not grant.allows(info.name):
+            continue
         card = protocol.model_card(info.name, str(info.path), engine.base_name, created, engine.max_model_len)
         card["lora"] = {"rank": info.rank, "state": info.state, "version": info.version}
         cards.append(card)
@@ -136,6 +179,7 @@ async def list_models(request: Request):
 
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(request: Request):
+    root = _require_loading(request)
     engine = request.app.state.engine
     body = protocol.parse(protocol.LoadLoraRequest, await request.body())
     if body.lora_name == engine.base_name:
@@ -145,10 +189,10 @@ async def load_lora_adapter(request: Request):
         raise ApiError(400, f"lora_name: the adapter {body.lora_name!r} is already loaded; send "
                             "load_inplace: true to replace it", "lora_name")
     try:  # reading and checking files: off the event loop
-        info = await run_in_threadpool(engine.add_adapter, body.lora_name, body.lora_path,
-                                       replace=body.load_inplace)
+        path = await run_in_threadpool(root.confine, body.lora_path)
+        info = await run_in_threadpool(engine.add_adapter, body.lora_name, path, replace=body.load_inplace)
     except Exception as exc:  # noqa: BLE001 — engine errors map to their status, the rest to 400 below
-        raise _as_api_error(exc, default_param="lora_path") from None
+        raise as_api_error(exc, default_param="lora_path") from None
     verb = "reloaded" if body.lora_name in known else "added"
     return PlainTextResponse(f"Success: LoRA adapter '{info.name}' {verb} successfully "
                              f"(rank {info.rank}, version {info.version}).")
@@ -156,13 +200,14 @@ async def load_lora_adapter(request: Request):
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(request: Request):
+    _require_loading(request)
     body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
-    try:
-        request.app.state.engine.remove_adapter(body.lora_name)
+    try:  # waits for the engine's current step: off the event loop
+        await run_in_threadpool(request.app.state.engine.remove_adapter, body.lora_name)
     except UnknownModel as exc:
         raise ApiError(404, exc.message, "lora_name") from None
     except Exception as exc:  # noqa: BLE001
-        raise _as_api_error(exc, default_param="lora_name") from None
+        raise as_api_error(exc, default_param="lora_name") from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
@@ -179,28 +224,47 @@ async def chat_completions(request: Request):
 async def _generate(request: Request, model_cls, chat: bool):
     """Submit the request's prompts; stream the answer as server-sent events or return it as JSON."""
     arrived = time.perf_counter()
-    engine, metrics = request.app.state.engine, request.app.state.metrics
+    state, grant = request.app.state, _grant(request)
+    engine, metrics = state.engine, state.metrics
     endpoint = request.url.path
     model = OTHER
+    leave = None
     try:
         body = protocol.parse(model_cls, await request.body())
-        model = _label(engine, body.model)
-        handles = _submit(engine, body, chat)
-    except ApiError as exc:
-        metrics.count_request(endpoint, model, exc.status)
-        raise
+        model = _label(engine, grant, body.model)
+        state.limits.check(body, body.limit() if chat else body.max_tokens, engine.max_model_len)
+        if model == OTHER:
+            raise _not_found(body.model)
+        leave = state.concurrency.enter(grant.client)
+        handles = await _off_loop(_submit, engine, body, chat)
     except Exception as exc:  # noqa: BLE001
-        err = _as_api_error(exc)
+        if leave is not None:
+            leave()
+        err = _not_found(body.model) if isinstance(exc, UnknownModel) else as_api_error(exc)
         metrics.count_request(endpoint, model, err.status)
         raise err from None
-    run = _Run(handles, body, chat, arrived, metrics, endpoint, model)
+    run = Run(handles, body, chat, arrived, metrics, endpoint, model, leave)
     if body.stream:
         return StreamingResponse(run.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = await run.collect(request)
+    try:
+        answer = await run.collect(request)
+    finally:
+        leave()
     if answer is None:  # the client went away; nobody reads this (nginx's "client closed request")
         return Response(status_code=499)
     return JSONResponse(answer)
+
+
+async def _off_loop(submit, engine, body, chat: bool) -> list:
+    """Run ``submit`` (chat template, tokenization, engine checks) in a worker thread. If the client
+    goes away meanwhile, the requests it queued are aborted once the thread returns them."""
+    future = asyncio.ensure_future(run_in_threadpool(submit, engine, body, chat))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: [h.abort() for h in (f.result() if not f.exception() else [])])
+        raise
 
 
 def _submit(engine, body, chat: bool) -> list:
@@ -222,9 +286,11 @@ def _submit(engine, body, chat: bool) -> list:
     return handles
 
 
-def _label(engine, model: str) -> str:
-    """The ``model`` label of a request's metrics: a served name, else OTHER (labels taken from client
-    input would let anyone grow /metrics without bound)."""
+def _label(engine, grant: Grant, model: str) -> str:
+    """The ``model`` label of a request's metrics: a served name this client may use, else OTHER (labels
+    taken from client input would let anyone grow /metrics without bound)."""
+    if not grant.allows(model):
+        return OTHER
     if model == engine.base_name or model in {a.name for a in engine.adapters()}:
         return model
     return OTHER
@@ -242,177 +308,9 @@ def _chat_prompt(tokenizer, body) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _as_api_error(exc: Exception, default_param: str | None = None) -> ApiError:
-    """Engine errors -> HTTP: unknown model 404, full queue 503, every other refusal 400."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, UnknownModel):
-        return ApiError(404, exc.message, exc.param or "model")
-    if isinstance(exc, QueueFull):
-        return ApiError(503, exc.message, exc.param)
-    if isinstance(exc, ServingError):
-        return ApiError(400, exc.message, exc.param or default_param)
-    if isinstance(exc, (ValueError, FileNotFoundError)):
-        return ApiError(400, str(exc), default_param)
-    raise exc
-
-
-class _Run:
-    """One HTTP request's engine requests (one per prompt, each with ``n`` outputs), as an SSE
-    stream or one JSON body; records TTFT and inter-token latency; aborts whatever is left when the
-    client goes away."""
-
-    def __init__(self, handles: list, body, chat: bool, arrived: float, metrics: Metrics, endpoint: str,
-                 label: str) -> None:
-        self.handles, self.body, self.chat, self.arrived = handles, body, chat, arrived
-        self.metrics, self.endpoint, self.label = metrics, endpoint, label
-        self.n = body.n
-        self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
-        self.object = "chat.completion" if chat else "text_completion"
-        self.created = protocol.now()
-        self.completion_tokens: dict[int, int] = {}
-        self.finished: set[int] = set()
-        self._last: dict[int, float] = {}
-
-    async def _deltas(self) -> AsyncIterator[tuple[int, object]]:
-        """(choice index, StreamDelta) from every handle, as they come; timing recorded here."""
-        if len(self.handles) == 1:
-            async for delta in self.handles[0]:
-                yield self._observe(delta.index, delta), delta
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(p: int, handle) -> None:
-            try:
-                async for delta in handle:
-                    await queue.put((p * self.n + delta.index, delta))
-            except Exception as exc:  # noqa: BLE001 — handed to the consumer, raised there
-                await queue.put((None, exc))
-            finally:
-                await queue.put((None, None))
-
-        tasks = [asyncio.ensure_future(pump(p, h)) for p, h in enumerate(self.handles)]
-        try:
-            live = len(tasks)
-            while live:
-                index, item = await queue.get()
-                if index is None:
-                    if item is None:
-                        live -= 1
-                        continue
-                    raise item
-                yield self._observe(index, item), item
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    def _observe(self, index: int, delta) -> int:
-        now = time.perf_counter()
-        new = len(delta.token_ids)
-        if new:
-            if not self._last:
-                self.metrics.observe_ttft(now - self.arrived)
-            elif index in self._last:
-                self.metrics.observe_itl(now - self._last[index], new)
-            self._last[index] = now
-        self.completion_tokens[index] = delta.completion_tokens
-        if delta.finish_reason is not None:
-            self.finished.add(index)
-        return index
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(h.prompt_tokens for h in self.handles)
-
-    def _usage(self) -> dict:
-        return protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))
-
-    def _abort_unfinished(self) -> bool:
-        """Abort the engine requests that have not finished; True if any had not."""
-        if len(self.finished) >= len(self.handles) * self.n:
-            return False
-        for handle in self.handles:
-            handle.abort()
-        return True
-
-    async def collect(self, request) -> dict | None:
-        """The non-streaming answer; None (engine requests aborted) if the client disconnects first."""
-        texts: dict[int, list[str]] = {}
-        reasons: dict[int, str | None] = {}
-
-        async def gather() -> None:
-            async for index, delta in self._deltas():
-                texts.setdefault(index, []).append(delta.text)
-                if delta.finish_reason is not None:
-                    reasons[index] = delta.finish_reason
-
-        task = asyncio.ensure_future(gather())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    self._abort_unfinished()
-                    self.metrics.count_request(self.endpoint, self.label, "aborted")
-                    return None
-            task.result()
-        except asyncio.CancelledError:
-            self._abort_unfinished()
-            raise
-        except Exception as exc:  # noqa: BLE001
-            self._abort_unfinished()
-            err = _as_api_error(exc)
-            self.metrics.count_request(self.endpoint, self.label, err.status)
-            raise err from None
-        make = protocol.chat_choice if self.chat else protocol.completion_choice
-        choices = [make(i, "".join(texts.get(i, [])), reasons.get(i)) for i in range(len(self.handles) * self.n)]
-        self.metrics.count_request(self.endpoint, self.label, 200)
-        return protocol.envelope(self.id, self.object, self.body.model, self.created, choices, usage=self._usage())
-
-    def _chunk(self, choices: list) -> str:
-        extra = {"usage": None} if self.body.include_usage else {}
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        payload = protocol.envelope(self.id, obj, self.body.model, self.created, choices, **extra)
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    async def events(self) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's shapes: role first (chat), text deltas, one chunk per choice
-        with its ``finish_reason``, a ``usage`` chunk when asked, then ``data: [DONE]``."""
-        status: int | str = 200
-        try:
-            if self.chat:
-                yield self._chunk([protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""}, None)
-                                   for i in range(len(self.handles) * self.n)])
-            async for index, delta in self._deltas():
-                if delta.text:
-                    yield self._chunk([self._choice(index, delta.text, None)])
-                if delta.finish_reason is not None:
-                    yield self._chunk([self._choice(index, None, delta.finish_reason)])
-            if self.body.include_usage:
-                payload = protocol.envelope(self.id, "chat.completion.chunk" if self.chat else "text_completion",
-                                            self.body.model, self.created, [], usage=self._usage())
-                yield f"data: {json.dumps(payload)}\n\n"
-            yield DONE
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "aborted"  # the client went away: Starlette cancels the response
-            raise
-        except Exception as exc:  # noqa: BLE001 — headers are sent: report in the stream, as vLLM does
-            err = _as_api_error(exc)
-            status = err.status
-            yield f"data: {json.dumps(protocol.error_body(err.status, err.message, err.param))}\n\n"
-            yield DONE
-        finally:
-            self._abort_unfinished()
-            self.metrics.count_request(self.endpoint, self.label, status)
-
-    def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
-        if self.chat:
-            return protocol.chat_chunk_choice(index, {} if text is None else {"content": text}, finish_reason)
-        return protocol.completion_choice(index, text or "", finish_reason)
-
-
 def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_path: str | None = None, log_level: str = "info") -> None:
+          model_path: str | None = None, log_level: str = "info", access: Access | None = None,
+          limits: Limits | None = None, lora_root: str | None = None) -> None:
     """Run the server until interrupted (Ctrl-C / SIGTERM), then shut the engine down.
 
     The socket is bound before uvicorn starts, so ``port=0`` picks a free port; the first line on
@@ -434,7 +332,8 @@ def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"deltatune serve: listening on http://{shown}:{bound} (base {engine.base_name!r}, "
           f"{len(engine.adapters())} adapter(s); playground at /, API under /v1)", flush=True)
-    app = create_app(engine, api_key=api_key, model_path=model_path)
+    app = create_app(engine, api_key=api_key, model_path=model_path, access=access, limits=limits,
+                     lora_root=lora_root)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
                             access_log=log_level in ("debug", "trace"))
     uvicorn.Server(config).run(sockets=[sock])
