@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from deltatune.config import ConfigError
+from deltatune.target_defaults import missing_targets_error
 
 
 def iter_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -94,9 +95,8 @@ def select(model: nn.Module, config, is_supported=None) -> list[str]:
     from deltatune.registry import is_linear
 
     spec = config.target_modules
-    if spec is None:
-        raise ConfigError("target_modules is not set; give a list of module names, a regex, "
-                          "or 'all-linear'")
+    if spec is None:  # the method's complete_config fills known families (target_defaults) before this
+        raise missing_targets_error(model, config.peft_type.value)
     candidates = list(iter_candidates(model))
     if spec == "all-linear":
         heads = output_head_names(model)
