@@ -117,7 +117,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         unwrap_compiled: look through ``torch.compile``'s wrapper (``_orig_mod``).
         save_embedding_layers: ``"auto"`` adds the base weights of targeted embedding layers
             (``embed_tokens``, ``lm_head``; for resized vocabularies), ``True`` adds the input and
-            output embeddings whether targeted or not, ``False`` adds none.
+            output embeddings whether targeted or not, ``False`` adds none. (peft's ``"auto"`` also
+            compares the vocabulary with the base's ``config.json``, on disk or on the Hub; here
+            nothing is read: pass ``True`` after resizing untargeted embeddings.)
 
     Returns:
         key -> detached tensor, the dict ``save_pretrained`` writes to ``adapter_model.safetensors``.
