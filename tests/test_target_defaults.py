@@ -99,3 +99,13 @@ def test_complete_targets_leaves_given_configs_alone():
     assert complete_targets(config, tiny_llama()) is config
     prompt = deltatune.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
     assert complete_targets(prompt, tiny_llama()) is prompt
+
+
+def test_dry_run_and_select_use_the_defaults():
+    """``deltatune targets`` and LoftQ's pre-quantization ask targeting directly: same defaults."""
+    from deltatune import targeting
+
+    lines = targeting.dry_run(tiny_llama(), deltatune.LoraConfig()).splitlines()
+    assert [line.split()[0].rsplit(".", 1)[-1] for line in lines] == ["q_proj", "v_proj"] * 2
+    assert targeting.select(tiny_llama(), deltatune.IA3Config())[:3] == [
+        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj"]
