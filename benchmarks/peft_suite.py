@@ -24,7 +24,7 @@ Usage (the full run takes hours on a CPU; one or two files take minutes)::
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_config.py test_low_level_api.py
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_custom_models.py \\
         test_decoder_models.py test_initialization.py test_config.py test_other.py \\
-        test_low_level_api.py test_lora_variants.py --timeout 14400 --json peft_suite.json
+        test_low_level_api.py test_lora_variants.py --timeout 3600 --json peft_suite.json
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ OTHER_METHODS = ["adalora", "randlora", "vblora", "velora", "unilora", "gralora"
                  "delora", "lorafa", "adaptionprompt", "adaption", "multitaskprompttuning", "multitask", "cpt",
                  "lokr", "loha", "hira", "waveft", "road", "miss", "hra", "frod", "deft", "vera", "pvera",
                  "peanut", "psoft", "lily", "lntuning", "adamss", "supertuning", "shira", "c3a", "beft", "osf",
-                 "oft", "boft", "fourierft", "poly", "bone", "trainabletokens", "kasa"]
+                 "oft", "boft", "fourierft", "poly", "bone", "trainabletokens", "kasa", "cartridge"]
 SELECTION = (f"test id contains one of {CLAIMED} (case-insensitive) and no word of it (split on non-alphanumerics "
              f"and a Config suffix) is one of {OTHER_METHODS}")
 _CLAIMED = re.compile("|".join(CLAIMED), re.I)
@@ -212,33 +212,49 @@ def write_stubs(directory: Path) -> Path:
     return directory
 
 
-def run_pytest(tests_dir: Path, files: list[str], junit: Path, extra_path: list[Path], timeout: int) -> float:
-    """Run the selected tests once; per-test outcomes go to ``junit``. Returns wall seconds."""
+def run_pytest(tests_dir: Path, files: list[str], out_dir: Path, label: str, extra_path: list[Path],
+               timeout: int) -> float:
+    """Run the selected tests of each file (one pytest each, ``timeout`` seconds per file); outcomes go
+    to ``out_dir/<label>-<file>.xml``. A file that runs out of time is interrupted (SIGINT), so
+    pytest still writes the outcomes it has. Returns wall seconds."""
+    import signal
     import time
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([*map(str, extra_path), str(Path(__file__).parent),
                                            os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", *[str(tests_dir / f) for f in files], "-p", "peft_suite", "-q",
-           "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}", "-W", "ignore",
-           "--continue-on-collection-errors",
-           f"--rootdir={tests_dir.parent}"]
     start = time.time()
-    try:
+    for name in files:
+        junit = out_dir / f"{label}-{Path(name).stem}.xml"
+        cmd = [sys.executable, "-m", "pytest", str(tests_dir / name), "-p", "peft_suite", "-q",
+               "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}", "-W", "ignore",
+               "--continue-on-collection-errors", f"--rootdir={tests_dir.parent}"]
         with open(junit.with_suffix(".log"), "w") as log:
-            subprocess.run(cmd, cwd=tests_dir.parent, env=env, timeout=timeout, check=False,
-                           stdout=log, stderr=subprocess.STDOUT)
-    except subprocess.TimeoutExpired:
-        print(f"timed out after {timeout} s: {' '.join(files)}", file=sys.stderr)
+            proc = subprocess.Popen(cmd, cwd=tests_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{label}: {name} ran out of {timeout} s; counting the tests it finished", file=sys.stderr)
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     return time.time() - start
 
 
-def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
-    """test id -> (``passed``/``failed``/``error``/``skipped``, first line of the failure message)."""
-    if not junit.exists():
-        return {}
+def outcomes(out_dir: Path, label: str) -> dict[str, tuple[str, str]]:
+    """test id -> (``passed``/``failed``/``error``/``skipped``, first line of the failure message),
+    over the JUnit files of run ``label``."""
+    cases = []
+    for junit in sorted(out_dir.glob(f"{label}-*.xml")):
+        try:
+            cases.extend(ET.parse(junit).getroot().iter("testcase"))
+        except ET.ParseError:
+            print(f"{junit}: unreadable; its tests are not counted", file=sys.stderr)
     out = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    for case in cases:
         test_id = f"{case.get('classname')}::{case.get('name')}"
         state, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tests_dir", type=Path, help="a peft checkout's tests directory")
     parser.add_argument("--files", nargs="+", default=DEFAULT_FILES)
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per run (each of the two)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per test file and run")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the shim, the JUnit files and pytest's logs in this directory")
@@ -297,13 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         stubs = write_stubs(work / "stubs")
         shim = write_shim(work / "shim")
         seconds = {}
-        if not (args.reuse_peft and (work / "peft.xml").exists()):
-            seconds["peft"] = run_pytest(tests_dir, args.files, work / "peft.xml", [stubs], args.timeout)
-        seconds["deltatune"] = run_pytest(tests_dir, args.files, work / "ours.xml", [shim, REPO, stubs], args.timeout)
-        theirs, ours = outcomes(work / "peft.xml"), outcomes(work / "ours.xml")
-    claimed = {t: v for t, v in theirs.items() if kind_of(t) == "claimed"}
-    result = {"claimed_methods": compare(claimed, ours),
-              "tests_naming_no_method": compare({t: v for t, v in theirs.items() if t not in claimed}, ours),
+        if not (args.reuse_peft and list(work.glob("peft-*.xml"))):
+            seconds["peft"] = run_pytest(tests_dir, args.files, work, "peft", [stubs], args.timeout)
+        seconds["deltatune"] = run_pytest(tests_dir, args.files, work, "deltatune", [shim, REPO, stubs], args.timeout)
+        theirs, ours = outcomes(work, "peft"), outcomes(work, "deltatune")
+    groups = {kind: ({t: v for t, v in theirs.items() if kind_of(t) == kind},
+                     {t: v for t, v in ours.items() if kind_of(t) == kind}) for kind in ("claimed", "unnamed")}
+    result = {"claimed_methods": compare(*groups["claimed"]),
+              "tests_naming_no_method": compare(*groups["unnamed"]),
               "files": args.files, "selection": SELECTION, "seconds": {k: round(v) for k, v in seconds.items()}}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)

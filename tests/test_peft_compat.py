@@ -133,7 +133,7 @@ def test_overview_as_one_script_checks_every_peft_use():
     assert {name for _, _, name in peft_imports(script)} == {
         "peft.LoraConfig", "peft.get_peft_model", "peft.TaskType", "peft.PeftModel", "peft.PromptTuningConfig",
         "peft.PromptTuningInit"}
-    changed = script.replace("r=16, lora_alpha=32, use_dora=True,", "r=16, lora_alpha=32, use_dora=True, lora_bias=True,")
+    changed = script.replace("use_dora=True,", "use_dora=True, lora_bias=True,")
     (finding,) = check_source(changed)
     assert finding.code == "peft-keyword" and "lora_bias" in finding.message
     assert script.splitlines()[finding.line - 1].startswith("config = LoraConfig(r=16")

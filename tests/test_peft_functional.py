@@ -16,7 +16,8 @@ CASES = {
     "llama-embed": (tiny_llama, "LoraConfig", dict(r=4, target_modules=["embed_tokens", "q_proj"])),
     "gpt2-bias": (tiny_gpt2, "LoraConfig", dict(r=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")),
     "bert-saved-head": (tiny_bert, "LoraConfig", dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
-    "llama-ia3": (tiny_llama, "IA3Config", dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "llama-ia3": (tiny_llama, "IA3Config", dict(target_modules=["k_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"])),
     "llama-prompt": (tiny_llama, "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3)),
 }
 PLAIN = [c for c in CASES if "prompt" not in c and "saved-head" not in c]

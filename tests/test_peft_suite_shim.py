@@ -53,8 +53,8 @@ def test_compare_counts_only_tests_peft_passes():
 
 
 @pytest.mark.parametrize("test_id, kind", [
-    ("tests/test_custom_models.py::TestPeftCustomModel::test_forward[Vanilla MLP 1 LoRA-MLP-LoraConfig-kw0]", "claimed"),
-    ("tests/test_custom_models.py::TestPeftCustomModel::test_forward[Vanilla MLP 1 LOKR-MLP-LoKrConfig-kw0]", "other"),
+    ("tests/test_custom_models.py::TestPeftCustomModel::test_forward[Vanilla MLP 1 LoRA-MLP-LoraConfig]", "claimed"),
+    ("tests/test_custom_models.py::TestPeftCustomModel::test_forward[Vanilla MLP 1 LOKR-MLP-LoKrConfig]", "other"),
     ("tests.test_config.TestPeftConfig::test_methods[RandLoraConfig]", "other"),
     ("tests.test_config.TestPeftConfig::test_methods[MiSSConfig]", "other"),
     ("tests.test_low_level_api.TestInject::test_inject_from_state_dict_missing_keys_warning", "unnamed"),

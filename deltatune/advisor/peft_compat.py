@@ -238,7 +238,8 @@ class _Checker(ast.NodeVisitor):
             member = inspect.getattr_static(cls, func.attr, None)
             if member is not None and callable(getattr(cls, func.attr)):
                 is_method = not isinstance(member, (staticmethod, classmethod))
-                self._check_keywords(node, f"{func.value.id}.{func.attr}", getattr(cls, func.attr), drop_first=is_method)
+                self._check_keywords(node, f"{func.value.id}.{func.attr}", getattr(cls, func.attr),
+                                     drop_first=is_method)
         else:
             found = self._lookup(func)
             if found is not None and callable(found[1]):
