@@ -102,9 +102,9 @@ def test_notebook_cells_share_names_and_skip_magics(tmp_path):
 
 
 def test_readme_snippets_run_after_the_import_change():
-    """The README's snippets, with ``deltatune`` read as ``peft``: nothing they use is missing."""
-    blocks = _python_blocks(ROOT / "README.md")
-    assert len(blocks) >= 5
+    """The README's (and the docs') snippets, with ``deltatune`` read as ``peft``: nothing they use is missing."""
+    blocks = [b for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))] for b in _python_blocks(path)]
+    assert len(_python_blocks(ROOT / "README.md")) >= 1 and len(blocks) >= 5
     used = 0
     for block in blocks:
         assert check_source(block) == []  # as written they import deltatune, not peft

@@ -28,10 +28,10 @@ from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
 from deltatune.methods.base import AdapterLayer
-from deltatune.target_defaults import complete_targets
 from deltatune.methods.dora import MAGNITUDE, DoraMixin
 from deltatune.methods.lora_kernel import (cast_factors_on, gather_embedding, gather_lora, gather_lora_as,
                                            lora_matmul, may_add_in_place, row_dropout)
+from deltatune.target_defaults import complete_targets
 
 
 def _dropout_p(module: nn.Module) -> float:
