@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from deltatune.config import ConfigError
+from deltatune.target_defaults import complete_targets, missing_targets_error
 
 
 def iter_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -87,16 +88,20 @@ def select(model: nn.Module, config, is_supported=None) -> list[str]:
         config: a method config with ``target_modules`` and friends.
         is_supported: ``module -> bool``; a selected module failing it is an error.
 
+    An unset ``target_modules`` takes the model family's default (``target_defaults``).
+
     Raises:
-        ConfigError: ``target_modules`` is missing, an entry matches no module, or a selected
+        ConfigError: ``target_modules`` is unset for a model family without defaults (the message
+            lists the model's leaf module names), an entry matches no module, or a selected
             module has a type the method cannot wrap (the message names the module and type).
     """
     from deltatune.registry import is_linear
 
+    if config.target_modules is None:  # peft's per-family defaults (add_adapter stores them in the config)
+        config = complete_targets(config, model)
     spec = config.target_modules
     if spec is None:
-        raise ConfigError("target_modules is not set; give a list of module names, a regex, "
-                          "or 'all-linear'")
+        raise missing_targets_error(model, config.peft_type.value)
     candidates = list(iter_candidates(model))
     if spec == "all-linear":
         heads = output_head_names(model)

@@ -25,6 +25,7 @@ from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, PeftConfig, PeftType, _normalise_targets
 from deltatune.merging import ia3_merge, ia3_unmerge
 from deltatune.methods.base import AdapterLayer
+from deltatune.target_defaults import complete_targets
 
 
 @dataclass
@@ -206,7 +207,7 @@ def _register() -> None:
     key = PeftType.IA3.value
     # lr: IA3's scaling vectors start at one and move slowly; 1e-2 is the rate of the methods table
     # (45/50 on the demo task, README), LoRA's 2e-4 barely moves them (the paper used 3e-3).
-    registry.register_method(key, IA3Config, cli_names=("ia3",), default_lr=1e-2)
+    registry.register_method(key, IA3Config, cli_names=("ia3",), default_lr=1e-2, complete_config=complete_targets)
     for base_type in (nn.Linear, Conv1D, nn.Conv2d):
         registry.register_layer(key, base_type, IA3Layer)
 

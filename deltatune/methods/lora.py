@@ -31,6 +31,7 @@ from deltatune.methods.base import AdapterLayer
 from deltatune.methods.dora import MAGNITUDE, DoraMixin
 from deltatune.methods.lora_kernel import (cast_factors_on, gather_embedding, gather_lora, gather_lora_as,
                                            lora_matmul, may_add_in_place, row_dropout)
+from deltatune.target_defaults import complete_targets
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -423,7 +424,7 @@ def _register() -> None:
     from transformers.pytorch_utils import Conv1D
 
     key = PeftType.LORA.value
-    registry.register_method(key, LoraConfig, cli_names=("lora",))
+    registry.register_method(key, LoraConfig, cli_names=("lora",), complete_config=complete_targets)
     registry.register_method(key, LoraConfig, cli_names=("dora",), overrides={"use_dora": True})
     for base_type in (nn.Linear, Conv1D):
         registry.register_layer(key, base_type, LoraLinear)

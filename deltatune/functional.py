@@ -1,0 +1,224 @@
+"""peft's functional API for integrations: adapters inside a model that is not a ``PeftModel``.
+
+transformers' ``model.add_adapter`` / ``load_adapter``, diffusers' ``load_lora_weights`` and TRL
+call these three functions from ``peft``; they have peft's signatures and meaning here:
+
+- ``inject_adapter_in_model(config, model)`` puts adapter layers into ``model`` in place and
+  returns it (no wrapper); ``model.peft_config`` maps adapter names to configs.
+- ``get_peft_model_state_dict(model)`` gives one adapter's tensors under the keys peft writes to
+  files: without the adapter name, relative to the module passed (``base_model.model.<path>...``
+  for a ``PeftModel``, ``<path>...`` for a model from ``inject_adapter_in_model``).
+- ``set_peft_model_state_dict(model, state_dict)`` copies such a dict into an adapter and
+  returns ``(missing_keys, unexpected_keys)`` as peft does (``load_state_dict(strict=False)``'s
+  answer: missing keys are the model's own state-dict names, so a caller filters them).
+
+Built on what saving and loading already use: ``TunerModel.adapter_state`` (which tensors are the
+adapter's) and ``checkpoint.peft_format`` (the key translation). A model given adapters by
+``inject_adapter_in_model`` is driven by a ``PeftModel`` kept on it (not a submodule: its state
+dict is the model's own), so adding, routing and trainability are the ``PeftModel``'s code.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import namedtuple
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deltatune import registry
+from deltatune.checkpoint.peft_format import PREFIX, drop_peft_artefacts, to_file_keys
+from deltatune.config import PeftConfig
+from deltatune.peft_model import PeftModel
+from deltatune.targeting import base_of, iter_candidates
+from deltatune.tuner import EMBEDDING_NAMES, TunerModel
+
+# peft returns torch's ``load_state_dict`` result; the same two fields.
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+_OWNER = "_deltatune_peft_model"  # attribute of an injected model holding its PeftModel
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Add adapter layers for ``peft_config`` to ``model`` in place and return ``model`` (peft's API).
+
+    The first adapter injected is the active one; only its parameters are trainable afterwards.
+    ``state_dict`` (keys as ``get_peft_model_state_dict`` writes them, with or without peft's
+    ``base_model.model.`` prefix): only its keys are used, to choose the modules to adapt, for
+    checkpoints saved without their ``target_modules``. ``low_cpu_mem_usage`` is accepted for
+    peft's signature; the adapter tensors are created where the base layers are.
+
+    Raises:
+        ValueError: a prompt-learning config (virtual tokens wrap no layer; use ``get_peft_model``),
+            or a config invalid for this model (the message names the field or module).
+    """
+    method = registry.method_of(peft_config)
+    if method.component is not None:
+        raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type.value}: its virtual "
+                         "tokens are inputs, not layers; use get_peft_model")
+    if state_dict is not None:
+        peft_config = _targets_from_keys(peft_config, state_dict, method.container_names())
+    owner = model.__dict__.get(_OWNER)
+    if owner is None:
+        owner = PeftModel(model, peft_config, adapter_name)
+        object.__setattr__(model, _OWNER, owner)  # plain attribute: no submodule, no cycle in state_dict
+        model.peft_config = owner.peft_config      # the adapter set's live table, as peft sets it
+    else:
+        owner.add_adapter(adapter_name, peft_config)
+    return model
+
+
+def _targets_from_keys(config: PeftConfig, state_dict: dict, containers: set[str]) -> PeftConfig:
+    """``config`` targeting exactly the modules ``state_dict``'s adapter keys name."""
+    import dataclasses
+
+    modules = []
+    for key in state_dict:
+        parts = key.removeprefix(PREFIX).split(".")
+        cut = next((i for i, part in enumerate(parts) if part in containers), None)
+        if cut and ".".join(parts[:cut]) not in modules:
+            modules.append(".".join(parts[:cut]))
+    if not modules:
+        raise ValueError(f"state_dict has no {config.peft_type.value} adapter key (none names one of "
+                         f"{sorted(containers)}); cannot tell which modules to adapt")
+    return dataclasses.replace(config, target_modules=modules)
+
+
+def _tuner_and_prefix(model: nn.Module) -> tuple[TunerModel, str]:
+    """The ``TunerModel`` holding ``model``'s adapters and the key prefix from ``model`` to the user's model."""
+    if isinstance(model, PeftModel):
+        return model.base_model, PREFIX
+    if isinstance(model, TunerModel):
+        return model, "model."
+    owner = model.__dict__.get(_OWNER)
+    if owner is None:
+        raise ValueError(f"{type(model).__name__} holds no deltatune adapters; use get_peft_model or "
+                         "inject_adapter_in_model first")
+    return owner.base_model, ""
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> tuple[TunerModel, str, dict[str, torch.Tensor]]:
+    tuner, prefix = _tuner_and_prefix(model)
+    if adapter_name not in tuner.adapter_set:
+        raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(tuner.adapter_set.configs)}")
+    return tuner, prefix, tuner.adapter_state(adapter_name)
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | Literal["auto"] = "auto") -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors under peft's file keys (no adapter name), relative to ``model``.
+
+    Args:
+        model: a ``PeftModel``, its ``base_model``, or a model given adapters by ``inject_adapter_in_model``.
+        state_dict: take the values from this dict (e.g. gathered by DeepSpeed / FSDP) under the
+            model's own state-dict names; default: the live tensors.
+        unwrap_compiled: look through ``torch.compile``'s wrapper (``_orig_mod``).
+        save_embedding_layers: ``"auto"`` adds the base weights of targeted embedding layers
+            (``embed_tokens``, ``lm_head``; for resized vocabularies), ``True`` adds the input and
+            output embeddings whether targeted or not, ``False`` adds none. (peft's ``"auto"`` also
+            compares the vocabulary with the base's ``config.json``, on disk or on the Hub; here
+            nothing is read: pass ``True`` after resizing untargeted embeddings.)
+
+    Returns:
+        key -> detached tensor, the dict ``save_pretrained`` writes to ``adapter_model.safetensors``.
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    tuner, prefix, tensors = _adapter_tensors(model, adapter_name)
+    if save_embedding_layers is False:
+        tensors = {k: v for k, v in tensors.items() if not _is_embedding_base(k)}
+    elif save_embedding_layers is True:  # as peft: when an embedding is targeted, only the wrapped ones
+        targeted = any(_is_embedding_base(k) for k in tensors)
+        tensors = {**tensors, **_embedding_weights(tuner.model, wrapped_only=targeted)}
+    out = to_file_keys(tensors, prefix)
+    if state_dict is not None:
+        names = _state_names(model)
+        out = {k: state_dict.get(names.get(id(v)), v) for k, v in out.items()}
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _is_embedding_base(key: str) -> bool:
+    module, _, leaf = key.rpartition(".base_layer.")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def _embedding_weights(model: nn.Module, wrapped_only: bool) -> dict[str, torch.Tensor]:
+    """The input and output embedding weights under their current names (``base_layer`` when wrapped)."""
+    layers = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    layers = [base_of(layer) for layer in layers if layer is not None]
+    out = {}
+    for name, module in iter_candidates(model):
+        for layer in layers:
+            if module is layer and not wrapped_only:
+                out[f"{name}.weight"] = layer.weight
+            elif module is not layer and base_of(module) is layer:
+                out[f"{name}.base_layer.weight"] = layer.weight
+    return out
+
+
+def _state_names(model: nn.Module) -> dict[int, str]:
+    """``id(tensor)`` -> its name in ``model.state_dict()`` (first name of a tied tensor)."""
+    names: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> LoadResult:
+    """Copy ``peft_model_state_dict`` (keys as ``get_peft_model_state_dict`` gives them) into adapter
+    ``adapter_name``, which must exist already (``inject_adapter_in_model`` or ``add_adapter``).
+
+    Lenient, as peft is: keys the adapter lacks are reported, not refused. For a model from
+    ``inject_adapter_in_model`` a ``base_model.model.`` prefix on the keys is dropped.
+    ``low_cpu_mem_usage`` is accepted for peft's signature (no tensor here is on the meta device).
+
+    Returns:
+        ``LoadResult(missing_keys, unexpected_keys)``: ``missing_keys`` are ``model.state_dict()``
+        names left untouched (base weights included, as in peft), ``unexpected_keys`` the given
+        keys that name no tensor of the adapter.
+
+    Raises:
+        RuntimeError: a tensor's shape differs from the adapter's (unless ``ignore_mismatched_sizes``,
+            which skips it with a warning naming the key and both shapes).
+    """
+    tuner, prefix, _ = _adapter_tensors(model, adapter_name)
+    if adapter_name in tuner.components:  # a file holds the encoder's result, not the encoder
+        tuner.components[adapter_name].resolve()
+    live = to_file_keys(tuner.adapter_state(adapter_name), prefix)
+    given = _relative(peft_model_state_dict, prefix, tuner)
+    loaded, unexpected, mismatched = set(), [], []
+    with torch.no_grad():
+        for key, value in given.items():
+            target = live.get(key)
+            if target is None:
+                unexpected.append(key)
+            elif tuple(value.shape) != tuple(target.shape):
+                mismatched.append((key, tuple(value.shape), tuple(target.shape)))
+            else:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+                loaded.add(id(target))
+    if mismatched and not ignore_mismatched_sizes:
+        raise RuntimeError("Error(s) in loading state_dict: " + "; ".join(
+            f"size mismatch for {k}: copying a param with shape {a} from checkpoint, the shape in current model "
+            f"is {b}" for k, a, b in mismatched))
+    if mismatched:
+        warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the state dict and are "
+                      "being ignored because you passed `ignore_mismatched_sizes=True`: " + "; ".join(
+                          f"{k}: found shape {a}, the model has {b}" for k, a, b in mismatched), stacklevel=2)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if id(t) not in loaded]
+    return LoadResult(missing, unexpected)
+
+
+def _relative(state_dict: dict[str, torch.Tensor], prefix: str, tuner: TunerModel) -> dict[str, torch.Tensor]:
+    """Given keys in the form ``get_peft_model_state_dict`` gives for this model, without peft's
+    accidental duplicates around modules-to-save."""
+    if prefix == "":  # peft drops a file's prefix when the model has no PeftModel around it
+        state_dict = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+    cut = {k: k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+    kept = drop_peft_artefacts({cut[k]: state_dict[k] for k in cut}, tuner.saved_module_names())
+    dropped = {k for k, rel in cut.items() if rel not in kept}
+    return {k: v for k, v in state_dict.items() if k not in dropped}
