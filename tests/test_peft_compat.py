@@ -150,3 +150,18 @@ def test_cli_hookup_prints_findings_and_exit_code(tmp_path, capsys):
     assert run_peft_compat(parser.parse_args(["--peft-compat", str(clean), str(bad)])) == 1
     out = capsys.readouterr().out
     assert f"{bad}:" in out and "line 8: model.disable_adapter_layers" in out
+
+
+def test_cli_doctor_peft_compat(tmp_path, capsys):
+    """`deltatune doctor --peft-compat FILE`: the findings with their lines, exit 1 on an error; 0 for a
+    script deltatune runs as it is."""
+    from deltatune.cli import main
+
+    bad = tmp_path / "train.py"
+    bad.write_text("from peft import LoraConfig\nconfig = LoraConfig(r=8,\n    lora_bias=True)\n")
+    assert main(["doctor", "--peft-compat", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "line 3" in out and "lora_bias" in out  # the keyword's own line
+    good = tmp_path / "ok.py"
+    good.write_text("from peft import LoraConfig, get_peft_model\nconfig = LoraConfig(r=8, lora_alpha=16)\n")
+    assert main(["doctor", "--peft-compat", str(good)]) == 0

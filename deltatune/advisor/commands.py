@@ -67,14 +67,27 @@ def _add_doctor(sub) -> None:
         "doctor", help="check an adapter, adapter_config.json, training config or run directory for known mistakes",
         description="Known PEFT mistakes, each with its severity, why it matters and the fix. Exit code 1 when "
                     "an error is found, 0 for warnings only.")
-    p.add_argument("path", help="adapter directory, adapter_config.json, training config (YAML/JSON) or run directory")
+    p.add_argument("path", nargs="?", default=None,
+                   help="adapter directory, adapter_config.json, training config (YAML/JSON) or run directory")
     p.add_argument("--model", default=None, help="base model to check targets against (default: the config's)")
     p.add_argument("--json", action="store_true")
+    from deltatune.advisor.peft_compat import add_peft_compat_arguments
+
+    add_peft_compat_arguments(p)
     p.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args) -> int:
+    """``deltatune doctor PATH`` (a setup's known mistakes) or ``--peft-compat FILE`` (what a peft
+    script uses that deltatune lacks); exit code 1 when an error is found."""
     from deltatune.advisor.doctor import diagnose_path, render
+
+    if args.peft_compat:
+        from deltatune.advisor.peft_compat import run_peft_compat
+
+        return run_peft_compat(args)
+    if args.path is None:
+        raise ValueError("doctor needs a PATH (adapter, config or run directory) or --peft-compat FILE")
 
     findings = diagnose_path(args.path, model=args.model)
     print(json.dumps([f.to_dict() for f in findings], indent=2) if args.json else render(findings))
