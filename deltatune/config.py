@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +58,39 @@ class ConfigError(ValueError):
     """A configuration field has an invalid value; the message names the field."""
 
 
+class _ConfigType(type):
+    """Lets a config class be called with ``peft_type=`` as peft's are: accepted when it names the
+    class's own type, a ConfigError naming both otherwise (the type is the class, not a field)."""
+
+    def __call__(cls, *args: Any, peft_type: Any = None, **kwargs: Any):
+        if peft_type is not None:
+            found = peft_type.value if isinstance(peft_type, PeftType) else peft_type
+            if found != cls.peft_type.value:
+                raise ConfigError(f"{cls.__name__}: peft_type={found!r} does not match this class, "
+                                  f"which is {cls.peft_type.value!r}")
+        return super().__call__(*args, **kwargs)
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        """The fields as keywords plus ``peft_type``, for ``inspect`` (not this ``__call__``'s)."""
+        init = inspect.signature(cls.__init__)
+        params = list(init.parameters.values())[1:]  # without self
+        extra = inspect.Parameter("peft_type", inspect.Parameter.KEYWORD_ONLY, default=None)
+        return init.replace(parameters=params + [extra], return_annotation=inspect.Signature.empty)
+
+
+def _deltatune_version() -> Optional[str]:
+    """The running deltatune's version (``deltatune.__version__``; read from the loaded package
+    so that this module imports nothing of deltatune), or None while the package is loading."""
+    return getattr(sys.modules.get("deltatune"), "__version__", None)
+
+
+# Prompt-learning methods (virtual tokens instead of wrapped layers), as peft groups them.
+_PROMPT_LEARNING = frozenset({PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING, PeftType.P_TUNING})
+
+
 @dataclass
-class PeftConfig:
+class PeftConfig(metaclass=_ConfigType):
     """Fields common to every method.
 
     Attributes:
@@ -66,6 +99,9 @@ class PeftConfig:
         base_model_name_or_path: where the base came from; written to the file so tools can
             find the base (deltatune fills it from ``model.config._name_or_path`` when unset).
         revision: base model revision, for peft compatibility.
+        peft_version: the library version that wrote the config, as peft writes it (filled with
+            deltatune's version when not given; a loaded file keeps the version it names). Not
+            compared by ``==``.
     """
 
     peft_type: ClassVar[PeftType]
@@ -80,13 +116,21 @@ class PeftConfig:
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
+    peft_version: Optional[str] = field(default=None, kw_only=True, compare=False)
 
     def __post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = _deltatune_version()
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
             raise ConfigError(f"task_type={self.task_type!r} is not one of "
                               f"{sorted(TaskType._value2member_map_)}")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for prompt tuning, prefix tuning and P-tuning (virtual tokens, no wrapped layers)."""
+        return self.peft_type in _PROMPT_LEARNING
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -106,24 +150,30 @@ class PeftConfig:
         """Build a config from peft's JSON dict.
 
         Keys peft writes for features deltatune does not implement are accepted only while they
-        hold their "unused" value; anything else is an error naming the key and ``source``.
+        hold their "unused" value; anything else is an error naming the key and ``source``. Keys
+        deltatune does not know at all (a newer peft's) are ignored with a warning naming them, as
+        peft does, when they hold a value that turns something on, and silently when they do not.
         """
         data = dict(data)
         found = data.pop("peft_type", cls.peft_type.value)
         if found != cls.peft_type.value:
             raise ConfigError(f"{source}: peft_type is {found!r}, expected {cls.peft_type.value!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs, unknown = {}, []
         for key, value in data.items():
             if key in names:
                 kwargs[key] = value
-            elif key in ("auto_mapping", "peft_version"):
+            elif key == "auto_mapping" or _is_unused(value, cls.peft_extra_defaults.get(key, _MISSING)):
                 continue
-            elif _is_unused(value, cls.peft_extra_defaults.get(key, _MISSING)):
-                continue
-            else:
+            elif key in cls.peft_extra_defaults:
                 raise ConfigError(f"{source}: field {key!r}={value!r} is not supported by deltatune "
                                   f"for {cls.peft_type.value}")
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{source}: ignoring field(s) {sorted(unknown)} unknown to deltatune for "
+                          f"{cls.peft_type.value} (probably written by a newer peft); the adapter may not "
+                          "behave as it did where it was saved", stacklevel=2)
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -145,6 +195,26 @@ class PeftConfig:
     save = save_pretrained
 
     @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **_ignored: Any) -> dict[str, Any]:
+        """The JSON object in ``path_json_file`` as a dict, unvalidated (peft's classmethod; a
+        ``runtime_config`` key, which peft never reads from files, is dropped with a warning).
+
+        Raises:
+            ConfigError: the file is not valid JSON or not a JSON object (the message names it).
+        """
+        try:
+            with open(path_json_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path_json_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path_json_file}: not a JSON object")
+        if "runtime_config" in data:
+            warnings.warn(f"{path_json_file}: ignoring its 'runtime_config' key (runtime only)", stacklevel=2)
+            del data["runtime_config"]
+        return data
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
         """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names.
 
@@ -159,12 +229,8 @@ class PeftConfig:
         path = os.path.join(os.fspath(directory), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(data, dict) or "peft_type" not in data:
+        data = cls.from_json_file(path)
+        if "peft_type" not in data:
             raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
         return config_class(data["peft_type"], source=path).from_dict(data, source=path)
 
