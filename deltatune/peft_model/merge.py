@@ -5,6 +5,8 @@ order, checks capabilities (declared on the method) and keeps the adapter set's 
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from deltatune import registry
@@ -29,6 +31,10 @@ def merge_adapter(peft, names: list[str], safe_merge: bool) -> None:
     if unknown:
         raise ValueError(f"cannot merge unknown adapter(s) {unknown}; have {sorted(peft.peft_config)}")
     check_mergeable(peft, names)
+    again = [n for n in dict.fromkeys(names) if n in peft.adapter_set.merged]
+    if again:  # peft warns too; nothing is merged twice
+        warnings.warn(f"adapter(s) {again} are already merged into the base weights; not merging them again",
+                      stacklevel=3)
     layers = [layer for _, layer in peft.base_model.adapter_layers()]
     for name in [n for n in names if n not in peft.adapter_set.merged]:
         if safe_merge:  # check every layer before writing any

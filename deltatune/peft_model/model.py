@@ -181,19 +181,21 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` from the model (unmerging it first if it is merged)."""
+        """Remove ``adapter_name`` from the model.
+
+        Raises:
+            ValueError: no such adapter, or it is merged into the base weights (as in peft:
+                ``unmerge_adapter()`` first, so the weights are never changed behind your back).
+        """
         if adapter_name not in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
-        remerge = []
         if adapter_name in self.adapter_set.merged:
-            remerge = [n for n in self.adapter_set.merged if n != adapter_name]
-            self.unmerge_adapter()
+            raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
+                             "call unmerge_adapter() first")
         self.base_model.remove_adapter(adapter_name)
         self.adapter_set.remove(adapter_name)
         if self.adapter_set.active is None:
             self.adapter_set.active = next(iter(self.peft_config), None)
-        if remerge:
-            self.merge_adapter(remerge)
         self._refresh()
 
     def _applied(self) -> list[str]:
@@ -213,7 +215,8 @@ class PeftModel(nn.Module):
         """Context manager running the bare base model.
 
         Merged adapters are unmerged once, with a warning, and stay unmerged afterwards (as in
-        peft): re-merging on exit would round a 4-bit base's weights again on every call.
+        peft): re-merging on exit would round a 4-bit base's weights again on every call. Adapter
+        parameters have ``requires_grad=False`` inside, as in peft, and get it back on exit.
         """
         if self.adapter_set.merged:
             warnings.warn(f"disable_adapter(): unmerging adapter(s) {self.adapter_set.merged} from the base "
@@ -221,12 +224,19 @@ class PeftModel(nn.Module):
                           stacklevel=3)
             self.unmerge_adapter()
         previous = self.adapter_set.disabled
+        # As peft: adapter tensors do not train while disabled; those that did are restored on exit.
+        frozen = [p for name in self.peft_config for c in self.base_model.component_list
+                  for p in c.parameters_of(name) if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
         self.adapter_set.disabled = True
         self.base_model.sync_biases([])
         try:
             yield
         finally:
             self.adapter_set.disabled = previous
+            for p in frozen:
+                p.requires_grad_(True)
             self.base_model.sync_biases(self._applied())
 
     # -- merging -------------------------------------------------------------------------------
