@@ -20,6 +20,7 @@ import inspect
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from deltatune import registry
@@ -142,6 +143,23 @@ def _component(tuner, route) -> tuple:
     """``(component, model)`` preparing the inputs of a call routed by ``route``, or ``()``."""
     component = tuner.component_for(route) if isinstance(route, str) else None
     return (component, tuner.model) if component is not None else ()
+
+
+def check_rows(adapter_names: Sequence[str] | str | None, args: tuple, kwargs: dict) -> None:
+    """Raise MixingError (a ValueError) naming both counts unless a list of ``adapter_names`` has
+    one name per row of the call's input (its first tensor: ``input_ids``, ``inputs_embeds``...).
+
+    As in peft, for ``forward`` and ``generate``: a list of another length would otherwise be
+    repeated over the rows (``adapter_set.rows_for``, meant for the rows generation expands each
+    prompt into, which are counted after this check) and give rows the wrong adapter.
+    """
+    if adapter_names is None or isinstance(adapter_names, str):
+        return
+    preferred = [kwargs.get(k) for k in ("input_ids", "inputs_embeds")]
+    first = next((v for v in (*args, *preferred, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+    if first is not None and first.shape[0] != len(adapter_names):
+        raise MixingError(f"adapter_names has {len(adapter_names)} entries but the input has {first.shape[0]} "
+                          "rows; give one name per row")
 
 
 def named(model: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -30,9 +30,14 @@ def save_pretrained(peft, save_directory, selected_adapters: list[str] | None = 
 
 
 def from_pretrained(cls, model, model_id, adapter_name: str, is_trainable: bool, config: PeftConfig | None):
-    """``PeftModel.from_pretrained``: wrap ``model`` with the adapter saved in ``model_id``."""
+    """``PeftModel.from_pretrained``: wrap ``model`` with the adapter saved in ``model_id``.
+
+    A ``config`` given is the one the model keeps (``peft_config[adapter_name] is config``, as in
+    peft), with the fields loading sets (``inference_mode``...) written into it.
+    """
     from deltatune.checkpoint.peft_format import loftq_of, read_adapter
 
+    given = config
     config, tensors = read_adapter(model_id, config)
     loftq = loftq_of(model_id, config)
     peft = cls(model, _for_loading(config, is_trainable, loftq), adapter_name)
@@ -43,6 +48,9 @@ def from_pretrained(cls, model, model_id, adapter_name: str, is_trainable: bool,
         raise
     if loftq:
         _loaded_loftq(peft, adapter_name, loftq, model_id)
+    if given is not None:  # as peft: the caller's object is the model's config, updated in place
+        vars(given).update(vars(peft.adapter_set.configs[adapter_name]))
+        peft.adapter_set.configs[adapter_name] = given
     if not is_trainable:
         peft.eval()
     return peft

@@ -81,8 +81,10 @@ class PeftModel(nn.Module):
     # -- calls ---------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
-        on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword."""
+        on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword; a list of
+        another length than the input's rows is a ValueError (``MixingError``) naming both."""
         model = self.base_model.model
+        _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
             if call.prepares_inputs:  # the method prepares the inputs (by name)
                 args, kwargs = (), call.prepare(_call.named(model, args, kwargs))
@@ -93,6 +95,7 @@ class PeftModel(nn.Module):
         adapter per prompt with ``adapter_names`` (beams and sampling included: each prompt's
         expanded rows keep its adapter)."""
         model = self.base_model.model
+        _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
             if call.prepares_inputs:  # the method puts its virtual tokens in the cache
                 args, kwargs = (), call.prepare_generate(_call.named(model, args, kwargs))
