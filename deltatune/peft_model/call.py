@@ -158,7 +158,7 @@ def check_rows(adapter_names: Sequence[str] | str | None, args: tuple, kwargs: d
     preferred = [kwargs.get(k) for k in ("input_ids", "inputs_embeds")]
     first = next((v for v in (*args, *preferred, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
     if first is not None and first.shape[0] != len(adapter_names):
-        raise MixingError(f"adapter_names has {len(adapter_names)} entries but the input has {first.shape[0]} "
+        raise MixingError(f"adapter_names has {len(adapter_names)} entries but the batch has {first.shape[0]} "
                           "rows; give one name per row")
 
 
