@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deltatune.advisor.shapes import ModelShape
+from deltatune.merging import lora_scaling
 
 SEVERITIES = ("error", "warning", "info")
 # Usual peak learning rates with AdamW (order of magnitude; outside them runs diverge or barely move):
@@ -75,7 +76,7 @@ def check_adapter_config(cfg: dict, shape: ModelShape | None = None) -> list[Fin
                            "start at r = 8-32 (16 is a good default) and lower it only if eval says so"))
     if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
         rslora = bool(cfg.get("use_rslora"))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        scale = lora_scaling(alpha, r, rslora)
         if not rslora and not 0.5 <= alpha / r <= 4:
             out.append(Finding("alpha-off", "warning", f"lora_alpha={alpha} with r={r}: scaling alpha/r = {scale:.3g}.",
                                "the adapter's update is scaled by alpha/r; far from 1-2 (alpha = r..2r) the "
