@@ -18,9 +18,9 @@ from torch import nn
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """``model`` without DDP-style ``.module`` wrappers (a PeftModel stays itself: its ``generate``
-    applies the adapters as its ``forward`` does)."""
+def adapter_model(model: nn.Module) -> nn.Module:
+    """``model`` without DDP-style ``.module`` wrappers: the PeftModel (or plain model) itself, whose
+    ``generate`` applies the adapters as its ``forward`` does. Training uses it too."""
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
@@ -33,7 +33,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         ids.add(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
-    config = getattr(_unwrapped(model), "generation_config", None) if model is not None else None
+    config = getattr(adapter_model(model), "generation_config", None) if model is not None else None
     gen_eos = getattr(config, "eos_token_id", None)
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
@@ -83,7 +83,7 @@ def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, *,
         generate_kwargs: passed on to every ``generate`` call (per-row ones such as ``adapter_names``
             for a mixed batch need ``batch_size=None``).
     """
-    generator = _unwrapped(model)
+    generator = adapter_model(model)
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer, model)

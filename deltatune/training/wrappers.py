@@ -1,11 +1,13 @@
 """The models inside the wrappers training puts around them (DDP's ``.module``, the PeftModel).
 
-A leaf of ``deltatune.training``: it imports nothing from the package, so the loss, the
-vocabulary sharding, FSDP and the FLOP counter can all use it without importing each other.
+A leaf of ``deltatune.training`` (it imports only the bottom-layer ``generation``), so the loss,
+the vocabulary sharding, FSDP and the FLOP counter can all use it without importing each other.
 """
 from __future__ import annotations
 
 from torch import nn
+
+from deltatune.generation import adapter_model  # noqa: F401 - one rule for DDP wrappers, shared with generation
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -18,10 +20,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.base_model.model
         else:
             return model
-
-
-def adapter_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP-style ``.module`` wrappers: the PeftModel (or plain model) itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
