@@ -96,7 +96,9 @@ def hotswap_adapter_from_state_dict(model, state_dict: dict[str, torch.Tensor], 
             for m, (scaling, alpha) in hypers.items():
                 _set_scaling(layers[m], adapter_name, scaling)
                 layers[m].lora_alpha[adapter_name] = alpha
+            peft_model.base_model.reload_biases()
         raise
+    peft_model.base_model.reload_biases()  # trained biases stored (not live) may have changed: live follows
     peft_model.adapter_set.configs[adapter_name] = stored
 
 

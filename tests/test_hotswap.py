@@ -210,3 +210,21 @@ def test_ia3_swaps_too(tmp_path):
     hotswap_adapter(model, y)
     torch.testing.assert_close(_logits(model), logits_of(PeftModel.from_pretrained(tiny_llama(), y).eval(), IDS),
                                rtol=0, atol=1e-5)
+
+
+def test_swapped_biases_go_live_while_another_adapters_are_live_too(tmp_path):
+    """A merged adapter and the active one both have trained biases live; swapping the active one's
+    file must change the live biases to the new file's, as loading it fresh would."""
+    config = LoraConfig(r=4, target_modules=["c_attn"], bias="lora_only")
+    paths = {s: save_perturbed_adapter(tmp_path / str(s), config, s, tiny_gpt2) for s in (21, 22, 23)}
+    model = PeftModel.from_pretrained(tiny_gpt2(), paths[21], adapter_name="m").eval()
+    model.load_adapter(paths[22], adapter_name="b")
+    model.set_adapter("b")
+    model.merge_adapter(["m"])
+    _logits(model)                                   # biases of m and b are live now
+    hotswap_adapter(model, str(paths[23]), adapter_name="b")
+    fresh = PeftModel.from_pretrained(tiny_gpt2(), paths[21], adapter_name="m").eval()
+    fresh.load_adapter(paths[23], adapter_name="b")
+    fresh.set_adapter("b")
+    fresh.merge_adapter(["m"])
+    torch.testing.assert_close(_logits(model), _logits(fresh))
