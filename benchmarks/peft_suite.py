@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -70,6 +71,24 @@ def pytest_collection_modifyitems(config, items):
     keep = [item for item in items if kind_of(item.nodeid) != "other"]
     config.hook.pytest_deselected(items=[item for item in items if kind_of(item.nodeid) == "other"])
     items[:] = keep
+    _stay_offline()
+
+
+@contextlib.contextmanager
+def _offline(*args, **kwargs):
+    yield
+
+
+def _stay_offline() -> None:
+    """peft's ``hub_online_once`` turns the hub back on for a model id's first load; the network
+    is unreachable here, so every such load would wait out HTTP retries (minutes per test) before
+    failing. With HF_HUB_OFFLINE=1 kept, loads read the local cache (``hub_standins``) or fail at
+    once, in both runs alike."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    for module in list(sys.modules.values()):
+        if getattr(module, "hub_online_once", None) is not None and module.__name__.startswith("tests"):
+            module.hub_online_once = _offline
 
 
 SHIM = r'''"""peft answered by deltatune (written by deltatune's benchmarks/peft_suite.py; a measurement aid)."""
