@@ -327,13 +327,17 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     handle = serve.run(deployment.bind(base, kwargs, threads, board), name=name, route_prefix=None)
     info = handle.describe.remote().result()
 
-    def stop() -> None:
-        try:
-            serve.delete(name)
-            if owns:
-                serve.shutdown()
-        finally:
-            if owns:
-                ray.shutdown()
+    def stop() -> None:  # bounded: a cluster already going down (Ctrl-C reaches its processes too) must not hang us
+        def down() -> None:
+            try:
+                serve.shutdown() if owns else serve.delete(name)
+            except Exception:  # noqa: BLE001 — the cluster is gone already
+                pass
+
+        worker = threading.Thread(target=down, daemon=True)
+        worker.start()
+        worker.join(timeout=15)
+        if owns:
+            ray.shutdown()
 
     return ReplicaEngine(handle, board, models.load_tokenizer(base), info, affine=affine, on_shutdown=stop)
