@@ -75,6 +75,7 @@ class ReplicaEngine:
         self.handle, self.board, self.tokenizer, self.affine = handle, board, tokenizer, affine
         self.base_name, self.max_model_len = info["base_name"], info["max_model_len"]
         self.max_num_seqs, self.max_lora_rank = info["max_num_seqs"], info["max_lora_rank"]
+        self.max_queued = info.get("max_queued")
         self._catalog: dict[str, Entry] = {}
         self._versions: dict[str, int] = {}
         self._lock = threading.RLock()        # the catalog (held briefly)
@@ -212,6 +213,7 @@ class RemoteRequest:
     def _open(self):
         """Send the request (retried once on another replica if this one dies); the replica's first item."""
         from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
 
         for attempt in (1, 2):
             options = {"stream": True}
@@ -220,6 +222,9 @@ class RemoteRequest:
             self.gen = self.engine.handle.options(**options).generate.remote(self.prompt, self.spec, self.sampling)
             try:
                 return next(self.gen)
+            except BackPressureError:
+                raise QueueFull(f"every replica is busy and {self.engine.max_queued} requests wait already; "
+                                "retry later") from None
             except RayActorError as exc:
                 if attempt == 2:
                     raise ReplicaUnavailable(f"no replica could take request {self.id}: {_short(exc)}") from None
@@ -321,23 +326,32 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     kwargs = dict(engine_kwargs or {})
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=replicas, ray_actor_options={"num_cpus": threads},
-        # a replica's engine batches and queues on its own: let Serve hand it that many at once
-        max_ongoing_requests=kwargs.get("max_num_seqs", 32) + kwargs.get("max_waiting", 256),
+        # A replica takes as many requests as its engine batches; the rest wait in Serve's queue (bounded
+        # like the engine's), where the router can still choose: a busy holder of an adapter spills to another.
+        max_ongoing_requests=kwargs.get("max_num_seqs", 32),
+        max_queued_requests=replicas * kwargs.get("max_waiting", 256),
         health_check_period_s=1.0, health_check_timeout_s=10.0, graceful_shutdown_timeout_s=5.0)
     handle = serve.run(deployment.bind(base, kwargs, threads, board), name=name, route_prefix=None)
-    info = handle.describe.remote().result()
+    info = {**handle.describe.remote().result(), "max_queued": replicas * kwargs.get("max_waiting", 256)}
 
-    def stop() -> None:  # bounded: a cluster already going down (Ctrl-C reaches its processes too) must not hang us
-        def down() -> None:
-            try:
-                serve.shutdown() if owns else serve.delete(name)
-            except Exception:  # noqa: BLE001 — the cluster is gone already
-                pass
+    return ReplicaEngine(handle, board, models.load_tokenizer(base), info, affine=affine,
+                         on_shutdown=lambda: _stop(name, owns))
 
-        worker = threading.Thread(target=down, daemon=True)
-        worker.start()
-        worker.join(timeout=15)
-        if owns:
-            ray.shutdown()
 
-    return ReplicaEngine(handle, board, models.load_tokenizer(base), info, affine=affine, on_shutdown=stop)
+def _stop(name: str, owns: bool) -> None:
+    """Delete the Serve app (and shut down the cluster ``launch`` started), bounded in time: a cluster
+    already going down (Ctrl-C reaches its processes too) must not hang the server's exit."""
+    import ray
+    from ray import serve
+
+    def down() -> None:
+        try:
+            serve.shutdown() if owns else serve.delete(name)
+        except Exception:  # noqa: BLE001 — the cluster is gone already
+            pass
+
+    worker = threading.Thread(target=down, daemon=True)
+    worker.start()
+    worker.join(timeout=15)
+    if owns:
+        ray.shutdown()

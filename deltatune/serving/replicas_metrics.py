@@ -45,6 +45,8 @@ def render_replicas(reports: list[dict]) -> list[str]:
     lines += _family("replica_adapter_reloads_total", "counter", "New versions loaded in place of a held one.",
                      [({"replica": r["replica"], "adapter": a}, n)
                       for r in reports for a, n in sorted(r["reloads"].items())])
+    lines += _family("replica_adapter_load_seconds_total", "counter", "Time a replica spent loading adapters.",
+                     [({"replica": r["replica"]}, r.get("load_seconds", 0.0)) for r in reports])
     for key, name in PER_REPLICA.items():
         lines += _family(f"replica_{name}", "counter" if name.endswith("_total") else "gauge",
                          f"Engine.stats()[{key!r}] of each replica.",

@@ -86,6 +86,7 @@ class Residency:
         self.specs: dict[str, tuple[str, int]] = {}
         self.loads: Counter = Counter()      # file reads into the engine: a first load or one after eviction
         self.reloads: Counter = Counter()    # new versions of an adapter already held
+        self.load_seconds = 0.0              # wall time of all loads and reloads (the benchmark's load cost)
 
     def want(self, name: str, path: str, version: int) -> None:
         """Remember the newest version a request asked for (loaded by ``on_miss`` or ``submit``)."""
@@ -142,6 +143,7 @@ class Residency:
         have = self.held.get(name)
         if have is not None and have[1] >= version:
             return
+        started = time.perf_counter()
         try:
             self.engine.add_adapter(name, path, replace=have is not None)
         except ServingError:  # this version cannot be served: forget it, keep what is held
@@ -150,6 +152,7 @@ class Residency:
             else:
                 self.specs.pop(name, None)
             raise
+        self.load_seconds += time.perf_counter() - started
         self.held[name] = (path, version)
         (self.loads if have is None else self.reloads)[name] += 1
 
@@ -159,7 +162,8 @@ class Residency:
 
     def report(self) -> dict:
         with self.lock:
-            return {"resident": {name: v for name, (_, v) in self.held.items()}, "loads": dict(self.loads), "reloads": dict(self.reloads)}
+            return {"resident": {name: v for name, (_, v) in self.held.items()}, "loads": dict(self.loads), "reloads": dict(self.reloads),
+                    "load_seconds": self.load_seconds}
 
 
 def wire_error(exc: ServingError) -> tuple[str, str, str | None]:
