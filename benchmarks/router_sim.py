@@ -19,8 +19,10 @@ Routers:
 A miss costs the request one load, and loads on one replica are serialised (Serve's multiplexer loads
 one model at a time). A load also holds the engine's model lock, so it stalls every request decoding
 on that replica while it lasts: the *added latency* of a request is its wait for the loader plus its
-own load plus the other loads on its replica during its decode. Hit rate, loads per second and the
-p50/p99 added latency are reported per router and Zipf exponent.
+own load plus the other loads on its replica during its decode. Hit rate, loads per second, the share
+of each engine's time spent loading (loads/s per replica x load cost: decoding stops meanwhile) and
+the p50/p99 added latency are reported per router and Zipf exponent. Not modelled: the decode time
+the loads take away (the simulated decode keeps its lone-request speed), prefill, batching.
 
     .venv/bin/python benchmarks/router_sim.py                    # reads benchmarks/results/serve_scale.json
     .venv/bin/python benchmarks/router_sim.py --load-cost 0.05 --step 0.02 --rate 400
@@ -103,7 +105,8 @@ def simulate(router: str, args, s: float, seed: int = 0) -> dict:
     loads = sum(len(r.loads) for r in replicas)
     pick = lambda q: added[min(len(added) - 1, int(q * len(added)))]  # noqa: E731
     return {"router": router, "zipf_s": s, "hit_rate": round(hits / args.requests, 4),
-            "loads_per_s": round(loads / now, 2), "added_p50_ms": round(1000 * pick(0.5), 2),
+            "loads_per_s": round(loads / now, 2), "load_busy": round(loads / now / args.replicas * args.load_cost, 3),
+            "added_p50_ms": round(1000 * pick(0.5), 2),
             "added_p99_ms": round(1000 * pick(0.99), 2), "added_mean_ms": round(1000 * sum(added) / len(added), 2)}
 
 
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default: measured run's)")
     ap.add_argument("--rate", type=float, default=None,
                     help="requests/s for the whole deployment (default: 70%% of replicas x one replica's measured rate)")
-    ap.add_argument("--max-ongoing", type=int, default=288, help="Serve's max_ongoing_requests per replica")
+    ap.add_argument("--max-ongoing", type=int, default=32, help="Serve's max_ongoing_requests per replica (= --max-num-seqs)")
     ap.add_argument("--out", default=str(RESULTS / "router_sim.json"))
     args = ap.parse_args(argv)
     got = measured(Path(args.measured))
@@ -168,10 +171,11 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.replicas} replicas x {args.slots} slots, {args.adapters} adapters, {args.rate:.0f} req/s, "
           f"load {args.load_cost * 1000:.1f} ms, step {args.step * 1000:.2f} ms x {args.tokens} tokens")
-    print("| Zipf s | router | hit rate | loads/s | added p50 ms | added p99 ms |\n|---|---|---|---|---|---|")
+    print("| Zipf s | router | hit rate | loads/s | engine time loading | added p50 ms | added p99 ms |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['zipf_s']} | {r['router']} | {r['hit_rate']:.1%} | {r['loads_per_s']} | {r['added_p50_ms']} | "
-              f"{r['added_p99_ms']} |")
+        print(f"| {r['zipf_s']} | {r['router']} | {r['hit_rate']:.1%} | {r['loads_per_s']} | {r['load_busy']:.0%} | "
+              f"{r['added_p50_ms']} | {r['added_p99_ms']} |")
     return 0
 
 
