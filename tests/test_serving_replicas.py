@@ -127,6 +127,78 @@ def test_bad_replica_flags_are_refused_before_anything_starts(argv, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_adapters_dir_serves_each_adapter_directory_under_its_name(tmp_path):
+    from deltatune.cli.serve import adapters_in
+
+    for name in ("sql", "chat"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    assert adapters_in(tmp_path) == {"chat": str(tmp_path / "chat"), "sql": str(tmp_path / "sql")}
+    with pytest.raises(ValueError, match="no subdirectory holds an adapter_config.json"):
+        adapters_in(tmp_path / "notes")
+
+
+class FakeEngine:
+    """Records what a replica's Residency asks of its engine."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def add_adapter(self, name, path, *, replace=False):
+        if "broken" in str(path):
+            from deltatune.serving.errors import AdapterLoadError
+            raise AdapterLoadError(f"cannot load adapter from {path!r}", "lora_path")
+        self.calls.append(("add", name, path, replace))
+
+    def remove_adapter(self, name):
+        self.calls.append(("remove", name))
+
+    def submit(self, prompt, adapter=None, sampling=None):
+        return ("handle", adapter)
+
+
+def test_a_replica_reloads_an_older_version_in_place_and_unloads_on_eviction():
+    from deltatune.serving.replicas_worker import Residency
+
+    engine = FakeEngine()
+    res = Residency(engine)
+    res.want("a", "/v1", 1)
+    token = res.on_miss("a")                          # Serve's LRU missed: a first load
+    assert res.submit("a", [5], None) == ("handle", "a")
+    res.want("a", "/v2", 2)                           # a request carrying the catalog's next version
+    res.submit("a", [5], None)
+    res.want("a", "/v1", 1)                           # an older version never goes back
+    res.submit("a", [5], None)
+    assert engine.calls == [("add", "a", "/v1", False), ("add", "a", "/v2", True)]
+    assert res.report()["resident"] == {"a": 2} and res.report()["loads"] == {"a": 1}
+    res.want("a", "/broken", 3)                       # a version that cannot load: the held one stays
+    with pytest.raises(Exception, match="cannot load adapter"):
+        res.submit("a", [5], None)
+    assert res.report()["resident"] == {"a": 2} and res.submit("a", [5], None) == ("handle", "a")
+    token.__del__()                                   # Serve evicts: the engine unloads it, once
+    token.__del__()                                   # (the garbage collector calls it again)
+    assert engine.calls[-1] == ("remove", "a") and engine.calls.count(("remove", "a")) == 1
+    assert res.submit("a", [5], None) is None         # evicted meanwhile: the caller asks Serve again
+
+
+def test_board_changes_reach_only_the_replicas_holding_the_adapter():
+    from deltatune.serving.replicas_worker import AdapterBoard, Residency
+
+    board, engine = AdapterBoard(), FakeEngine()
+    res = Residency(engine)
+    res.want("a", "/v1", 1)
+    res.on_miss("a")
+    board.publish("a", "/v2", 2)
+    board.publish("b", "/b1", 1)                      # not held here: left for first use
+    board.publish("a", None, None)                    # unloaded
+    for _, name, path, version in board.sync({"replica": "r1", "seen": 0}, 0):
+        res.apply(name, path, version)
+    assert engine.calls == [("add", "a", "/v1", False), ("add", "a", "/v2", True), ("remove", "a")]
+    assert res.report()["resident"] == {} and board.get_reports()["r1"]["seen"] == 0
+    assert board.sync({"replica": "r1", "seen": 3}, 3) == []
+
+
 # -- routing -------------------------------------------------------------------------------------------
 
 def test_requests_go_to_the_replica_holding_their_adapter(world):
