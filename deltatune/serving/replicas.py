@@ -81,6 +81,7 @@ class ReplicaEngine:
         self._lock = threading.RLock()        # the catalog (held briefly)
         self._changes = threading.Lock()      # one adapter change at a time (held across a replica's load)
         self._on_shutdown = on_shutdown
+        self._reports: tuple[float, list] = (0.0, [])   # (monotonic time, live reports): /v1/models reads it often
 
     # -- adapters ------------------------------------------------------------------------------
     def register(self, name: str, path) -> AdapterInfo:
@@ -178,7 +179,7 @@ class ReplicaEngine:
         return live
 
     def _cached_reports(self) -> list[dict]:
-        when, live = getattr(self, "_reports", (0.0, []))
+        when, live = self._reports
         return live if time.monotonic() - when < 0.5 else self.replica_reports()
 
     def stats(self) -> dict:
