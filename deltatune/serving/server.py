@@ -156,8 +156,11 @@ async def health():
 @router.get("/metrics")
 async def prometheus(request: Request):
     state = request.app.state
-    return PlainTextResponse(state.metrics.render(state.engine.stats()),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = state.metrics.render(state.engine.stats())
+    extra = getattr(state.engine, "metrics_lines", None)  # replicas.ReplicaEngine: one series per replica
+    if extra is not None:
+        text += "\n".join(extra()) + "\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/models")

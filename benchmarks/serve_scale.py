@@ -1,0 +1,225 @@
+"""Replicas on Ray Serve (issue 28): 2 replicas x 1 thread against 1 replica x 2 threads, and routing by
+adapter against routing to any replica, in one run on one machine.
+
+64 client threads send requests over 32 LoRA adapters (``max_loras=8`` per replica) through the
+replicated server's request path (``deltatune.serving.replicas``: the entry point's stand-in engine,
+Ray Serve deployment handles, one Engine per replica), each waiting for its answer before sending the
+next. The adapter of each request is drawn from a Zipf law (``--zipf``, exponent s; 0 = uniform) with a
+fixed seed, so every configuration sees the same sequence. Each configuration starts from empty
+replicas (every adapter unloaded and registered again); the first third of the requests warms them
+up, and the figures are those of the other two thirds: requests/s, generated tokens/s, p50 and p99
+latency (submit to last token). Adapter loads into the engines (from the replicas' reports) are
+given for both parts (``cold_loads``, ``steady_loads``), with the mean wall time of one load.
+
+- ``2x1 affine``: 2 replicas with 1 torch thread each, the request's adapter as Serve's
+  ``multiplexed_model_id`` (Serve routes to a replica that holds it; each replica an LRU of 8);
+- ``2x1 any``: the same replicas, no model id: Serve's default power-of-two-choices routing, which
+  ignores the adapter (the round-robin-like baseline the issue asks for);
+- ``1x2 affine``: 1 replica with 2 torch threads.
+
+Also measured: the latency of one lone request per generated token (the per-step cost that
+``benchmarks/router_sim.py`` takes, with the mean load time, from this file's JSON).
+
+Why Zipf by default: uniform traffic over 32 adapters cannot show a 4x cut in loads with any router.
+Two replicas hold 16 of them at once; with uniform requests even a perfect partition misses half the
+time (an 8-slot LRU over 16 equally likely adapters), against three quarters for a router that ignores
+the adapter (8 slots over 32): 1.5x at most. Real adapter traffic is skewed; ``--zipf 0`` shows the
+uniform case.
+
+    .venv/bin/python benchmarks/serve_scale.py                   # tiny random Llama, ~4 min on 2 cores
+    .venv/bin/python benchmarks/serve_scale.py --replicas 4 --skip-1x2 --out benchmarks/results/serve_scale_4replicas.json
+    .venv/bin/python benchmarks/serve_scale.py --model default   # SmolLM2-135M-Instruct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])  # Ray's workers
+
+import torch  # noqa: E402
+
+import mixed_adapters as mixed  # noqa: E402  (the tiny base and the random adapters)
+from deltatune.serving import SamplingParams  # noqa: E402
+
+RESULTS = HERE / "results"
+PROMPT = "Write one sentence about the sea."
+
+
+def make_world(model: str, n: int, workdir: Path) -> tuple[str, dict[str, Path]]:
+    """The base (``"default"`` or a saved tiny Llama) and ``n`` random rank-8 adapters on it."""
+    quick = model != "default"
+    base, tokenizer = mixed.load_base(quick, torch.float32)
+    dirs = mixed.make_adapters(base, n, 8, workdir / "adapters", mixed.B_STD["quick" if quick else "default"])
+    if not quick:
+        return "default", {f"a{i}": d for i, d in enumerate(dirs)}
+    path = workdir / "base"
+    base.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), {f"a{i}": d for i, d in enumerate(dirs)}
+
+
+def traffic(n_requests: int, names: list[str], s: float, seed: int = 0) -> list[str]:
+    """The adapter of each request: Zipf(s) over ``names`` in their order (s=0: uniform)."""
+    weights = [1.0 / (rank + 1) ** s for rank in range(len(names))]
+    return random.Random(seed).choices(names, weights=weights, k=n_requests)
+
+
+def drive(engine, adapters: list[str], clients: int, sampling) -> dict:
+    """``clients`` threads, each sending the next request of ``adapters`` once its previous one is answered."""
+    work: queue.Queue = queue.Queue()
+    for name in adapters:
+        work.put(name)
+    latencies, tokens, errors = [], [], []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            try:
+                name = work.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            try:
+                out = engine.submit(PROMPT, adapter=name, sampling=sampling).result(timeout=600)
+            except Exception as exc:  # noqa: BLE001 — counted, shown in the JSON
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens.append(len(out.outputs[0].token_ids))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
+    return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 2), "tokens_per_s": round(sum(tokens) / wall, 1),
+            "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+            "p99_s": round(p99, 3) if p99 is not None else None}
+
+
+def load_counts(engine) -> tuple[int, float, int]:
+    """(loads, seconds spent loading, reloads) summed over the live replicas' reports."""
+    time.sleep(0.6)  # a report every 0.2 s
+    reports = engine.replica_reports()
+    return (sum(sum(r["loads"].values()) for r in reports), sum(r["load_seconds"] for r in reports),
+            sum(sum(r["reloads"].values()) for r in reports))
+
+
+def reset(engine, dirs: dict[str, Path]) -> None:
+    """Every adapter unloaded from every replica, then registered again: the next run starts cold."""
+    for name, path in dirs.items():
+        engine.remove_adapter(name)
+        engine.register(name, path)
+
+
+def run_config(base: str, dirs: dict, replicas: int, threads: int, modes: list[str], sequence: list[str],
+               args) -> list[dict]:
+    from deltatune.serving.replicas import launch
+
+    kwargs = dict(max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_waiting=256)
+    t0 = time.perf_counter()
+    engine = launch(base, replicas=replicas, threads=threads, engine_kwargs=kwargs, name=f"scale-{replicas}x{threads}")
+    started = time.perf_counter() - t0
+    sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    try:
+        for name, path in dirs.items():
+            engine.register(name, path)
+        lone = drive(engine, [None] * 4, 1, sampling)   # warm-up, then the per-token cost of a lone request
+        step_s = lone["p50_s"] / args.new_tokens
+        warm = len(sequence) // 3
+        for mode in modes:
+            reset(engine, dirs)
+            engine.affine = mode == "affine"
+            loads0, secs0, _ = load_counts(engine)
+            drive(engine, sequence[:warm], args.clients, sampling)   # from cold: every router loads here
+            loads1, secs1, _ = load_counts(engine)
+            figures = drive(engine, sequence[warm:], args.clients, sampling)
+            loads2, secs2, _ = load_counts(engine)
+            loads = loads2 - loads0
+            rows.append({"config": f"{replicas}x{threads} {mode}", "replicas": replicas, "threads_per_replica": threads,
+                         "routing": mode, **figures, "cold_loads": loads1 - loads0, "steady_loads": loads2 - loads1,
+                         "load_cost_s": round((secs2 - secs0) / loads, 4) if loads else None,
+                         "lone_request_step_s": round(step_s, 5), "replica_start_s": round(started, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "default"])
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=384, help="requests per configuration")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--max-loras", type=int, default=8)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--zipf", type=float, default=1.0, help="exponent s of the adapters' Zipf law (0: uniform)")
+    ap.add_argument("--replicas", type=int, default=2, help="replicas (1 thread each) of the routing comparison")
+    ap.add_argument("--skip-1x2", action="store_true", help="only the routing comparison")
+    ap.add_argument("--out", default=str(RESULTS / "serve_scale.json"))
+    args = ap.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas, 2), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, dirs = make_world(args.model, args.adapters, Path(tmp))
+        sequence = traffic(args.requests, list(dirs), args.zipf)
+        rows = run_config(base, dirs, args.replicas, 1, ["affine", "any"], sequence, args)
+        if not args.skip_1x2:
+            rows += run_config(base, dirs, 1, 2, ["affine"], sequence, args)
+    ray.shutdown()
+    affine, anyr = rows[0]["steady_loads"], rows[1]["steady_loads"]
+    result = {
+        "what": "replicas on Ray Serve: throughput, p99 latency and adapter loads (issue 28)",
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "setup": {"model": "tiny random Llama (hidden 64, 2 layers, SmolLM2's tokenizer)" if args.model == "tiny"
+                  else "SmolLM2-135M-Instruct", "adapters": args.adapters, "rank": 8, "clients": args.clients,
+                  "requests": args.requests, "new_tokens": args.new_tokens, "max_loras": args.max_loras,
+                  "zipf_s": args.zipf, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "torch": torch.__version__, "ray": ray.__version__},
+        "rows": rows,
+        "steady_loads_any_over_affine": round(anyr / affine, 2) if affine else None,
+        "target_4x_fewer_loads": bool(anyr >= 4 * affine),
+        "load_cost_s": rows[0]["load_cost_s"] or rows[1]["load_cost_s"],
+        "step_s": rows[0]["lone_request_step_s"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | loads after |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p99_s']} | "
+              f"{r['cold_loads']} | {r['steady_loads']} |")
+    print(f"loads after the first third, any-replica routing / affine: {result['steady_loads_any_over_affine']}x; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""``deltatune serve --replicas 2``: the same server over two engines on a local Ray Serve instance.
+
+One replicated server (its own local Ray cluster, 2 replicas x 1 thread, ``--max-loras 2``) and one
+single-process server on the same tiny base and adapters, both real subprocesses on loopback ports,
+started once for the module. The tests run in file order: routing first (its load counts are read from
+a fresh cluster), the replica kill last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving_fixtures import KEY, Server, make_adapter, make_base
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'deltatune[ray]'")
+
+ADAPTERS = list("abcd")
+TENANT = "sk-tenant-ab"     # may use the base, a and b only
+BASE = "tiny"
+PROMPTS = [[5, 9, 17, 33], [40, 41], [7] * 12]
+
+
+def _start_both(root: Path) -> dict:
+    base = make_base(root / "base")
+    paths = {name: make_adapter(base, root / "adapters" / name, seed) for seed, name in enumerate(ADAPTERS)}
+    for seed, name in ((11, "v1"), (12, "v2")):   # two versions of one name for the reload tests
+        paths[name] = make_adapter(base, root / "versions" / name, seed)
+    keys = root / "keys.json"
+    keys.write_text(json.dumps({KEY: ["*"], TENANT: [BASE, "a", "b"]}))
+    common = ["--served-model-name", BASE, "--api-keys", str(keys), "--max-num-seqs", "8", "--max-lora-rank", "16"]
+    servers: dict = {}
+
+    def start(label: str, *args: str) -> None:
+        try:
+            servers[label] = Server(base, *common, *args, log=root / f"{label}.log", timeout=300)
+        except Exception as exc:  # noqa: BLE001 — reported below
+            servers[label] = exc
+
+    named = [arg for n in ADAPTERS for arg in ("--adapter", f"{n}={paths[n]}")]
+    threads = [threading.Thread(target=start, args=("one", *named)),
+               threading.Thread(target=start, args=("ray", "--replicas", "2", "--threads-per-replica", "1",
+                                                    "--max-loras", "2", "--adapters-dir", str(root / "adapters"),
+                                                    "--enable-lora-loading", "--lora-root", str(root)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [s for s in servers.values() if isinstance(s, Exception)]
+    if failed:
+        for s in servers.values():
+            if isinstance(s, Server):
+                s.stop()
+        raise failed[0]
+    return dict(base=base, paths=paths, root=root, **servers)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = _start_both(tmp_path_factory.mktemp("replicas"))
+    yield world
+    world["ray"].stop()
+    world["one"].stop()
+
+
+def client(server: Server, key: str = KEY):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def complete(server: Server, model: str, prompt, max_tokens: int = 12, key: str = KEY) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                      json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def replicas(server: Server) -> dict:
+    """From /metrics: replica id -> {"pid", "resident": {adapter: version}, "loads": {adapter: n}}."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out = {rid: {"pid": int(pid), "resident": {}, "loads": {}, "reloads": {}}
+           for rid, pid in re.findall(r'replica_info\{replica="(\w+)",pid="(\d+)"', text)}
+    for rid, name, version in re.findall(r'replica_adapter_resident\{replica="(\w+)",adapter="(\w+)",version="(\d+)"',
+                                         text):
+        out[rid]["resident"][name] = int(version)
+    for kind in ("loads", "reloads"):
+        for rid, name, n in re.findall(rf'replica_adapter_{kind}_total\{{replica="(\w+)",adapter="(\w+)"\}} (\S+)', text):
+            out[rid][kind][name] = float(n)
+    return out
+
+
+def settled(server: Server) -> dict:
+    time.sleep(0.6)  # replicas report every 0.2 s
+    return replicas(server)
+
+
+# -- without replicas, nothing changes and Ray is not imported -----------------------------------------
+
+def test_ray_is_not_imported_without_replicas():
+    code = ("import sys; from deltatune.cli import build_parser; import deltatune.serving.server, deltatune.cli.serve; "
+            "build_parser().parse_args(['serve', '--model', 'm', '--adapters-dir', 'd']); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'deltatune.serving.replicas'))))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "0"], "--replicas must be an integer >= 1, got 0"),
+    (["--replicas", "2", "--threads-per-replica", "0"], "--threads-per-replica must be an integer >= 1, got 0"),
+    (["--threads-per-replica", "2"], "--threads-per-replica is used only with --replicas N or --ray-address ADDR"),
+    (["--replicas", "2", "--adapters-dir", "/nonexistent-dir"], "--adapters-dir /nonexistent-dir: not a directory"),
+])
+def test_bad_replica_flags_are_refused_before_anything_starts(argv, message, capsys):
+    from deltatune.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_adapters_dir_serves_each_adapter_directory_under_its_name(tmp_path):
+    from deltatune.cli.serve import adapters_in
+
+    for name in ("sql", "chat"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    assert adapters_in(tmp_path) == {"chat": str(tmp_path / "chat"), "sql": str(tmp_path / "sql")}
+    with pytest.raises(ValueError, match="no subdirectory holds an adapter_config.json"):
+        adapters_in(tmp_path / "notes")
+
+
+class FakeEngine:
+    """Records what a replica's Residency asks of its engine."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def add_adapter(self, name, path, *, replace=False):
+        if "broken" in str(path):
+            from deltatune.serving.errors import AdapterLoadError
+            raise AdapterLoadError(f"cannot load adapter from {path!r}", "lora_path")
+        self.calls.append(("add", name, path, replace))
+
+    def remove_adapter(self, name):
+        self.calls.append(("remove", name))
+
+    def submit(self, prompt, adapter=None, sampling=None):
+        return ("handle", adapter)
+
+
+def test_a_replica_reloads_an_older_version_in_place_and_unloads_on_eviction():
+    from deltatune.serving.replicas_worker import Residency
+
+    engine = FakeEngine()
+    res = Residency(engine)
+    res.want("a", "/v1", 1)
+    token = res.on_miss("a")                          # Serve's LRU missed: a first load
+    assert res.submit("a", [5], None) == ("handle", "a")
+    res.want("a", "/v2", 2)                           # a request carrying the catalog's next version
+    res.submit("a", [5], None)
+    res.want("a", "/v1", 1)                           # an older version never goes back
+    res.submit("a", [5], None)
+    assert engine.calls == [("add", "a", "/v1", False), ("add", "a", "/v2", True)]
+    assert res.report()["resident"] == {"a": 2} and res.report()["loads"] == {"a": 1}
+    res.want("a", "/broken", 3)                       # a version that cannot load: the held one stays
+    with pytest.raises(Exception, match="cannot load adapter"):
+        res.submit("a", [5], None)
+    assert res.report()["resident"] == {"a": 2} and res.submit("a", [5], None) == ("handle", "a")
+    token.__del__()                                   # Serve evicts: the engine unloads it, once
+    token.__del__()                                   # (the garbage collector calls it again)
+    assert engine.calls[-1] == ("remove", "a") and engine.calls.count(("remove", "a")) == 1
+    assert res.submit("a", [5], None) is None         # evicted meanwhile: the caller asks Serve again
+
+
+def test_board_changes_reach_only_the_replicas_holding_the_adapter():
+    from deltatune.serving.replicas_worker import AdapterBoard, Residency
+
+    board, engine = AdapterBoard(), FakeEngine()
+    res = Residency(engine)
+    res.want("a", "/v1", 1)
+    res.on_miss("a")
+    board.publish("a", "/v2", 2)
+    board.publish("b", "/b1", 1)                      # not held here: left for first use
+    board.publish("a", None, None)                    # unloaded
+    for _, name, path, version in board.sync({"replica": "r1", "seen": 0}, 0):
+        res.apply(name, path, version)
+    assert engine.calls == [("add", "a", "/v1", False), ("add", "a", "/v2", True), ("remove", "a")]
+    assert res.report()["resident"] == {} and board.get_reports()["r1"]["seen"] == 0
+    assert board.sync({"replica": "r1", "seen": 3}, 3) == []
+
+
+# -- routing -------------------------------------------------------------------------------------------
+
+def test_requests_go_to_the_replica_holding_their_adapter(world):
+    """2 replicas, 4 adapters, max_loras=2: each adapter is loaded at most twice, not once per request."""
+    server = world["ray"]
+    assert len(replicas(server)) == 2
+    order = [ADAPTERS[i % 4] for i in range(8)] + [ADAPTERS[(i * 7) % 4] for i in range(40)]
+    for name in order[:8]:  # one client first, then four at once
+        assert complete(server, name, [5, 6], 4).status_code == 200
+    with ThreadPoolExecutor(4) as pool:
+        assert {r.status_code for r in pool.map(lambda n: complete(server, n, [5, 6], 4), order[8:])} == {200}
+    state = settled(server)
+    loads = {name: sum(r["loads"].get(name, 0) for r in state.values()) for name in ADAPTERS}
+    assert all(1 <= n <= 2 for n in loads.values()), (loads, state)
+    assert sum(loads.values()) <= 6, f"{sum(loads.values())} loads for {len(order)} requests: {state}"
+    assert all(len(r["resident"]) <= 2 for r in state.values()), state  # each engine's LRU holds max_loras
+
+
+# -- the same server -----------------------------------------------------------------------------------
+
+def test_every_endpoint_answers_as_the_single_process_server(world):
+    one, many = client(world["one"]), client(world["ray"])
+    assert [(m.id, m.root, getattr(m, "parent", None)) for m in one.models.list().data] == \
+           [(m.id, m.root, getattr(m, "parent", None)) for m in many.models.list().data]
+    for model in [BASE, *ADAPTERS]:
+        for prompt in PROMPTS:
+            got = [c.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0) for c in (one, many)]
+            assert [(x.choices[0].text, x.choices[0].finish_reason, x.usage.total_tokens) for x in got[:1]] == \
+                   [(x.choices[0].text, x.choices[0].finish_reason, x.usage.total_tokens) for x in got[1:]], model
+        messages = [{"role": "user", "content": "w20 w21 w22"}]
+        chats = [c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+                 for c in (one, many)]
+        assert chats[0].choices[0].message.content == chats[1].choices[0].message.content
+        assert chats[0].usage.prompt_tokens == chats[1].usage.prompt_tokens
+        streams = ["".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=model, messages=messages, max_tokens=10, temperature=0, stream=True) if ch.choices)
+            for c in (one, many)]
+        assert streams[0] == streams[1] == chats[0].choices[0].message.content
+
+
+def test_tenant_keys_and_limits_apply_at_the_entry_point(world):
+    server = world["ray"]
+    tenant = client(server, TENANT)
+    assert sorted(m.id for m in tenant.models.list().data) == sorted([BASE, "a", "b"])
+    hidden, missing = complete(server, "c", [5], key=TENANT), complete(server, "nope", [5], key=TENANT)
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"]["message"].replace("'c'", "X") == missing.json()["error"]["message"].replace(
+        "'nope'", "X")
+    assert complete(server, "a", [5], key="sk-wrong").status_code == 401
+    too_long = complete(server, "a", [5] * 300)  # the context is 256: refused by the replica's engine, as in one
+    assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/", timeout=30).status_code == 200  # the playground
+
+
+# -- adapters at runtime -------------------------------------------------------------------------------
+
+def _load(server: Server, name: str, path: Path, inplace: bool = False) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                      json={"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
+
+
+def test_load_reload_and_unload_reach_the_replicas(world):
+    server, paths = world["ray"], world["paths"]
+    assert _load(server, "x", paths["v1"]).status_code == 200
+    first = complete(server, "x", [8, 9], 10).json()["choices"][0]["text"]
+    state = settled(server)
+    assert [r["resident"].get("x") for r in state.values() if "x" in r["resident"]] == [1]
+    reloaded = _load(server, "x", paths["v2"], inplace=True)
+    assert reloaded.status_code == 200 and "version 2" in reloaded.text
+    second = complete(server, "x", [8, 9], 10).json()["choices"][0]["text"]
+    assert second != first
+    state = settled(server)
+    holders = [r for r in state.values() if "x" in r["resident"]]
+    assert holders and all(r["resident"]["x"] == 2 for r in holders), state
+    bad = _load(server, "y", world["root"] / "versions")  # not an adapter directory
+    assert bad.status_code == 400
+    gone = httpx.post(f"{server.url}/v1/unload_lora_adapter", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"lora_name": "x"}, timeout=60)
+    assert gone.status_code == 200
+    assert complete(server, "x", [8, 9]).status_code == 404
+    assert all("x" not in r["resident"] for r in replicas(server).values())  # unload waited for every replica
+
+
+def test_a_reload_under_load_gives_no_mixed_answers(world):
+    server, paths = world["ray"], world["paths"]
+    assert _load(server, "z", paths["v1"]).status_code == 200
+    prompt = [30, 31, 32]
+    old = complete(server, "z", prompt, 24).json()["choices"][0]["text"]
+    stop = threading.Event()
+
+    def hammer() -> list:
+        seen = []
+        while not stop.is_set():
+            r = complete(server, "z", prompt, 24)
+            seen.append((r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))
+        return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(hammer) for _ in range(4)]
+        time.sleep(1.0)
+        assert _load(server, "z", paths["v2"], inplace=True).status_code == 200
+        new = complete(server, "z", prompt, 24).json()["choices"][0]["text"]  # after the reload: the new version
+        time.sleep(1.0)
+        stop.set()
+        answers = [a for f in futures for a in f.result()]
+    assert new != old
+    assert {a for a in answers} <= {(200, old), (200, new)}, [a for a in answers if a not in {(200, old), (200, new)}]
+    assert (200, old) in answers and (200, new) in answers
+
+
+# -- a replica dies ------------------------------------------------------------------------------------
+
+def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(world):
+    server = world["ray"]
+    want = complete(world["one"], "a", [5, 9], 40).json()["choices"][0]["text"]
+    assert complete(server, "a", [5, 9], 40).json()["choices"][0]["text"] == want
+    before = replicas(server)
+    victim = next(rid for rid, r in before.items() if "a" in r["resident"])
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(complete, server, "a", [5, 9], 40) for _ in range(18)]
+        time.sleep(0.5)
+        os.kill(before[victim]["pid"], signal.SIGKILL)
+        results = [f.result() for f in futures]
+    for r in results:  # answered in full, or refused with 503 saying why: never a wrong or cut answer
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["text"] == want
+        else:
+            assert r.status_code == 503 and "stopped" in r.json()["error"]["message"], r.text
+    after = [complete(server, "a", [5, 9], 40) for _ in range(3)]  # new requests reach the living replica
+    assert [r.json()["choices"][0]["text"] for r in after] == [want] * 3
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = replicas(server)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"Ray did not bring up a replacement for replica {victim} in 120 s: {replicas(server)}")
+    assert complete(server, "c", [5, 9], 40).status_code == 200
