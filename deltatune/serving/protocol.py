@@ -230,3 +230,19 @@ def model_card(name: str, root: str, parent: str | None, created: int, max_model
 
 def now() -> int:
     return int(time.time())
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that parses its raw body with :func:`parse`: the request body's JSON
+    schema, so ``/openapi.json`` describes it (clients and fuzzers read it). Inlined: no ``$ref``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref[len("#/$defs/"):]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

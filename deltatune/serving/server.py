@@ -177,7 +177,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": cards}
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", openapi_extra=protocol.openapi_body(protocol.LoadLoraRequest))
 async def load_lora_adapter(request: Request):
     root = _require_loading(request)
     engine = request.app.state.engine
@@ -198,7 +198,7 @@ async def load_lora_adapter(request: Request):
                              f"(rank {info.rank}, version {info.version}).")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", openapi_extra=protocol.openapi_body(protocol.UnloadLoraRequest))
 async def unload_lora_adapter(request: Request):
     _require_loading(request)
     body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
@@ -211,12 +211,12 @@ async def unload_lora_adapter(request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=protocol.openapi_body(protocol.CompletionRequest))
 async def completions(request: Request):
     return await _generate(request, protocol.CompletionRequest, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=protocol.openapi_body(protocol.ChatCompletionRequest))
 async def chat_completions(request: Request):
     return await _generate(request, protocol.ChatCompletionRequest, chat=True)
 
