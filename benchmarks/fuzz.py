@@ -106,6 +106,7 @@ class Tally:
         self.sent = 0
         self.statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.failures: list[dict] = []
+        self.streamed = 0  # 200 answers that were server-sent event streams (stream: true)
         self.seconds = 0.0
 
     def send(self, case, url: str, on_sent=None) -> None:
@@ -117,6 +118,7 @@ class Tally:
             status, problems = "transport error", [f"{type(exc).__name__}: {exc}"]
         else:
             status, problems = response.status_code, server_errors(response)
+            self.streamed += status == 200 and "text/event-stream" in response.headers.get("content-type", "")
         self.seconds += time.perf_counter() - start
         self.sent += 1
         self.statuses[label][str(status)] += 1
@@ -207,6 +209,7 @@ def run(total: int, seed: int, root: Path) -> dict:
         server.stop()
     before = readings.get("before", readings["start"])
     return {"requests": tally.sent, "wall_s": round(wall, 1), "requests_per_s": round(tally.sent / wall, 1),
+            "streamed_200": tally.streamed,
             "statuses": {k: dict(sorted(v.items())) for k, v in sorted(tally.statuses.items())},
             "server_errors": len(tally.failures), "failures": tally.failures[:50],
             "rss_mib": {"at_start": round(readings["start"] / 2**20, 1), "after_warmup": round(before / 2**20, 1),

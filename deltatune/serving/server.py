@@ -27,7 +27,7 @@ import time
 from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,7 +36,7 @@ from deltatune.serving.access import Access, Grant, LoraRoot
 from deltatune.serving.limits import BodyLimit, Concurrency, Limits
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
-from deltatune.serving.responses import Run, as_api_error
+from deltatune.serving.responses import EventStream, Run, as_api_error
 
 OTHER = "(other)"  # metrics label of requests naming no served model
 GRANT = "deltatune.grant"  # scope key of the request's Grant (set by _auth on /v1/*)
@@ -245,8 +245,7 @@ async def _generate(request: Request, model_cls, chat: bool):
         raise err from None
     run = Run(handles, body, chat, arrived, metrics, endpoint, model, leave)
     if body.stream:
-        return StreamingResponse(run.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(run)
     try:
         answer = await run.collect(request)
     finally:
