@@ -74,11 +74,7 @@ def steer(case, rng: random.Random) -> None:
         return
     path = case.operation.path
     if path in ("/v1/completions", "/v1/chat/completions") and "model" in body:
-        body["model"] = rng.choice(SERVED + [BASE_NAME])
-        for name in UNSUPPORTED:  # fields that are refused unless off: drop them so the engine is reached
-            body.pop(name, None)
-        if rng.random() < 0.5 and isinstance(body.get("max_tokens"), int):
-            body["max_tokens"] = rng.randint(1, 24)  # bounded work per request: more requests per second
+        _tame(body, rng)
     elif path == "/v1/load_lora_adapter":
         body["lora_name"] = rng.choice(["fz0", "fz1", "fz2", "fz.v1.2", *SERVED])
         body["lora_path"] = rng.choice(SPARE + ["a", "../a", "/etc", "x/../y"])
@@ -86,11 +82,34 @@ def steer(case, rng: random.Random) -> None:
         body["lora_name"] = rng.choice(["fz0", "fz1", "fz2", "fz.v1.2"])
 
 
+def _tame(body: dict, rng: random.Random) -> None:
+    """A generation body made likely to reach the engine: a served model, no refused-unless-off fields,
+    streamed half the time, small ``n`` and ``max_tokens``, token ids inside the tiny vocabulary."""
+    body["model"] = rng.choice(SERVED + [BASE_NAME])
+    for name in UNSUPPORTED:
+        body.pop(name, None)
+    body["stream"] = rng.random() < 0.5
+    if not body["stream"]:
+        body.pop("stream_options", None)
+    if isinstance(body.get("n"), int):
+        body["n"] = 1 + abs(body["n"]) % 4
+    body["max_tokens"] = rng.randint(1, 24)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+        body["prompt"] = [3 + abs(i) % 125 for i in prompt]
+
+
+def is_event_stream(response) -> bool:
+    """A server-sent event answer (Schemathesis' responses keep each header as a list of values)."""
+    value = response.headers.get("content-type") or response.headers.get("Content-Type") or ""
+    return "text/event-stream" in (" ".join(value) if isinstance(value, list) else value)
+
+
 def server_errors(response) -> list[str]:
     """What in one answer says the server failed: a 5xx status, or an error event with a 5xx code in a
     server-sent event stream (a failure after the 200 headers went out)."""
     found = [f"status {response.status_code}"] if response.status_code >= 500 else []
-    if "text/event-stream" in response.headers.get("content-type", ""):
+    if is_event_stream(response):
         for line in response.text.splitlines():
             if line.startswith("data: {") and '"error"' in line:
                 code = json.loads(line[6:]).get("error", {}).get("code")
@@ -106,6 +125,7 @@ class Tally:
         self.sent = 0
         self.statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.failures: list[dict] = []
+        self.refusals: collections.Counter = collections.Counter()  # 4xx answers by the field they named
         self.streamed = 0  # 200 answers that were server-sent event streams (stream: true)
         self.seconds = 0.0
 
@@ -118,7 +138,9 @@ class Tally:
             status, problems = "transport error", [f"{type(exc).__name__}: {exc}"]
         else:
             status, problems = response.status_code, server_errors(response)
-            self.streamed += status == 200 and "text/event-stream" in response.headers.get("content-type", "")
+            if 400 <= status < 500:
+                self.refusals[f"{status} {_param(response)}"] += 1
+            self.streamed += status == 200 and is_event_stream(response)
         self.seconds += time.perf_counter() - start
         self.sent += 1
         self.statuses[label][str(status)] += 1
@@ -127,6 +149,13 @@ class Tally:
                                   "query": case.query, "headers": case.headers})
         if on_sent is not None:
             on_sent(self.sent)
+
+
+def _param(response) -> str:
+    try:
+        return str(response.json()["error"]["param"])
+    except Exception:  # noqa: BLE001 — not the error shape
+        return "?"
 
 
 def _shown(body) -> object:
@@ -210,6 +239,7 @@ def run(total: int, seed: int, root: Path) -> dict:
     before = readings.get("before", readings["start"])
     return {"requests": tally.sent, "wall_s": round(wall, 1), "requests_per_s": round(tally.sent / wall, 1),
             "streamed_200": tally.streamed,
+            "refusals_by_field": dict(tally.refusals.most_common()),
             "statuses": {k: dict(sorted(v.items())) for k, v in sorted(tally.statuses.items())},
             "server_errors": len(tally.failures), "failures": tally.failures[:50],
             "rss_mib": {"at_start": round(readings["start"] / 2**20, 1), "after_warmup": round(before / 2**20, 1),
