@@ -40,7 +40,7 @@ BASE_NAME = "tiny-base"
 SERVED = list("abcdefgh")
 SPARE = ["x", "y"]          # adapter directories under the root that are not served at start
 STEER = 0.6                 # share of bodies whose model / lora fields are set to real ones
-RSS_BOUND = 1.25            # RSS after the run <= 1.25 x RSS after the warm-up
+RSS_BOUND = 1.10            # RSS after the run <= 1.10 x RSS after the warm-up
 WARMUP = 40                 # requests before the "before" RSS reading (caches, first batches)
 UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "best_of", "echo", "suffix")
 # Share of the requests per operation (the rest of the schema's operations split what is left).

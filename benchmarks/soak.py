@@ -314,8 +314,9 @@ async def unload(soak: Soak, http, name: str) -> None:
     soak.note("unload", r.status_code, {200}, {"text": r.text[:200]})
 
 
-def hostile_requests() -> list[tuple[str, str, dict, set]]:
-    """``(label, path, body, expected statuses)``: every failure case of issue 25 as a client sends it."""
+def hostile_requests() -> list[tuple[str, str, dict | bytes, set]]:
+    """``(label, path, body, expected statuses)``: every failure case of issue 25 as a client sends it,
+    and the bodies that answered 500 before this soak's fixes (raw bytes: a lone surrogate, deep nesting)."""
     gen = {"model": "a0", "prompt": PROMPTS[0], "max_tokens": 4}
     return [
         ("tiny-temperature", "/v1/completions", {**gen, "temperature": 1e-45, "n": 3}, {200}),
@@ -335,6 +336,8 @@ def hostile_requests() -> list[tuple[str, str, dict, set]]:
         ("probe-dotdot", "/v1/load_lora_adapter", {"lora_name": "p", "lora_path": "../../../../etc"}, {400}),
         ("probe-missing", "/v1/load_lora_adapter", {"lora_name": "p", "lora_path": "no-such-dir"}, {400}),
         ("probe-unload-base", "/v1/unload_lora_adapter", {"lora_name": BASE_NAME}, {400, 404}),
+        ("lone-surrogate", "/v1/completions", b'{"model": "a0", "prompt": "\\ud800", "max_tokens": 2}', {400}),
+        ("deep-nesting", "/v1/completions", b'{"model": "a0", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", {400}),
     ]
 
 
@@ -346,7 +349,8 @@ async def hostile(soak: Soak, http: httpx.AsyncClient, rng: random.Random) -> No
         label, path, body, expected = rng.choice(cases)
         headers = soak.headers if rng.random() < 0.9 else {}
         try:
-            r = await http.post(path, json=body, headers=headers)
+            raw = {"content": body, "headers": {**headers, "Content-Type": "application/json"}}
+            r = await http.post(path, **(raw if isinstance(body, bytes) else {"json": body, "headers": headers}))
             status = r.status_code
         except httpx.TransportError:
             # The 413 goes out before the body is read, with "Connection: close": a client still
