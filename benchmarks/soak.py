@@ -439,6 +439,13 @@ def after_run(soak: Soak) -> dict:
             "completion": r.status_code}
 
 
+def gaps(health: list, longer_than: float = 1.0) -> list[tuple[float, float]]:
+    """Stretches of more than ``longer_than`` seconds in which no /health probe came back: ``(start, seconds)``
+    (a probe in flight the whole time, or the probing process not scheduled at all)."""
+    done = sorted(t for t, _, _ in health)
+    return [(round(a, 2), round(b - a, 2)) for a, b in zip(done, done[1:]) if b - a > longer_than]
+
+
 def summary(soak: Soak, warmup: float, wall: float, after: dict) -> dict:
     """The figures and the verdict of each bound."""
     lat = [s for t, s, _ in soak.health]
@@ -458,6 +465,8 @@ def summary(soak: Soak, warmup: float, wall: float, after: dict) -> dict:
         "rss_mib": {"after_warmup": round(rss0 / 2**20, 1), "end": round(rss1 / 2**20, 1),
                     "peak_after_warmup": round(peak / 2**20, 1)},
         "rss_growth": round(rss1 / rss0 - 1, 4), "warmup_s": warmup, "after_run": after,
+        "health_slow": [(round(t, 2), round(1000 * d, 1), st) for t, d, st in soak.health if d > 0.1 or st != 200],
+        "health_gaps": gaps(soak.health),
         "examples": {"lost": soak.lost[:10], "mixed": soak.mixed[:10], "unexpected": soak.unexpected[:10]}}
     figures["pass"] = {"no_lost": not soak.lost, "no_mixed": not soak.mixed, "no_5xx": fivexx == 0,
                        "rss_growth_under_5pct": figures["rss_growth"] < BOUNDS["rss_growth"],
