@@ -232,7 +232,8 @@ async def client(soak: Soak, http: httpx.AsyncClient, rng: random.Random) -> Non
         prompt = PROMPTS[p]
         path = "/v1/completions" if isinstance(prompt, list) else "/v1/chat/completions"
         body = {"model": model, "max_tokens": GREEDY_TOKENS, "ignore_eos": True,
-                **({"prompt": prompt} if isinstance(prompt, list) else {"messages": [{"role": "user", "content": prompt}]})}
+                **({"prompt": prompt} if isinstance(prompt, list)
+                   else {"messages": [{"role": "user", "content": prompt}]})}
         roll = rng.random()
         kind = "greedy" if roll < 0.7 else "sampled" if roll < 0.9 else "long"
         if kind == "greedy":
@@ -471,7 +472,8 @@ def summary(soak: Soak, warmup: float, wall: float, after: dict) -> dict:
     figures["pass"] = {"no_lost": not soak.lost, "no_mixed": not soak.mixed, "no_5xx": fivexx == 0,
                        "rss_growth_under_5pct": figures["rss_growth"] < BOUNDS["rss_growth"],
                        "health_p99_under_100ms": percentile(lat, 99) < BOUNDS["health_p99_s"],
-                       "answers_after": after["health"] == 200 and after["completion"] == 200 and not after["engine_busy_after"]}
+                       "answers_after": (after["health"] == 200 and after["completion"] == 200
+                                         and not after["engine_busy_after"])}
     return figures
 
 
