@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test docs venv bench clean gpu-check bench-vllm-env
+.PHONY: demo test docs venv bench clean gpu-check bench-vllm-env fuzz soak
 
 venv: $(STAMP)
 
@@ -35,6 +35,16 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_overhead.py
+
+# Schemathesis against the real server, from its own /openapi.json: 1,200 generated requests on every
+# endpoint (make test runs 150 of them); figures to benchmarks/results/fuzz.json. About 4 minutes.
+fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz.py --requests 1200
+
+# Ten minutes of mixed load, adapter churn, killed clients and hostile requests on the tiny model
+# (make test runs 60 s of it); benchmarks/results/soak.json and soak.png. SOAK_ARGS="--model default".
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --seconds 600 $(SOAK_ARGS)
 
 # One GPU, under 8 minutes: the `cuda` tests, training, the engine, QLoRA on bitsandbytes' kernels and
 # (with two GPUs) FSDP over NCCL. Without CUDA it is a dry run that says what it skipped and why.

@@ -169,12 +169,20 @@ class UnloadLoraRequest(_Body):
 
 
 def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
-    """Parse a request body: malformed JSON or a field of the wrong type -> :class:`ApiError` 400
-    naming the field (``param`` is its dotted path, e.g. ``messages.0.role``)."""
+    """Parse a request body: malformed JSON, lone surrogates, nesting deeper than Python's recursion
+    limit, or a field of the wrong type -> :class:`ApiError` 400 naming the field (``param`` is its
+    dotted path, e.g. ``messages.0.role``)."""
     try:
         data = json.loads(raw)
+        # JSON may spell a lone UTF-16 surrogate ("\ud800"): a Python str, but no text a tokenizer takes.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "the JSON body holds a lone UTF-16 surrogate escape (such as \\ud800): "
+                            "strings must be valid Unicode text") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -230,3 +238,19 @@ def model_card(name: str, root: str, parent: str | None, created: int, max_model
 
 def now() -> int:
     return int(time.time())
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that parses its raw body with :func:`parse`: the request body's JSON
+    schema, so ``/openapi.json`` describes it (clients and fuzzers read it). Inlined: no ``$ref``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref[len("#/$defs/"):]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

@@ -8,6 +8,8 @@ import json
 import time
 from typing import AsyncIterator
 
+from starlette.responses import StreamingResponse
+
 from deltatune.serving import QueueFull, ServingError, UnknownModel, protocol
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
@@ -47,6 +49,7 @@ class Run:
         self.completion_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
         self._last: dict[int, float] = {}
+        self._closed = False
 
     async def _deltas(self) -> AsyncIterator[tuple[int, object]]:
         """(choice index, StreamDelta) from every handle, as they come; timing recorded here."""
@@ -100,6 +103,16 @@ class Run:
 
     def _usage(self) -> dict:
         return protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+
+    def close(self, status: int | str) -> None:
+        """End the run once (later calls do nothing): abort what has not finished, give the client's
+        concurrency slot back, count the request with ``status``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._abort_unfinished()
+        self.leave()
+        self.metrics.count_request(self.endpoint, self.label, status)
 
     def _abort_unfinished(self) -> bool:
         """Abort the engine requests that have not finished; True if any had not."""
@@ -176,11 +189,27 @@ class Run:
             yield f"data: {json.dumps(protocol.error_body(err.status, err.message, err.param))}\n\n"
             yield DONE
         finally:
-            self._abort_unfinished()
-            self.leave()
-            self.metrics.count_request(self.endpoint, self.label, status)
+            self.close(status)
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
         if self.chat:
             return protocol.chat_chunk_choice(index, {} if text is None else {"content": text}, finish_reason)
         return protocol.completion_choice(index, text or "", finish_reason)
+
+
+class EventStream(StreamingResponse):
+    """The server-sent event answer of a :class:`Run`. The run is closed when the response ends however
+    it ends: sent in full, the client gone mid-stream, or gone before the first byte, when the
+    server may never start the body iterator (so its ``finally`` would never run, the engine would
+    decode for nobody and the client's concurrency slot would stay taken)."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(run.events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.close("aborted")  # a no-op when the stream ran to its end

@@ -27,7 +27,7 @@ import time
 from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,7 +36,7 @@ from deltatune.serving.access import Access, Grant, LoraRoot
 from deltatune.serving.limits import BodyLimit, Concurrency, Limits
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.protocol import ApiError
-from deltatune.serving.responses import Run, as_api_error
+from deltatune.serving.responses import EventStream, Run, as_api_error
 
 OTHER = "(other)"  # metrics label of requests naming no served model
 GRANT = "deltatune.grant"  # scope key of the request's Grant (set by _auth on /v1/*)
@@ -180,7 +180,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": cards}
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", openapi_extra=protocol.openapi_body(protocol.LoadLoraRequest))
 async def load_lora_adapter(request: Request):
     root = _require_loading(request)
     engine = request.app.state.engine
@@ -201,7 +201,7 @@ async def load_lora_adapter(request: Request):
                              f"(rank {info.rank}, version {info.version}).")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", openapi_extra=protocol.openapi_body(protocol.UnloadLoraRequest))
 async def unload_lora_adapter(request: Request):
     _require_loading(request)
     body = protocol.parse(protocol.UnloadLoraRequest, await request.body())
@@ -214,12 +214,12 @@ async def unload_lora_adapter(request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=protocol.openapi_body(protocol.CompletionRequest))
 async def completions(request: Request):
     return await _generate(request, protocol.CompletionRequest, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=protocol.openapi_body(protocol.ChatCompletionRequest))
 async def chat_completions(request: Request):
     return await _generate(request, protocol.ChatCompletionRequest, chat=True)
 
@@ -248,8 +248,7 @@ async def _generate(request: Request, model_cls, chat: bool):
         raise err from None
     run = Run(handles, body, chat, arrived, metrics, endpoint, model, leave)
     if body.stream:
-        return StreamingResponse(run.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(run)
     try:
         answer = await run.collect(request)
     finally:
