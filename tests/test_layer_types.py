@@ -222,3 +222,34 @@ def test_a_rank_that_groups_do_not_divide_is_refused_by_name():
 def test_dora_on_multihead_attention_is_refused_by_name():
     with pytest.raises(ConfigError, match="DoRA on layer"):
         deltatune.get_peft_model(build("mha"), deltatune.LoraConfig(target_modules=["layer"], use_dora=True))
+
+
+def test_grouped_dora_runs_under_inference_mode_and_passes_the_conv_weight_through():
+    """peft's models read ``conv.weight`` of a wrapped layer; inference tensors have no version
+    counter for DoRA's norm cache to read."""
+    model = deltatune.get_peft_model(build("conv2d-groups"), configs(deltatune, "conv2d-groups", "dora")).eval()
+    perturb_trainable(model)
+    assert model.base_model.model.layer.weight is model.base_model.model.layer.base_layer.weight
+    want = out(model, inputs("conv2d-groups"))
+    with torch.inference_mode():
+        close(model(inputs("conv2d-groups")), want)
+
+
+def test_mha_inside_a_transformer_encoder_layer_applies_its_adapter_in_eval():
+    """nn.TransformerEncoderLayer's fused eval path reads the attention's weights itself; with an
+    adapter live it must call the adapter layer instead (disabled: the fused path, the base)."""
+    torch.manual_seed(0)
+    base = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).eval()
+    reference = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).eval()
+    reference.load_state_dict(base.state_dict())
+    model = deltatune.get_peft_model(base, deltatune.LoraConfig(target_modules=["self_attn"], r=2,
+                                                                init_lora_weights=False)).eval()
+    x = torch.randn(2, 4, 8)
+    weights = model.base_model.model.self_attn.weights_for("default")
+    with torch.no_grad():
+        want = torch.func.functional_call(reference, {"self_attn.in_proj_weight": weights["in_proj_weight"],
+                                                      "self_attn.out_proj.weight": weights["out_proj.base_layer.weight"]},
+                                          (x,))
+        close(model(x), want)
+        with model.disable_adapter():
+            close(model(x), reference(x))

@@ -124,6 +124,11 @@ class DoraMixin:
     def _factor_rows(self, name: str):
         return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)  # (r, k), (out, r)
 
+    def _factor_tensors(self, name: str) -> tuple:
+        """The adapter's own factor tensors whose versions key the norm cache (a layout that
+        builds new tensors, e.g. a grouped conv's, overrides this: new tensors have no history)."""
+        return self._factor_rows(name)
+
     def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
         return m
 
@@ -167,7 +172,7 @@ class DoraMixin:
         s = self.scaling[name]
         use_cache = cached and not self.training
         if use_cache:
-            key = (self._base_key(), tensor_versions((A, B)), s)
+            key = (self._base_key(), tensor_versions(self._factor_tensors(name)), s)
             hit = self._norm_cache.get(name)
             if hit is not None and hit[0] == key:
                 return hit[1]

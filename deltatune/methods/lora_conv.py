@@ -87,6 +87,15 @@ class LoraConv(LoraLayer):
                               f"({type(self.base_layer).__name__})")
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init, self.r[name])
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base convolution's weight (peft's layers pass it through; models read it)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def dense_B(self, name: str) -> torch.Tensor:
         """``B`` as the (out, r) matrix its 1x1 convolution multiplies the channels by
         (block-diagonal, one block per group, when the base is grouped)."""
@@ -153,6 +162,9 @@ class LoraConv(LoraLayer):
 
     def _row_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return g.view(g.shape[0], -1, *([1] * self.nd))                      # (n, out, 1..)
+
+    def _factor_tensors(self, name: str) -> tuple:
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _factor_rows(self, name: str):
         """``(A, B)`` rows whose product is the delta in the base weight's rows (out, in/g·kernel).

@@ -54,6 +54,36 @@ class LoraMultiheadAttention(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
 
+    # torch's attention attributes, read through (containers such as nn.TransformerEncoderLayer read them)
+    embed_dim = property(lambda self: self.base_layer.embed_dim)
+    num_heads = property(lambda self: self.base_layer.num_heads)
+    head_dim = property(lambda self: self.base_layer.head_dim)
+    batch_first = property(lambda self: self.base_layer.batch_first)
+    dropout = property(lambda self: self.base_layer.dropout)
+    kdim = property(lambda self: self.base_layer.kdim)
+    vdim = property(lambda self: self.base_layer.vdim)
+    bias_k = property(lambda self: self.base_layer.bias_k)
+    bias_v = property(lambda self: self.base_layer.bias_v)
+    add_zero_attn = property(lambda self: self.base_layer.add_zero_attn)
+    in_proj_weight = property(lambda self: self.base_layer.in_proj_weight)
+    in_proj_bias = property(lambda self: self.base_layer.in_proj_bias)
+
+    @property
+    def out_proj(self) -> nn.Module:
+        """The plain output projection (peft's ``out_proj`` of its layer too)."""
+        out = self.out_proj_layer
+        return out.base_layer if out is not None else self.base_layer.out_proj
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """False while an adapter applies: ``nn.TransformerEncoderLayer``'s fused path reads
+        ``in_proj_weight`` itself when this is True, which would skip the adapter; with it False
+        the container calls this layer. True (the base's) when the call runs the base weights."""
+        return self.base_layer._qkv_same_embed_dim and self.route() is None
+
+    def merge_masks(self, *args, **kwargs):
+        return self.base_layer.merge_masks(*args, **kwargs)
+
     @property
     def out_proj_layer(self) -> OutProjLora | None:
         """The ``OutProjLora`` inside the attention, while an adapter is held."""
