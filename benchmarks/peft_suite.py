@@ -25,6 +25,7 @@ Usage (the full run takes hours on a CPU; one or two files take minutes)::
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_custom_models.py \\
         test_decoder_models.py test_initialization.py test_config.py test_other.py \\
         test_low_level_api.py test_lora_variants.py --timeout 3600 --json peft_suite.json
+    python benchmarks/peft_suite.py /path/to/peft/tests --files test_custom_models.py -k "Conv3d or mha"
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,6 +140,8 @@ def _missing(dotted):
     """A stand-in class: building one works (test modules build configs of every method at import),
     using one raises NotImplementedError naming the peft name deltatune lacks."""
     def refuse(self, name):
+        if name.startswith("__"):  # probes such as pytest's getattr(value, "__name__", None) for test ids
+            raise AttributeError(name)
         raise NotImplementedError(f"deltatune has no {{dotted}}")
 
     return type(dotted.rsplit(".", 1)[-1], (), {{"__init__": lambda self, *a, **k: None, "__getattr__": refuse,
@@ -232,10 +236,11 @@ def write_stubs(directory: Path) -> Path:
 
 
 def run_pytest(tests_dir: Path, files: list[str], out_dir: Path, label: str, extra_path: list[Path],
-               timeout: int) -> float:
+               timeout: int, pytest_args: list[str] | None = None) -> float:
     """Run the selected tests of each file (one pytest each, ``timeout`` seconds per file); outcomes go
     to ``out_dir/<label>-<file>.xml``. A file that runs out of time is interrupted (SIGINT), so
-    pytest still writes the outcomes it has. Returns wall seconds."""
+    pytest still writes the outcomes it has. ``pytest_args`` are added to each pytest command line
+    (e.g. ``["-k", "Conv3d"]``). Returns wall seconds."""
     import signal
     import time
 
@@ -247,7 +252,7 @@ def run_pytest(tests_dir: Path, files: list[str], out_dir: Path, label: str, ext
         junit = out_dir / f"{label}-{Path(name).stem}.xml"
         cmd = [sys.executable, "-m", "pytest", str(tests_dir / name), "-p", "peft_suite", "-q",
                "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}", "-W", "ignore",
-               "--continue-on-collection-errors", f"--rootdir={tests_dir.parent}"]
+               "--continue-on-collection-errors", f"--rootdir={tests_dir.parent}", *(pytest_args or [])]
         with open(junit.with_suffix(".log"), "w") as log:
             proc = subprocess.Popen(cmd, cwd=tests_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -323,24 +328,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the shim, the JUnit files and pytest's logs in this directory")
+    parser.add_argument("-k", dest="keyword", default=None,
+                        help="pytest -k expression narrowing both runs (e.g. 'Conv3d or mha'), on top of the selection")
+    parser.add_argument("--pytest-args", default="",
+                        help="more pytest arguments for both runs, one string (split like a shell line), e.g. '-x'")
     parser.add_argument("--reuse-peft", action="store_true",
                         help="with --keep: reuse the real-peft run found there (peft does not change between runs)")
     args = parser.parse_args(argv)
     tests_dir = args.tests_dir.resolve()
+    extra = (["-k", args.keyword] if args.keyword else []) + shlex.split(args.pytest_args)
     with tempfile.TemporaryDirectory(prefix="peft-suite-") as tmp:
         work = args.keep.resolve() if args.keep else Path(tmp)
         stubs = write_stubs(work / "stubs")
         shim = write_shim(work / "shim")
         seconds = {}
         if not (args.reuse_peft and list(work.glob("peft-*.xml"))):
-            seconds["peft"] = run_pytest(tests_dir, args.files, work, "peft", [stubs], args.timeout)
-        seconds["deltatune"] = run_pytest(tests_dir, args.files, work, "deltatune", [shim, REPO, stubs], args.timeout)
+            seconds["peft"] = run_pytest(tests_dir, args.files, work, "peft", [stubs], args.timeout, extra)
+        seconds["deltatune"] = run_pytest(tests_dir, args.files, work, "deltatune", [shim, REPO, stubs], args.timeout,
+                                         extra)
         theirs, ours = outcomes(work, "peft"), outcomes(work, "deltatune")
     groups = {kind: ({t: v for t, v in theirs.items() if kind_of(t) == kind},
                      {t: v for t, v in ours.items() if kind_of(t) == kind}) for kind in ("claimed", "unnamed")}
     result = {"claimed_methods": compare(*groups["claimed"]),
               "tests_naming_no_method": compare(*groups["unnamed"]),
-              "files": args.files, "selection": SELECTION, "seconds": {k: round(v) for k, v in seconds.items()}}
+              "files": args.files, "selection": SELECTION, "pytest_args": extra, "seconds": {k: round(v) for k, v in seconds.items()}}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.json:

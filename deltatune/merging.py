@@ -37,7 +37,6 @@ import warnings
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 Tensors = Sequence[torch.Tensor]
 
@@ -76,20 +75,18 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling) -> torch.Tensor:
     """``scaling · B A`` in fp32, in the layout of the weight the factors adapt.
 
     Args:
-        A: (r, in) for linear layers (and Embedding's (r, vocab)), or (r, in, kh, kw) for Conv2d.
-        B: (out, r), or (out, r, 1, 1) for Conv2d.
+        A: (r, in) for linear layers (and Embedding's (r, vocab)), or (r, in, *kernel) for
+            Conv1d/2d/3d.
+        B: (out, r), or (out, r, 1..) for convolutions (ungrouped).
         scaling: a float or a 0-d tensor.
 
     Returns:
-        (out, in), or (out, in, kh, kw): a convolution by ``A`` then the 1x1 convolution by ``B``
+        (out, in), or (out, in, *kernel): a convolution by ``A`` then the 1x1 convolution by ``B``
         is one convolution whose kernel is ``B`` applied to ``A``'s kernels.
     """
     A, B = A.float(), B.float()
-    if A.dim() == 4:
-        delta = F.conv2d(A.transpose(0, 1), B).transpose(0, 1)             # (out, in, kh, kw)
-    else:
-        delta = B @ A                                                       # (out, in)
-    return delta * scaling
+    delta = B.flatten(1) @ A.flatten(1)                                     # (out, in·kernel)
+    return delta.view(B.shape[0], *A.shape[1:]) * scaling
 
 
 def dora_merge(rows: torch.Tensor, delta_rows: torch.Tensor, magnitude: torch.Tensor):

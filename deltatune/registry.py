@@ -72,7 +72,7 @@ _METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, tuple[str, dict]] = {}
 # peft_type -> the modules that define it, imported in this order by ``method_for``.
 METHOD_MODULES: dict[str, tuple[str, ...]] = {
-    "LORA": ("deltatune.methods.lora",),
+    "LORA": ("deltatune.methods.lora", "deltatune.methods.lora_conv", "deltatune.methods.lora_mha"),
     "IA3": ("deltatune.methods.ia3",),
     "DELTATUNE_BOTTLENECK": ("deltatune.methods.bottleneck",),
     "PROMPT_TUNING": ("deltatune.methods.prompt",),
@@ -250,8 +250,9 @@ def _register_builtin() -> None:
         features=lambda m: (m.weight.shape[0], m.weight.shape[1]), linear=True)
     register_weight_access(nn.Embedding, lambda m: m.weight, _set_param,
                            features=lambda m: (m.num_embeddings, m.embedding_dim))
-    register_weight_access(nn.Conv2d, lambda m: m.weight, _set_param,
-                           features=lambda m: (m.in_channels, m.out_channels))
+    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):   # weight (out, in/groups, *kernel)
+        register_weight_access(conv, lambda m: m.weight, _set_param,
+                               features=lambda m: (m.in_channels, m.out_channels))
 
 
 _register_builtin()

@@ -164,6 +164,15 @@ def test_forward_signature_names_adapter_names_for_trainer_columns():
     assert "adapter_names" in params and "input_ids" in params and "labels" in params
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0]
+
+
 def test_mixing_errors_name_the_problem():
     model = _model("lora")
     ids = token_batch(batch=2)
@@ -175,10 +184,10 @@ def test_mixing_errors_name_the_problem():
     with pytest.raises(MixingError, match="merged"):
         model(input_ids=ids, adapter_names=["a", "b"])
     model.unmerge_adapter()
-    conv = get_peft_model(tiny_convnet(), LoraConfig(r=2, target_modules=["conv", "head"]), adapter_name="x")
-    conv.add_adapter("y", LoraConfig(r=2, target_modules=["conv"]))
-    with pytest.raises(MixingError, match="Conv2d"):
-        conv(token_batch(vocab=50, batch=2), adapter_names=["x", "y"])
+    mha = get_peft_model(_Attention(), LoraConfig(r=2, target_modules=["mha"]), adapter_name="x")
+    mha.add_adapter("y", LoraConfig(r=2, target_modules=["mha"]))
+    with pytest.raises(MixingError, match=r"module mha \(LoraMultiheadAttention\).*separate calls"):
+        mha(torch.randn(2, 3, 8), adapter_names=["x", "y"])
     acts = get_peft_model(tiny_llama(), AdapterConfig(non_linearity="relu"), adapter_name="r")
     acts.add_adapter("g", AdapterConfig(non_linearity="gelu"))
     with pytest.raises(MixingError, match="non-linearities"):

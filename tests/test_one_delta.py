@@ -104,12 +104,12 @@ def test_engine_serves_dora_after_an_eviction_rewrapped_its_modules_with_plain_l
 
 
 def test_one_layer_class_per_base_type_and_dora_registers_none():
-    from deltatune.methods import dora, lora
+    from deltatune.methods import dora, lora, lora_conv, lora_mha
     from deltatune.methods.base import AdapterLayer
 
     method = registry.method_for("LORA")
-    assert len(set(method.layers.values())) == 3
-    assert set(method.layers.values()) == {lora.LoraLinear, lora.LoraEmbedding, lora.LoraConv2d}
+    assert set(method.layers.values()) == {lora.LoraLinear, lora.LoraEmbedding, lora_conv.LoraConv,
+                                           lora_mha.LoraMultiheadAttention}
     assert not hasattr(method, "variants")
     dora_layers = [c for _, c in inspect.getmembers(dora, inspect.isclass)
                    if issubclass(c, AdapterLayer) and c.__module__ == dora.__name__]
@@ -117,18 +117,22 @@ def test_one_layer_class_per_base_type_and_dora_registers_none():
     for use_dora in (False, True):
         assert method.layer_class_for(torch.nn.Linear(2, 2), LoraConfig(use_dora=use_dora)) is lora.LoraLinear
     # the LoRA product (in place or not, one adapter or a row each) is written in one function only
-    for module in (lora, dora):
+    for module in (lora, dora, lora_conv, lora_mha):
         source = inspect.getsource(module)
         assert "bmm" not in source and "addmm_" not in source and "F.linear" not in source, module.__name__
 
 
-def test_lora_on_conv2d_refuses_a_mixed_batch_from_its_delta():
-    from deltatune.adapter_set import MixingError
+def test_lora_on_multihead_attention_refuses_a_mixed_batch_from_its_delta():
+    from deltatune.adapter_set import AdapterSet, MixingError
+    from deltatune.methods.lora_mha import LoraMultiheadAttention
 
-    model = get_peft_model(tiny_convnet(), LoraConfig(r=2, target_modules=["conv"]), adapter_name="x")
-    model.add_adapter("y", LoraConfig(r=2, target_modules=["conv"]))
-    with pytest.raises(MixingError, match="Conv2d.*separate calls"):
-        model(token_batch(vocab=50, batch=2), adapter_names=["x", "y"])
+    layer = LoraMultiheadAttention(torch.nn.MultiheadAttention(8, 2), AdapterSet())
+    layer.adapter_set.add("x", LoraConfig(r=2))
+    layer.add_adapter("x", LoraConfig(r=2), "mha")
+    q = torch.randn(3, 2, 8)
+    with layer.adapter_set.routed(torch.tensor([1, 0])):
+        with pytest.raises(MixingError, match="MultiheadAttention.*separate calls"):
+            layer(q, q, q)
 
 
 def _quartic_root(r, use_rslora):

@@ -25,7 +25,7 @@ DoRA is not a layer class of its own: ``DoraMixin`` is what the one LoRA layer c
 (``methods/lora.py``) uses for its adapters that have a magnitude, beside plain LoRA adapters in the
 same layer, so the order in which adapters wrap a module never matters. Files are peft's: the
 magnitude is saved as ``<module>.lora_magnitude_vector`` with peft's shapes ((out,) for linear
-layers, (dim,) for Embedding, (1, out, 1, 1) for Conv2d).
+layers, (dim,) for Embedding, (1, out, 1..) for Conv1d/2d/3d).
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ class DoraMixin:
     row layout below (one norm per output feature or channel; Embedding's are per dimension):
     ``_as_rows`` (weight -> (n_norms, k)), ``_from_rows`` (its inverse), ``_factor_rows`` (an
     adapter's ``(A, B)`` in that layout), ``_magnitude_shape`` (peft's stored shape) and
-    ``_channel_view`` (an (out,) vector shaped to broadcast over the layer's output).
+    ``_channel_view`` (an (out,) vector shaped to broadcast over the layer's output) and ``_row_view``
+    (each row's (n, out) gains shaped likewise).
     """
 
     def _init_dora(self) -> None:
@@ -113,7 +114,7 @@ class DoraMixin:
         for key, p in super().adapter_parameters(name):
             yield (MAGNITUDE if key == f"{MAGNITUDE}.weight" else key), p
 
-    # -- row layout (linear-likes and Conv2d; Embedding overrides) ---------------------------------
+    # -- row layout (linear-likes and convolutions; Embedding overrides) --------------------------
     def _as_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.flatten(1)                                             # (out, in[·kh·kw])
 
@@ -123,11 +124,20 @@ class DoraMixin:
     def _factor_rows(self, name: str):
         return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)  # (r, k), (out, r)
 
+    def _factor_tensors(self, name: str) -> tuple:
+        """The adapter's own factor tensors whose versions key the norm cache (a layout that
+        builds new tensors, e.g. a grouped conv's, overrides this: new tensors have no history)."""
+        return self._factor_rows(name)
+
     def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
         return m
 
     def _channel_view(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t                                                             # features last
+
+    def _row_view(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each row's (n, out) gains shaped to scale ``like`` row by row: (n, 1.., out) here."""
+        return g.view(g.shape[0], *([1] * (like.dim() - 2)), -1)
 
     def magnitude(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s magnitude as a flat (n_norms,) vector."""
@@ -162,7 +172,7 @@ class DoraMixin:
         s = self.scaling[name]
         use_cache = cached and not self.training
         if use_cache:
-            key = (self._base_key(), tensor_versions((A, B)), s)
+            key = (self._base_key(), tensor_versions(self._factor_tensors(name)), s)
             hit = self._norm_cache.get(name)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -218,13 +228,12 @@ class DoraMixin:
         return out if bias is None else out + bias
 
     def _gain(self, route, like: torch.Tensor) -> torch.Tensor:
-        """``g`` shaped to scale ``like``: one adapter's (out,) (channels for Conv2d), or each
+        """``g`` shaped to scale ``like``: one adapter's (out,) (channels for convolutions), or each
         row's (n, 1.., out) in a mixed batch."""
         if isinstance(route, str):
             return self._channel_view(self._gain_of(route, like))
-        n = like.shape[0]
-        g = self.gathered(route, n, _gather_g).to(like.dtype)                # (n, out)
-        return g.view(n, *([1] * (like.dim() - 2)), -1)
+        g = self.gathered(route, like.shape[0], _gather_g).to(like.dtype)    # (n, out)
+        return self._row_view(g, like)
 
     def _dora_dropout(self, x: torch.Tensor, name: str, base: torch.Tensor, bias) -> torch.Tensor:
         """Training with dropout: the direction ``W x`` sees the same dropped-out input as the

@@ -9,7 +9,9 @@ rows (others, whose bias is scaled too). Unmerging divides by ``l``, exactly (pe
 the divisor); a vector with zero entries cannot be unmerged.
 
 Files are peft's: ``peft_type: "IA3"``, one tensor ``<module>.ia3_l`` per layer of shape
-(1, in) for feed-forward and (out, 1) otherwise ((1, C, 1, 1) for Conv2d).
+(1, in) for feed-forward and (out, 1) otherwise ((1, C, 1..) for Conv1d/2d/3d; peft has no IA3 on
+``nn.Conv1d``, the same layout extends to it). A grouped convolution's input scaling merges into
+each group's kernels.
 """
 from __future__ import annotations
 
@@ -81,19 +83,23 @@ class IA3Config(PeftConfig):
         return any(module_name.endswith(entry) for entry in ff)
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def gather_ia3(bank: dict[str, torch.Tensor], rows: torch.Tensor):
     """Each row's input scale (N, in) and output scale (N, out)."""
     return bank["in"][rows], bank["out"][rows]
 
 
 class IA3Layer(AdapterLayer):
-    """(IA)³ on a linear-like layer or ``nn.Conv2d``: one scaling vector per adapter."""
+    """(IA)³ on a linear-like layer or a 1-, 2- or 3-d convolution: one scaling vector per adapter."""
 
     adapter_containers = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
-        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        self.is_conv = isinstance(base_layer, CONVS)
+        self.nd = base_layer.weight.dim() - 2 if self.is_conv else 0     # spatial dimensions
         if self.is_conv:
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         else:
@@ -107,9 +113,6 @@ class IA3Layer(AdapterLayer):
     def add_adapter(self, name: str, config: IA3Config, module_name: str) -> None:
         """Create adapter ``name``: input-side if ``module_name`` is a feed-forward module."""
         ff = config.is_feedforward(module_name)
-        if ff and self.is_conv and self.base_layer.groups != 1:
-            raise ConfigError(f"(IA)³ feed-forward scaling on grouped Conv2d {module_name} "
-                              f"(groups={self.base_layer.groups}) is not supported")
         shape = self._shape(ff)
         device = next(self.base_layer.parameters()).device
         value = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
@@ -119,7 +122,7 @@ class IA3Layer(AdapterLayer):
 
     def _shape(self, ff: bool) -> tuple[int, ...]:
         if self.is_conv:
-            return (1, self.in_features if ff else self.out_features, 1, 1)
+            return (1, self.in_features if ff else self.out_features, *([1] * self.nd))
         return (1, self.in_features) if ff else (self.out_features, 1)
 
     # -- forward -------------------------------------------------------------------------------
@@ -143,13 +146,14 @@ class IA3Layer(AdapterLayer):
         return result
 
     def _per_row(self, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(n, C) row scales shaped to broadcast over ``like``: (n, C, 1, 1) for Conv2d's channels,
-        (n, 1.., C) for features last."""
+        """(n, C) row scales shaped to broadcast over ``like``: (n, C, 1..) for a convolution's
+        channels, (n, 1.., C) for features last."""
         n = like.shape[0]
-        return scale.view(n, -1, 1, 1) if self.is_conv else scale.view(n, *([1] * (like.dim() - 2)), -1)
+        return scale.view(n, -1, *([1] * self.nd)) if self.is_conv else scale.view(n, *([1] * (like.dim() - 2)), -1)
 
     def _broadcast(self, l: torch.Tensor) -> torch.Tensor:
-        return l if self.is_conv else l.reshape(-1)
+        """(C, 1..) for a convolution's channels (batched input or not), (C,) for features last."""
+        return l.reshape(-1, *([1] * self.nd))
 
     def build_bank(self) -> dict[str, torch.Tensor]:
         """``in (slots, in_features)`` and ``out (slots, out_features)`` scales, ones where an
@@ -167,11 +171,16 @@ class IA3Layer(AdapterLayer):
 
     # -- merging -------------------------------------------------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:
-        """``l`` shaped to multiply the weight in Linear layout (out, in[, kh, kw])."""
+        """``l`` shaped to multiply the weight in Linear layout (out, in[/groups, *kernel])."""
         l = self.ia3_l[name].detach().float().reshape(-1)
-        if self.feedforward[name]:
-            return l.view(1, -1, 1, 1) if self.is_conv else l.view(1, -1)
-        return l.view(-1, 1, 1, 1) if self.is_conv else l.view(-1, 1)
+        ones = [1] * self.nd
+        if not self.feedforward[name]:
+            return l.view(-1, 1, *ones)                                      # (out, 1, 1..)
+        if not self.is_conv:
+            return l.view(1, -1)                                             # (1, in)
+        g, out = self.base_layer.groups, self.out_features
+        per_group = l.view(g, 1, -1).expand(g, out // g, -1)                 # (g, out/g, in/g): each group's inputs
+        return per_group.reshape(out, -1, *ones)                             # (out, in/g, 1..)
 
     def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         return ia3_merge(weight, self._weight_scale(name))
@@ -208,7 +217,7 @@ def _register() -> None:
     # lr: IA3's scaling vectors start at one and move slowly; 1e-2 is the rate of the methods table
     # (45/50 on the demo task, README), LoRA's 2e-4 barely moves them (the paper used 3e-3).
     registry.register_method(key, IA3Config, cli_names=("ia3",), default_lr=1e-2, complete_config=complete_targets)
-    for base_type in (nn.Linear, Conv1D, nn.Conv2d):
+    for base_type in (nn.Linear, Conv1D, *CONVS):
         registry.register_layer(key, base_type, IA3Layer)
 
 

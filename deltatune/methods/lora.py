@@ -5,12 +5,13 @@
 so a new adapter leaves the model unchanged.
 
 One layer class per base layer type: ``LoraLinear`` (``nn.Linear``, transformers' ``Conv1D``,
-registered 4-bit layers), ``LoraEmbedding`` and ``LoraConv2d``. Each holds plain LoRA and DoRA
+registered 4-bit layers) and ``LoraEmbedding`` here, ``LoraConv`` (``nn.Conv1d/2d/3d``, grouped too)
+in ``methods/lora_conv.py``, ``LoraMultiheadAttention`` in ``methods/lora_mha.py``. Each holds plain LoRA and DoRA
 adapters side by side (DoRA = LoRA + a magnitude, ``methods/dora.py``), so the order in which
 adapters wrap a module never matters. Each has one ``delta(x, route)``: the single-adapter path and
 the mixed-batch path (each row's factors gathered from the layer's bank) both end in
 ``lora_matmul``, the one LoRA kernel, run in place into the base output in inference and out of
-place under autograd. Factors are ``nn.Linear``/``nn.Conv2d`` children so FSDP and
+place under autograd. Factors are ``nn.Linear``/``nn.ConvNd`` children so FSDP and
 ``torch.compile`` see ordinary modules.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import merging, registry
-from deltatune.adapter_set import AdapterSet, MixingError
+from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
 from deltatune.methods.base import AdapterLayer
@@ -44,6 +45,20 @@ def pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def init_pair(A: torch.Tensor, B: torch.Tensor, init, r: int) -> None:
+    """peft's start for a factor pair (any layout: linear or convolution kernels): ``True`` draws
+    ``A`` Kaiming-uniform and zeroes ``B`` (the model starts unchanged), ``"gaussian"`` draws ``A``
+    from N(0, 1/r²), ``False`` leaves both random (tests)."""
+    if init is False:
+        return
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
 
 
 class LoraLayer(DoraMixin, AdapterLayer):
@@ -151,7 +166,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
             dropout: apply the adapter's dropout (one adapter; DoRA passes an input it dropped).
 
         Raises:
-            MixingError: per-row slots on a layer type without a per-row path (Conv2d).
+            MixingError: per-row slots on a layer type without a per-row path (MultiheadAttention).
         """
         if isinstance(route, str):
             return self._one(route, x, out, dropout)
@@ -182,18 +197,11 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
 
     def init_factors(self, name: str, init, module_name: str) -> None:
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        with torch.no_grad():
-            if init is False:
-                return
-            if isinstance(init, str) and init.startswith("pissa"):
+        if isinstance(init, str) and init.startswith("pissa"):
+            with torch.no_grad():
                 self._init_pissa(name, init)
-                return
-            if init == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[name])
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+            return
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init, self.r[name])
 
     def _init_pissa(self, name: str, init: str) -> None:
         """PiSSA (Meng et al. 2024, arXiv:2404.02948): factors from the top-r singular triplets.
@@ -370,56 +378,6 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]      # (r, vocab), (dim, r)
 
 
-class LoraConv2d(LoraLayer):
-    """LoRA (and DoRA) on ``nn.Conv2d``: ``A`` has the base's kernel, stride and padding, ``B`` is 1x1."""
-
-    adds_in_place = False                    # the convolution by A makes a new tensor anyway
-
-    def __init__(self, base_layer: nn.Conv2d, adapter_set: AdapterSet | None = None) -> None:
-        if base_layer.groups != 1:
-            raise ConfigError(f"LoRA on grouped Conv2d (groups={base_layer.groups}) is not supported")
-        super().__init__(base_layer, adapter_set)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def create_factors(self, name: str, r: int) -> None:
-        base, device = self.base_layer, self._factor_device()
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                      base.dilation, bias=False, device=device)
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, device=device)
-
-    init_factors = LoraLinear.init_factors
-
-    def _init_pissa(self, name: str, init: str) -> None:
-        raise ConfigError(f"init_lora_weights={init!r} is only for linear layers, not Conv2d")
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in, kh, kw)
-
-    def cannot_mix_reason(self) -> str:
-        return ("LoRA on Conv2d has no per-row path yet; run rows for different adapters in "
-                "separate calls (or merge one adapter)")
-
-    def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
-        """The convolution by ``A`` into rank space, then ``lora_matmul`` over the channels (``B``
-        is 1x1): (N, in, H, W) -> (N, out, H', W') (unbatched (C, H, W) too)."""
-        A, B = self.lora_A[name], self.lora_B[name].weight                  # B (out, r, 1, 1)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(A.weight.dtype)
-        h = A(self.lora_dropout[name](x) if dropout else x).movedim(-3, -1)  # (N, H', W', r)
-        return lora_matmul(h, None, B.flatten(1).T, self.scaling[name]).movedim(-1, -3)
-
-    def _rows(self, route: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        raise MixingError(f"{type(self).__name__} cannot run a mixed-adapter batch: {self.cannot_mix_reason()}")
-
-    # DoRA: one norm per output channel (the default row layout); peft stores the magnitude (1, out, 1, 1).
-    def _magnitude_shape(self, m: torch.Tensor) -> torch.Tensor:
-        return m.view(1, -1, 1, 1)
-
-    def _channel_view(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.view(1, -1, 1, 1)                     # (1, out, 1, 1)
-
-
 def _register() -> None:
     from transformers.pytorch_utils import Conv1D
 
@@ -429,7 +387,7 @@ def _register() -> None:
     for base_type in (nn.Linear, Conv1D):
         registry.register_layer(key, base_type, LoraLinear)
     registry.register_layer(key, nn.Embedding, LoraEmbedding)
-    registry.register_layer(key, nn.Conv2d, LoraConv2d)
+    # nn.Conv1d/2d/3d: methods/lora_conv.py; nn.MultiheadAttention: methods/lora_mha.py (registry.METHOD_MODULES)
 
 
 _register()
