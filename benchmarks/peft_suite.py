@@ -24,7 +24,8 @@ Usage (the full run takes hours on a CPU; one or two files take minutes)::
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_config.py test_low_level_api.py
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_custom_models.py \\
         test_decoder_models.py test_initialization.py test_config.py test_other.py \\
-        test_low_level_api.py test_lora_variants.py --timeout 3600 --json peft_suite.json
+        test_low_level_api.py test_lora_variants.py --timeout 3600 --json peft_suite.json \\
+        --hub-standins /tmp/hf-standins     # test_decoder_models & co load tiny hub models: local stand-ins
     python benchmarks/peft_suite.py /path/to/peft/tests --files test_custom_models.py -k "Conv3d or mha"
 """
 from __future__ import annotations
@@ -332,10 +333,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="pytest -k expression narrowing both runs (e.g. 'Conv3d or mha'), on top of the selection")
     parser.add_argument("--pytest-args", default="",
                         help="more pytest arguments for both runs, one string (split like a shell line), e.g. '-x'")
+    parser.add_argument("--hub-standins", type=Path, default=None,
+                        help="a Hugging Face home filled with local stand-ins for the hub models the tests load "
+                             "(benchmarks/hub_standins.py; built there if missing); both runs use it")
     parser.add_argument("--reuse-peft", action="store_true",
                         help="with --keep: reuse the real-peft run found there (peft does not change between runs)")
     args = parser.parse_args(argv)
     tests_dir = args.tests_dir.resolve()
+    if args.hub_standins:
+        if not (args.hub_standins / "standins.json").exists():
+            import hub_standins
+            hub_standins.build(args.hub_standins)
+        os.environ["HF_HOME"] = str(args.hub_standins.resolve())
     extra = (["-k", args.keyword] if args.keyword else []) + shlex.split(args.pytest_args)
     with tempfile.TemporaryDirectory(prefix="peft-suite-") as tmp:
         work = args.keep.resolve() if args.keep else Path(tmp)
