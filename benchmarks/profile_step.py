@@ -8,6 +8,11 @@ the table also sums the time by kind (matmul, attention, elementwise, ...).
 
     python benchmarks/profile_step.py --dtype bfloat16
     python benchmarks/profile_step.py --dtype float32 --top 15
+    taskset -c 1 python benchmarks/profile_step.py --dtype float32 --threads 1   # as --concurrent trains
+
+On a shared machine profile with ``--threads 1`` on a pinned core: with two threads, every small
+op waits for a thread the other processes hold, and elementwise ops looked like 45% of an fp32
+step (load ~5) where one pinned thread shows 8% (``aten::mm`` 77%).
 
 Writes benchmarks/results/profile_step_<dtype>.json and prints a markdown table.
 """
@@ -28,16 +33,18 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # Op name -> kind, for the summary (first match wins; names are aten's).
 KINDS = (
-    ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")),
+    ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_linear_pointwise")),
     ("attention", ("scaled_dot_product", "flash_attention", "_softmax", "softmax")),
     ("copy / dtype conversion", ("copy_", "to", "_to_copy", "clone", "contiguous")),
     ("optimizer", ("_foreach", "adamw", "_fused_adamw")),
 )
+# Op namespaces counted as ops (oneDNN's linear is ``mkldnn::_linear_pointwise``; ``training.cpu_linear``).
+OPS = ("aten::", "mkldnn::")
 
 
 def kind_of(name: str) -> str:
     """The summary kind of an aten op name (``aten::mm`` -> ``matmul``); ``other`` if none fits."""
-    base = name.removeprefix("aten::")
+    base = name.removeprefix("aten::").removeprefix("mkldnn::")
     for kind, names in KINDS:
         if base in names or any(base.startswith(n) for n in names if n.startswith("_")):
             return kind
@@ -90,7 +97,7 @@ def main() -> int:
             wall = time.perf_counter() - t0
     rows = []
     for ev in prof.key_averages():
-        if ev.key.startswith("aten::") or ev.key.startswith("LinearCrossEntropy") or "Optimizer" in ev.key:
+        if ev.key.startswith(OPS) or ev.key.startswith("LinearCrossEntropy") or "Optimizer" in ev.key:
             rows.append({"op": ev.key, "self_s": ev.self_cpu_time_total / 1e6, "calls": ev.count})
     rows.sort(key=lambda r: -r["self_s"])
     for r in rows:
@@ -98,7 +105,7 @@ def main() -> int:
         r["kind"] = kind_of(r["op"])
     kinds: dict[str, float] = {}
     for r in rows:
-        if r["op"].startswith("aten::"):
+        if r["op"].startswith(OPS):
             kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["self_s"] / wall
     step_s = wall / len(batches)
     lines = [f"dtype {args.dtype}, {torch.get_num_threads()} threads, {len(batches)} profiled steps: "

@@ -147,6 +147,7 @@ class Trainer:
         else:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
+        self.fast_linears = self._fast_linears()
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -245,7 +246,7 @@ class Trainer:
             last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
             sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:
-                with self._autocast(), (self.compiler.active() if self.compiler else nullcontext()):
+                with self._autocast(), self._kernels():
                     loss_sum = self.loss_module(batch)
                 (loss_sum * (0.0 if extra else info.world / n_labels)).backward()
             if extra:
@@ -359,6 +360,22 @@ class Trainer:
                 print(f"compile: off ({reason}); training eagerly", flush=True)
             return None
         return compiling.LayerCompiler(self.model)
+
+    def _kernels(self):
+        """The training forward's kernel switches: compiled layers, else oneDNN's frozen linears."""
+        if self.compiler is not None and self.compiler.enabled:
+            return self.compiler.active()
+        return self.fast_linears.active() if self.fast_linears is not None else nullcontext()
+
+    def _fast_linears(self):
+        """``cpu_linear.FastLinears`` where it applies (fp32 on the CPU, unsharded, eager), else None."""
+        from deltatune.training import cpu_linear
+
+        if cpu_linear.why_not(self.device, self.dtype, self.sharded, self.compiler is not None,
+                              self.config.use_grad_checkpointing) is not None:
+            return None
+        bound_cpu_kernel_caches()  # oneDNN caches a kernel per shape, and row lengths vary
+        return cpu_linear.FastLinears(self.model)
 
     def _enable_grad_checkpointing(self) -> None:
         hf = unwrap(self.model)

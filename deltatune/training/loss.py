@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.training import cpu_linear
 from deltatune.training.batching import Batch
 from deltatune.training.data import IGNORE
 from deltatune.training.wrappers import adapter_model, unwrap  # noqa: F401 - also imported from here
@@ -46,9 +47,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        linear = cpu_linear.onednn_linear if cpu_linear.wants(h_all, weight) else F.linear
         for s in range(0, h_all.shape[0], chunk):
             h, t = h_all[s:s + chunk], targets[s:s + chunk]
-            logits = F.linear(h, weight, bias).float()                        # (c, V)
+            logits = linear(h, weight, bias).float()                          # (c, V)
             lse = torch.logsumexp(logits, dim=-1)                             # (c,)
             ce = lse - logits.gather(1, t[:, None]).squeeze(1)                # (c,)
             if ce_out is not None:
@@ -61,7 +63,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if w is not None:
                     p.mul_(w[:, None])                                        # d(w CE)/dlogits
                 if need_h:
-                    grad_h[s:s + chunk] = p.to(weight.dtype) @ weight
+                    grad_h[s:s + chunk] = linear(p.to(weight.dtype), weight.t())  # (c, V) x (V, d)
                 if need_w:
                     grad_w += p.T @ h.float()
                 if need_b:
