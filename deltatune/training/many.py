@@ -127,6 +127,8 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
     _check_mixable(tasks, configs)
     stopping = dict(patience=patience, min_delta=min_delta)
     runs = [_plan(spec, cfg, shared, tokenizer, stopping) for spec, cfg in zip(tasks, configs)]  # bad data stops here
+    if patience is not None and not any(run.patience is not None for run in runs):
+        raise ValueError(f"patience={patience}: no task has an eval set to stop on (TaskSpec eval_data, --task-eval)")
     peft = _build(base_model.to(device), tasks, configs, runs, shared.seed)
     trainer = ManyTrainer(peft, tokenizer, runs, shared, device, dtype, autocast_for(dtype, device))
     return TrainManyResult(peft, tokenizer, trainer.fit(), Path(shared.out))
@@ -143,6 +145,17 @@ UNSUPPORTED = {
     "data": (None, "each task's data is its TaskSpec's (--task NAME=PATH)"),
     "eval_data": (None, "each task's eval set is its TaskSpec's eval_data (--task-eval NAME=PATH|FRACTION)"),
 }
+
+
+# The ``TrainConfig`` fields train_many honours (for every task, or as each task's default). Every
+# field is here or in UNSUPPORTED (a test checks it), so no option is ever silently ignored.
+HONOURED = frozenset({
+    "model", "method", "r", "alpha", "dropout", "target", "method_args", "double_quant",  # double_quant: with quantize
+    "max_length", "overlong", "skip_bad_lines", "train_on_prompt", "packing", "group_by_length", "group_window",
+    "lr", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio",
+    "batch_size", "grad_accum", "max_batch_tokens", "epochs", "max_steps", "max_grad_norm", "seed", "dtype",
+    "out", "log_every", "eval_every", "save_every", "keep_checkpoints", "eval_exact_match", "eval_limit",
+    "eval_batch_size", "max_new_tokens", "resume", "progress", "device"})
 
 
 def check_supported(shared: TrainConfig) -> None:
@@ -229,7 +242,8 @@ def _plan(spec: TaskSpec, adapter, shared: TrainConfig, tokenizer, stopping: dic
         raise DataError(f"task {spec.name!r}: {exc}") from exc
     if _fraction(spec.eval_data) is not None:
         train_set, eval_set = hold_out(train_set, _fraction(spec.eval_data), cfg.seed, spec.name)
-    patience = spec.patience if spec.patience is not None else stopping["patience"]
+    # the run's patience applies to the tasks that have an eval set (train_many checks that one has)
+    patience = spec.patience if spec.patience is not None else stopping["patience"] if eval_set else None
     min_delta = spec.min_delta if spec.min_delta is not None else stopping["min_delta"]
     if patience is not None and (patience < 1 or not (eval_set and cfg.eval_every)):
         raise ValueError(f"task {spec.name!r}: patience={patience} needs patience >= 1, an eval set "

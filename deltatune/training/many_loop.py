@@ -110,7 +110,7 @@ class ManyTrainer:
         run.tokens_seen += tokens
         if run.step % run.config.log_every == 0 or run.step >= run.total_steps:
             run.log.log({"step": run.step, "epoch": round(run.epoch_float(), 4), "loss": loss, "lr": lr,
-                         "grad_norm": grad_norm, "tokens": tokens, "run_step": self.step})
+                         "grad_norm": grad_norm, "tokens": tokens, "run_step": self.step + 1})
 
     # -- around the steps ------------------------------------------------------------------------
     def _maybe_evaluate(self, run: TaskRun, progress: Progress) -> None:
