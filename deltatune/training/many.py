@@ -109,13 +109,15 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
     """
     from deltatune.training.distributed import resolve_device
     from deltatune.training.many_loop import ManyTrainer
-    from deltatune.training.precision import autocast_for, resolve_dtype
+    from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
     shared = make_config(config, **options)
     check_supported(shared)
     _check_names(tasks)
     device = resolve_device(shared.device)
     dtype = resolve_dtype(shared.dtype, device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        bound_cpu_kernel_caches()  # as a solo run does: bf16 kernel caches grow per shape otherwise
     if isinstance(base_model, (str, os.PathLike)):
         from deltatune import models
 
