@@ -118,11 +118,11 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
     dtype = resolve_dtype(shared.dtype, device)
     if device.type == "cpu" and dtype == torch.bfloat16:
         bound_cpu_kernel_caches()  # as a solo run does: bf16 kernel caches grow per shape otherwise
-    if isinstance(base_model, (str, os.PathLike)):
+    named = isinstance(base_model, (str, os.PathLike))
+    if named and tokenizer is None:
         from deltatune import models
 
-        tokenizer = tokenizer or models.load_tokenizer(str(base_model))
-        base_model = models.load(str(base_model), dtype=dtype)
+        tokenizer = models.load_tokenizer(str(base_model))
     if tokenizer is None:
         raise ValueError("train_many(base_model=<module>, ...) needs tokenizer=")
     configs = [_adapter_config(spec, shared) for spec in tasks]
@@ -131,6 +131,10 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
     runs = [_plan(spec, cfg, shared, tokenizer, stopping) for spec, cfg in zip(tasks, configs)]  # bad data stops here
     if patience is not None and not any(run.patience is not None for run in runs):
         raise ValueError(f"patience={patience}: no task has an eval set to stop on (TaskSpec eval_data, --task-eval)")
+    if named:  # the base loads once every task's data is known to be good
+        from deltatune import models
+
+        base_model = models.load(str(base_model), dtype=dtype)
     peft = _build(base_model.to(device), tasks, configs, runs, shared.seed)
     trainer = ManyTrainer(peft, tokenizer, runs, shared, device, dtype, autocast_for(dtype, device))
     return TrainManyResult(peft, tokenizer, trainer.fit(), Path(shared.out))

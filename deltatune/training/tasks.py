@@ -5,10 +5,10 @@ optimizer, schedule, metrics log - kept per task, so several adapters advance in
 batch order is ``Trainer``'s (``batching.epoch_batches`` with the same seed, batch size and
 window), so a task sees the very batches a solo run of it would see.
 
-``mixed_batch`` joins each task's collated rows into one ``Batch`` (rows padded at their ends,
-where causal attention hides padding from real tokens), with each row's adapter name and each
-position's loss weight: ``1 / n_k`` for the label tokens of task ``k`` (``n_k`` its label count
-in this step). The summed loss is then ``sum_k mean_k``; each adapter touches only its own rows,
+``mixed_batches`` joins the tasks' collated rows into forward passes of at most
+``max_batch_tokens`` tokens (rows padded at their ends, where causal attention hides padding
+from real tokens), with each row's adapter name and each position's loss weight: ``1 / n_k`` for
+the label tokens of task ``k`` (``n_k`` its label count in the whole step). The summed loss is then ``sum_k mean_k``; each adapter touches only its own rows,
 so its gradient is exactly the one a solo step on its rows gives.
 """
 from __future__ import annotations
