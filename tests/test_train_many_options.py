@@ -114,6 +114,18 @@ def test_unsupported_options_are_refused_by_name(tmp_path, tok, files, option):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"compile": True}, "task 'a': train_many does not support compile=True"),
+    ({"save_every": 2}, "task 'a': options['save_every'] is one setting for the whole run"),
+    ({"dtype": "bfloat16"}, "task 'a': options['dtype'] is one setting for the whole run"),
+    ({"r": 8}, "task 'a': options['r'] would be ignored next to its config="),
+])
+def test_task_options_the_run_would_ignore_are_refused(tmp_path, tok, files, options, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        train_many(tiny_causal_lm(len(tok)), [TaskSpec("a", files["a"], lora(), options=options)], tokenizer=tok,
+                   out=str(tmp_path / "x"), **SHARED)
+
+
 def test_torchrun_is_refused(tmp_path, tok, files, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun"):

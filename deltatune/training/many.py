@@ -197,6 +197,7 @@ def _task_config(spec: TaskSpec, shared: TrainConfig, adapter) -> TrainConfig:
     """The task's ``TrainConfig``: the shared fields, its own data, lr, epochs, options and folder."""
     from deltatune import registry
 
+    _check_task_options(spec)
     eval_file = None if spec.eval_data is None or _fraction(spec.eval_data) is not None else str(spec.eval_data)
     fields = {**shared.to_dict(), "data": str(spec.data), "eval_data": eval_file, "epochs": spec.epochs,
               "out": str(Path(shared.out) / spec.name), "resume": False, **spec.options}
@@ -210,6 +211,27 @@ def _task_config(spec: TaskSpec, shared: TrainConfig, adapter) -> TrainConfig:
     elif fields["lr"] is None:
         fields["lr"] = registry.method_of(adapter).default_lr
     return TrainConfig.from_dict(fields, source=f"task {spec.name!r}")
+
+
+# Fields one run shares: a task's own value would be ignored, so TaskSpec.options refuses them.
+RUN_WIDE = frozenset({"model", "out", "save_every", "keep_checkpoints", "resume", "progress", "device", "dtype",
+                      "max_batch_tokens", "data", "eval_data"})
+_ADAPTER_FIELDS = frozenset({"method", "r", "alpha", "dropout", "target", "method_args", "double_quant"})
+
+
+def _check_task_options(spec: TaskSpec) -> None:
+    """Refuse a ``TaskSpec.options`` key that the run would not honour for this one task (named)."""
+    for key in spec.options:
+        k = str(key).replace("-", "_")
+        if k in RUN_WIDE:
+            raise ValueError(f"task {spec.name!r}: options[{key!r}] is one setting for the whole run; "
+                             f"give it to train_many, not to one task")
+        if k in UNSUPPORTED:
+            raise ValueError(f"task {spec.name!r}: train_many does not support {key}={spec.options[key]!r} "
+                             f"({UNSUPPORTED[k][1]})")
+        if spec.config is not None and k in _ADAPTER_FIELDS:
+            raise ValueError(f"task {spec.name!r}: options[{key!r}] would be ignored next to its config= "
+                             f"({type(spec.config).__name__}); set it in the config")
 
 
 def _check_mixable(tasks: list[TaskSpec], configs: list) -> None:
