@@ -67,7 +67,8 @@ class ManyTrainer:
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, active: list[TaskRun]) -> tuple[dict[str, float], int]:
-        """Forward/backward over every active task's next batch; then one optimizer step each."""
+        """Forward/backward over every active task's next batch; each task's optimizer steps as
+        soon as its last pass is done (its gradient is then complete; its grads are freed)."""
         passes = mixed_batches([(run.name, run.next_examples(), run.packing) for run in active], self.pad_id,
                                self.max_tokens)
         lrs = {run.name: run.lr() for run in active}
@@ -77,12 +78,15 @@ class ManyTrainer:
         torch.manual_seed(self.shared.seed * 1_000_003 + self.step * 4099)  # dropout masks: (seed, step)
         sums = {run.name: 0.0 for run in active}
         tokens = {run.name: 0 for run in active}
-        for mixed in passes:
-            self._pass(mixed, sums, tokens)
         labels = {name: n for p in passes for name, n in p.labels.items()}
-        losses = {run.name: sums[run.name] / labels[run.name] for run in active}
-        for run in active:
-            self._update(run, losses[run.name], lrs[run.name], tokens[run.name])
+        last = {name: i for i, p in enumerate(passes) for name in p.rows}   # each task's last pass
+        losses = {}
+        for i, mixed in enumerate(passes):
+            self._pass(mixed, sums, tokens)
+            for run in active:  # a task whose gradient is complete steps now: one task's grads live at a time
+                if last[run.name] == i:
+                    losses[run.name] = sums[run.name] / labels[run.name]
+                    self._update(run, losses[run.name], lrs[run.name], tokens[run.name])
         if self.device.type == "cpu" and (self.step + 1) % 10 == 0:
             from deltatune.training.loop import release_free_heap
 
@@ -150,6 +154,10 @@ class ManyTrainer:
         plot_loss_curve(run.log, run.out / "loss_curve.png", title=f"task {run.name}")
         atomic_write_json(run.out / "summary.json", result)
         run.result, run.best_params = result, None
+        if self.device.type == "cpu":
+            from deltatune.training.loop import release_free_heap
+
+            release_free_heap()  # its optimizer state and grads are free now: give them back
         evaluated = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
         if "exact_match" in result:
             evaluated += f", exact match {result['exact_match']:.1%}"
