@@ -22,6 +22,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,23 +52,51 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 def save_checkpoint(out: str | Path, state: TrainState, model, optimizer, config: dict,
                     keep: int = 2) -> Path:
     """Write a checkpoint for ``state.step`` and point ``latest`` at it; prune to ``keep`` newest."""
+    params = trainable_parameters(model)
+    opt_tensors, opt_meta = optimizer_state(optimizer)
+    adapter = (lambda tmp: model.save_pretrained(tmp / "adapter")) if hasattr(model, "save_pretrained") else None
+    return write_checkpoint(out, state.step,
+                            {"trainable": {n: p.detach() for n, p in params.items()}, "optimizer": opt_tensors},
+                            {"state": asdict(state), "optimizer": opt_meta, "trainable": list(params),
+                             "config": config}, keep, extra=adapter)
+
+
+def write_checkpoint(out: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
+                     keep: int = 2, extra: Callable[[Path], None] | None = None) -> Path:
+    """The one checkpoint writer (a solo run's and ``train_many``'s): ``<out>/checkpoints/step-N``.
+
+    Each ``tensors`` group is written as ``<group>.safetensors``, the RNG states as
+    ``rng.safetensors``, ``meta`` (plus the python RNG) as ``state.json``; ``extra(tmp)`` may add
+    files. The folder is assembled aside and renamed into place whole, then named in ``latest``;
+    the oldest beyond ``keep`` are removed.
+    """
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state.step:08d}"
+    name = f"step-{step:08d}"
     with atomic_directory(root / name) as tmp:  # a re-save of this step replaces it whole
-        params = trainable_parameters(model)
-        atomic_save_tensors({n: p.detach() for n, p in params.items()}, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_state(optimizer)
-        atomic_save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        for group, group_tensors in tensors.items():
+            atomic_save_tensors(group_tensors, tmp / f"{group}.safetensors")
         atomic_save_tensors(_rng_tensors(), tmp / "rng.safetensors")
-        atomic_write_json(tmp / "state.json", {
-            "state": asdict(state), "optimizer": opt_meta, "trainable": list(params),
-            "python_rng": _python_rng(), "config": config})
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp / "adapter")
+        atomic_write_json(tmp / "state.json", {**meta, "python_rng": _python_rng()})
+        if extra is not None:
+            extra(tmp)
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, keep, protect=name)
     return root / name
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's ``state.json`` (CheckpointError naming the file when unreadable)."""
+    path = Path(path)
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+
+
+def restore_rng(path: str | Path, meta: dict) -> None:
+    """Put back the torch and python RNG states a checkpoint saved."""
+    _restore_rng(load_tensors(Path(path) / "rng.safetensors"), meta.get("python_rng"))
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -93,10 +122,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainState, dic
             match the model's (names the first difference).
     """
     path = Path(path)
-    try:
-        meta = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+    meta = read_meta(path)
     params = trainable_parameters(model)
     saved = load_tensors(path / "trainable.safetensors")
     if set(saved) != set(params):
@@ -108,14 +134,15 @@ def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainState, dic
             if saved[n].shape != p.shape:
                 raise CheckpointError(f"{path}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
             p.copy_(saved[n])
-    optimizer.load_state_dict(_optimizer_from(load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
-    _restore_rng(load_tensors(path / "rng.safetensors"), meta.get("python_rng"))
+    optimizer.load_state_dict(optimizer_state_dict(load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
+    restore_rng(path, meta)
     return TrainState(**meta["state"]), meta.get("config", {})
 
 
 # -- pieces --------------------------------------------------------------------------------------
 
-def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as (tensors keyed ``"<param index>.<key>"``, JSON-able rest)."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -127,7 +154,8 @@ def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The ``state_dict`` that ``optimizer_state`` took apart, for ``optimizer.load_state_dict``."""
     state: dict[int, dict] = {}
     for flat, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
         idx, key = flat.split(".", 1)
@@ -164,3 +192,11 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):  # leftovers of a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load a saved optimizer state, keeping this run's choice of kernel (``fused``), not the saved run's."""
+    fused = [g.get("fused") for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state_dict(tensors, meta))
+    for group, flag in zip(optimizer.param_groups, fused):
+        group["fused"] = flag

@@ -68,6 +68,9 @@ def _data_flags(g) -> None:
     g.add_argument("--task", action="append", metavar="NAME=PATH", dest="task",
                    help="train one adapter per task in one run (train_many) instead of --data: task NAME's "
                         "JSONL at PATH, its adapter in OUT/NAME/adapter; repeatable")
+    g.add_argument("--task-eval", action="append", metavar="NAME=PATH|FRACTION", dest="task_eval",
+                   help="with --task: task NAME's eval JSONL, or the share of its data held out for eval "
+                        "(e.g. 0.1); evaluated at the end and every --eval-every steps; repeatable")
     g.add_argument("--max-length", type=int, help="tokens per example (default 1024)")
     g.add_argument("--overlong", choices=["truncate", "error"], help="over-long examples: truncate (reported) or error")
     g.add_argument("--skip-bad-lines", **_FLAG, help="skip and count malformed lines instead of failing")
@@ -104,6 +107,10 @@ def _run_flags(g) -> None:
     g.add_argument("--out", help="run directory (default runs/deltatune)")
     g.add_argument("--log-every", type=int)
     g.add_argument("--eval-every", type=int, help="eval loss every N steps (0 = only at the end)")
+    g.add_argument("--patience", type=int,
+                   help="with --task: a task stops after N evaluations in a row without improvement and "
+                        "writes its best adapter (needs --task-eval and --eval-every)")
+    g.add_argument("--min-delta", type=float, help="with --patience: the smallest eval-loss drop that counts")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (0 = none)")
     g.add_argument("--keep-checkpoints", type=int)
     g.add_argument("--eval-limit", type=int, help="score at most N eval examples for exact match")
@@ -118,7 +125,8 @@ def _run_flags(g) -> None:
                         "instead of a full copy per process; the adapter stays replicated")
 
 
-_NOT_OPTIONS = {"config", "func", "verb", "method_arg", "task"}
+_MANY_ONLY = ("task_eval", "patience", "min_delta")   # flags of runs of several tasks only
+_NOT_OPTIONS = {"config", "func", "verb", "method_arg", "task", *_MANY_ONLY}
 
 
 def cmd_train(args) -> int:
@@ -130,7 +138,10 @@ def cmd_train(args) -> int:
         overrides["method_args"] = dict(_parse_kv(item) for item in args.method_arg)
     config = make_config(args.config, **overrides)
     if args.task:
-        return _train_tasks(args.task, config)
+        return _train_tasks(args.task, config, args)
+    given = [f"--{k.replace('_', '-')}" for k in _MANY_ONLY if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for runs of several tasks (--task NAME=PATH)")
     finished = False
     try:
         train(config)
@@ -140,21 +151,30 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _train_tasks(items: list[str], config) -> int:
+def _train_tasks(items: list[str], config, args) -> int:
     """``--task NAME=PATH ...``: one run, one adapter per task (``train_many``), each with the
     adapter and optimisation flags given; the base is loaded once."""
     from deltatune.training.many import TaskSpec, train_many
 
     if config.data:
         raise ValueError("--task and --data cannot be combined: give the data of every task with --task NAME=PATH")
-    specs = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--task {item!r}: expected NAME=PATH (e.g. --task sql=data/sql.jsonl)")
-        specs.append(TaskSpec(name, path))
-    train_many(config.model, specs, config=config)
+    if config.eval_data:
+        raise ValueError("--eval with --task: give each task's eval set with --task-eval NAME=PATH|FRACTION")
+    tasks = [_name_value("--task", item) for item in items]
+    evals = dict(_name_value("--task-eval", item) for item in args.task_eval or [])
+    unknown = sorted(set(evals) - {name for name, _ in tasks})
+    if unknown:
+        raise ValueError(f"--task-eval {unknown[0]}=...: no --task named {unknown[0]!r}")
+    specs = [TaskSpec(name, path, eval_data=evals.get(name)) for name, path in tasks]
+    train_many(config.model, specs, config=config, patience=args.patience, min_delta=args.min_delta or 0.0)
     return 0
+
+
+def _name_value(flag: str, item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"{flag} {item!r}: expected NAME=PATH (e.g. {flag} sql=data/sql.jsonl)")
+    return name, value
 
 
 def _parse_kv(item: str) -> tuple[str, object]:

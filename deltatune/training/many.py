@@ -12,16 +12,20 @@ task's adapter through the model's one call entry (``PeftModel.applying(names)``
 per-row path mixed-batch inference uses). The loss is ``sum_k mean_k`` over tasks (weights in
 ``tasks.mixed_batch``), so each adapter's gradient is what a solo step gives; each adapter has
 its own AdamW, learning-rate schedule, gradient clipping and step count, and is written to
-``<out>/<task>/adapter`` as soon as its task finishes.
+``<out>/<task>/adapter`` as soon as its task finishes (``many_loop.ManyTrainer``).
 
-Not yet: resume after a kill (``save_every``/``resume`` are ignored), distributed runs,
-``max_batch_tokens`` (each step is one forward pass).
+Each task may have an evaluation set (a file, or a share of its data held out), evaluated every
+``eval_every`` of its steps; with ``patience`` it stops after that many evaluations without an
+improvement of ``min_delta``, writes its best adapter and leaves the batch mix. ``save_every``
+checkpoints every task's state (``many_checkpoint``); ``resume`` continues bit-exactly.
+
+Refused (``UNSUPPORTED``, each named): the solo options that change the base or the step
+machinery (``quantize``, ``init``, ``fsdp``, ``compile``, ``grad_checkpointing``), the solo
+run's ``data``/``eval_data``, and ``torchrun``.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +33,9 @@ import torch
 
 from deltatune.training.api import adapter_config, make_config
 from deltatune.training.config import TrainConfig
-from deltatune.training.data import DataError, load_dataset
-from deltatune.training.loss import lm_loss_sum
-from deltatune.training.metrics import Progress, fmt_duration
-from deltatune.training.tasks import MixedBatch, TaskRun, mixed_batch
+from deltatune.training.data import DataError, Dataset, load_dataset
+from deltatune.training.many_loop import save_task_adapter  # noqa: F401  (public here too)
+from deltatune.training.tasks import TaskRun
 
 
 @dataclass
@@ -46,7 +49,13 @@ class TaskSpec:
             generic options (``method``, ``r``, ``alpha``, ``dropout``, ``target``).
         lr: its peak learning rate; None: the run's ``lr``, else its method's default.
         epochs: its epochs.
-        eval_data: its evaluation JSONL (eval loss when the task finishes).
+        eval_data: its evaluation set: a JSONL path, or a fraction in (0, 1) of ``data`` held
+            out of training (drawn with the task's seed). Evaluated when the task finishes
+            (eval loss; exact match where the lines have answers) and every ``eval_every`` steps.
+        eval_every: evaluate every N of its steps (None: the run's ``eval_every``; 0: at the end only).
+        patience: early stopping: stop after this many evaluations in a row without an
+            improvement, and write the adapter of its best evaluation (None: the run's; never).
+        min_delta: how much lower than the best an eval loss must be to count as an improvement.
         options: other ``TrainConfig`` fields for this task only (``max_steps``, ``schedule``,
             ``warmup_steps``, ``batch_size``, ``seed``, ...).
     """
@@ -56,7 +65,10 @@ class TaskSpec:
     config: object | None = None
     lr: float | None = None
     epochs: float = 1.0
-    eval_data: str | os.PathLike | None = None
+    eval_data: str | os.PathLike | float | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    min_delta: float | None = None
     options: dict = field(default_factory=dict)
 
 
@@ -75,7 +87,8 @@ class TrainManyResult:
 
 
 def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
-               config: TrainConfig | dict | str | os.PathLike | None = None, **options) -> TrainManyResult:
+               config: TrainConfig | dict | str | os.PathLike | None = None, patience: int | None = None,
+               min_delta: float = 0.0, **options) -> TrainManyResult:
     """Train one adapter per task on one base in one loop; returns a ``TrainManyResult``.
 
     Args:
@@ -84,45 +97,81 @@ def train_many(base_model, tasks: list[TaskSpec], *, tokenizer=None,
         tasks: the ``TaskSpec``s; names unique.
         tokenizer: the base's tokenizer.
         config, **options: ``TrainConfig`` fields shared by every task (``out``, ``batch_size``,
-            ``max_length``, ``schedule``, ``dtype``, ``seed``, ...); a task's own fields win.
+            ``max_length``, ``schedule``, ``dtype``, ``seed``, ``eval_every``, ``save_every``,
+            ``resume``, ...); a task's own fields win.
+        patience, min_delta: early stopping for tasks whose ``TaskSpec`` leaves them None.
 
     Raises:
-        ValueError: no tasks, a repeated or unusable name.
+        ValueError: no tasks, a repeated or unusable name, an option train_many does not do (named).
         DataError: a task's data is missing or has a bad line (file:line), before any training.
         MixingError: two tasks whose methods cannot share a batch (named), before any training.
+        CheckpointError: ``resume`` from a checkpoint of other tasks or adapters.
     """
     from deltatune.training.distributed import resolve_device
-    from deltatune.training.precision import autocast_for, resolve_dtype
+    from deltatune.training.many_loop import ManyTrainer
+    from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
     shared = make_config(config, **options)
-    _check_supported(shared)
+    check_supported(shared)
     _check_names(tasks)
     device = resolve_device(shared.device)
     dtype = resolve_dtype(shared.dtype, device)
-    if isinstance(base_model, (str, os.PathLike)):
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        bound_cpu_kernel_caches()  # as a solo run does: bf16 kernel caches grow per shape otherwise
+    named = isinstance(base_model, (str, os.PathLike))
+    if named and tokenizer is None:
         from deltatune import models
 
-        tokenizer = tokenizer or models.load_tokenizer(str(base_model))
-        base_model = models.load(str(base_model), dtype=dtype)
+        tokenizer = models.load_tokenizer(str(base_model))
     if tokenizer is None:
         raise ValueError("train_many(base_model=<module>, ...) needs tokenizer=")
     configs = [_adapter_config(spec, shared) for spec in tasks]
     _check_mixable(tasks, configs)
-    runs = [_plan(spec, cfg, shared, tokenizer) for spec, cfg in zip(tasks, configs)]  # bad data stops here
+    stopping = dict(patience=patience, min_delta=min_delta)
+    runs = [_plan(spec, cfg, shared, tokenizer, stopping) for spec, cfg in zip(tasks, configs)]  # bad data stops here
+    if patience is not None and not any(run.patience is not None for run in runs):
+        raise ValueError(f"patience={patience}: no task has an eval set to stop on (TaskSpec eval_data, --task-eval)")
+    if named:  # the base loads once every task's data is known to be good
+        from deltatune import models
+
+        base_model = models.load(str(base_model), dtype=dtype)
     peft = _build(base_model.to(device), tasks, configs, runs, shared.seed)
-    trainer = ManyTrainer(peft, tokenizer, runs, shared, device, autocast_for(dtype, device))
+    trainer = ManyTrainer(peft, tokenizer, runs, shared, device, dtype, autocast_for(dtype, device))
     return TrainManyResult(peft, tokenizer, trainer.fit(), Path(shared.out))
 
 
-# Options of a solo run that train_many does not do yet, with the value that means "off".
-_NOT_YET = {"quantize": None, "fsdp": False, "compile": False, "resume": False, "save_every": 0, "init": None,
-            "grad_checkpointing": False}
+# Options of a solo run that train_many does not do, with the value that means "off", and why.
+UNSUPPORTED = {
+    "quantize": (None, "a 4-bit base for many adapters is not built yet"),
+    "init": (None, "LoRA inits other than the default (PiSSA/LoftQ change the shared base) are not built "
+                   "for several tasks"),
+    "fsdp": (False, "train_many runs in one process"),
+    "compile": (False, "compiled layers are not built for per-row routing"),
+    "grad_checkpointing": (None, "activation checkpointing is not built for per-row routing"),
+    "data": (None, "each task's data is its TaskSpec's (--task NAME=PATH)"),
+    "eval_data": (None, "each task's eval set is its TaskSpec's eval_data (--task-eval NAME=PATH|FRACTION)"),
+}
 
 
-def _check_supported(shared: TrainConfig) -> None:
-    given = [k for k, off in _NOT_YET.items() if getattr(shared, k) not in (off, None)]
-    if given:
-        raise ValueError(f"train_many does not support {', '.join(given)} yet; train such tasks one by one")
+# The ``TrainConfig`` fields train_many honours (for every task, or as each task's default). Every
+# field is here or in UNSUPPORTED (a test checks it), so no option is ever silently ignored.
+HONOURED = frozenset({
+    "model", "method", "r", "alpha", "dropout", "target", "method_args", "double_quant",  # double_quant: with quantize
+    "max_length", "overlong", "skip_bad_lines", "train_on_prompt", "packing", "group_by_length", "group_window",
+    "lr", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio",
+    "batch_size", "grad_accum", "max_batch_tokens", "epochs", "max_steps", "max_grad_norm", "seed", "dtype",
+    "out", "log_every", "eval_every", "save_every", "keep_checkpoints", "eval_exact_match", "eval_limit",
+    "eval_batch_size", "max_new_tokens", "resume", "progress", "device"})
+
+
+def check_supported(shared: TrainConfig) -> None:
+    """Refuse, naming it, any option of a solo run that train_many would otherwise ignore."""
+    for key, (off, why) in UNSUPPORTED.items():
+        value = getattr(shared, key)
+        if value not in (off, None) and not (key == "grad_checkpointing" and value is False):
+            raise ValueError(f"train_many does not support {key}={value!r} ({why}); train such a task alone")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train_many does not support torchrun (WORLD_SIZE > 1): run it as one process")
 
 
 def _check_names(tasks: list[TaskSpec]) -> None:
@@ -148,8 +197,12 @@ def _task_config(spec: TaskSpec, shared: TrainConfig, adapter) -> TrainConfig:
     """The task's ``TrainConfig``: the shared fields, its own data, lr, epochs, options and folder."""
     from deltatune import registry
 
-    fields = {**shared.to_dict(), "data": str(spec.data), "eval_data": spec.eval_data and str(spec.eval_data),
-              "epochs": spec.epochs, "out": str(Path(shared.out) / spec.name), **spec.options}
+    _check_task_options(spec)
+    eval_file = None if spec.eval_data is None or _fraction(spec.eval_data) is not None else str(spec.eval_data)
+    fields = {**shared.to_dict(), "data": str(spec.data), "eval_data": eval_file, "epochs": spec.epochs,
+              "out": str(Path(shared.out) / spec.name), "resume": False, **spec.options}
+    if spec.eval_every is not None:
+        fields["eval_every"] = spec.eval_every
     fields["lr"] = spec.lr or spec.options.get("lr")
     # TrainConfig fills an unset lr with its method's default: a shared lr equal to that default
     # counts as unset, so each task gets its own method's default (IA3's is not LoRA's).
@@ -158,6 +211,27 @@ def _task_config(spec: TaskSpec, shared: TrainConfig, adapter) -> TrainConfig:
     elif fields["lr"] is None:
         fields["lr"] = registry.method_of(adapter).default_lr
     return TrainConfig.from_dict(fields, source=f"task {spec.name!r}")
+
+
+# Fields one run shares: a task's own value would be ignored, so TaskSpec.options refuses them.
+RUN_WIDE = frozenset({"model", "out", "save_every", "keep_checkpoints", "resume", "progress", "device", "dtype",
+                      "max_batch_tokens", "data", "eval_data"})
+_ADAPTER_FIELDS = frozenset({"method", "r", "alpha", "dropout", "target", "method_args", "double_quant"})
+
+
+def _check_task_options(spec: TaskSpec) -> None:
+    """Refuse a ``TaskSpec.options`` key that the run would not honour for this one task (named)."""
+    for key in spec.options:
+        k = str(key).replace("-", "_")
+        if k in RUN_WIDE:
+            raise ValueError(f"task {spec.name!r}: options[{key!r}] is one setting for the whole run; "
+                             f"give it to train_many, not to one task")
+        if k in UNSUPPORTED:
+            raise ValueError(f"task {spec.name!r}: train_many does not support {key}={spec.options[key]!r} "
+                             f"({UNSUPPORTED[k][1]})")
+        if spec.config is not None and k in _ADAPTER_FIELDS:
+            raise ValueError(f"task {spec.name!r}: options[{key!r}] would be ignored next to its config= "
+                             f"({type(spec.config).__name__}); set it in the config")
 
 
 def _check_mixable(tasks: list[TaskSpec], configs: list) -> None:
@@ -182,7 +256,7 @@ def _kind(config) -> str:
     return getattr(peft_type, "value", str(peft_type)).lower()
 
 
-def _plan(spec: TaskSpec, adapter, shared: TrainConfig, tokenizer) -> TaskRun:
+def _plan(spec: TaskSpec, adapter, shared: TrainConfig, tokenizer, stopping: dict) -> TaskRun:
     """The task's config and tokenized data (a bad line raises ``DataError`` naming file:line)."""
     from deltatune import registry
 
@@ -194,8 +268,44 @@ def _plan(spec: TaskSpec, adapter, shared: TrainConfig, tokenizer) -> TaskRun:
         eval_set = load_dataset(cfg.eval_data, tokenizer, **kw) if cfg.eval_data else None
     except DataError as exc:
         raise DataError(f"task {spec.name!r}: {exc}") from exc
+    if _fraction(spec.eval_data) is not None:
+        train_set, eval_set = hold_out(train_set, _fraction(spec.eval_data), cfg.seed, spec.name)
+    # the run's patience applies to the tasks that have an eval set (train_many checks that one has)
+    patience = spec.patience if spec.patience is not None else stopping["patience"] if eval_set else None
+    min_delta = spec.min_delta if spec.min_delta is not None else stopping["min_delta"]
+    if patience is not None and (patience < 1 or not (eval_set and cfg.eval_every)):
+        raise ValueError(f"task {spec.name!r}: patience={patience} needs patience >= 1, an eval set "
+                         f"(eval_data / --task-eval) and eval_every > 0 (--eval-every)")
     packing = cfg.packing and registry.method_of(adapter).packable
-    return TaskRun(spec.name, cfg, train_set, eval_set, packing=packing)
+    return TaskRun(spec.name, cfg, train_set, eval_set, packing=packing, patience=patience,
+                   min_delta=float(min_delta or 0.0))
+
+
+def _fraction(eval_data) -> float | None:
+    """``eval_data`` as a held-out share, or None when it names a file."""
+    if isinstance(eval_data, bool) or not isinstance(eval_data, (int, float, str)):
+        return None
+    try:
+        value = float(eval_data)
+    except ValueError:
+        return None
+    if isinstance(eval_data, str) and not eval_data.replace(".", "", 1).isdigit():
+        return None
+    return value
+
+
+def hold_out(data: Dataset, fraction: float, seed: int, name: str) -> tuple[Dataset, Dataset]:
+    """Split ``data`` into (train, eval): ``fraction`` of its examples, drawn with ``seed``, held out."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"task {name!r}: eval fraction {fraction} must be in (0, 1)")
+    n = len(data)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise ValueError(f"task {name!r}: holding out {fraction} of {n} examples leaves none to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_eval])
+    keep = [e for i, e in enumerate(data.examples) if i not in held]
+    return Dataset(keep, data.report), Dataset([data.examples[i] for i in sorted(held)], data.report)
 
 
 def _build(base, tasks: list[TaskSpec], configs: list, runs: list[TaskRun], seed: int):
@@ -224,116 +334,3 @@ def _build(base, tasks: list[TaskSpec], configs: list, runs: list[TaskRun], seed
                 other = next(t.name for t in tasks if t is not spec)
                 raise MixingError(f"tasks {spec.name!r} and {other!r} cannot train in one run: {problem}")
     return peft
-
-
-class ManyTrainer:
-    """The loop of ``train_many``: one mixed step at a time until every task has finished."""
-
-    def __init__(self, peft, tokenizer, runs: list[TaskRun], shared: TrainConfig, device, autocast) -> None:
-        self.peft, self.tokenizer, self.runs, self.shared = peft, tokenizer, runs, shared
-        self.device, self.autocast = device, autocast
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for run in runs:
-            run.start(peft.base_model.adapter_parameters(run.name), device, log=True)
-        self.step = 0
-        self.total_steps = max(run.total_steps for run in runs)
-
-    def fit(self) -> dict[str, dict]:
-        """Step until every task is done; each task's adapter is saved when it finishes."""
-        self.peft.train()
-        self.started = time.perf_counter()
-        progress = Progress(self.total_steps, 0, self.shared.progress, desc="train many")
-        while any(not run.done for run in self.runs):
-            t0 = time.perf_counter()
-            losses, tokens = self._step()
-            dt = time.perf_counter() - t0
-            self.step += 1
-            _show(progress, losses, tokens / max(dt, 1e-9))
-            for run in self.runs:
-                if run.done and run.result is None:
-                    self._finish(run, progress)
-        progress.close()
-        return {run.name: run.result for run in self.runs}
-
-    def _step(self) -> tuple[dict[str, float], int]:
-        """One forward/backward over every unfinished task's next batch; one optimizer step each."""
-        active = [run for run in self.runs if not run.done]
-        mixed = mixed_batch([(run.name, run.next_examples(), run.packing) for run in active], self.pad_id)
-        lrs = {run.name: run.lr() for run in active}
-        for run in active:
-            for group in run.optimizer.param_groups:
-                group["lr"] = lrs[run.name]
-        torch.manual_seed(self.shared.seed * 1_000_003 + self.step * 4099)  # dropout masks: (seed, step)
-        batch = mixed.batch.to(self.device)
-        token_losses = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)  # (R, L)
-        with self.peft.applying(mixed.names), self.autocast():
-            total = lm_loss_sum(self.peft, batch, mixed.weights.to(self.device), token_losses)
-        total.backward()
-        losses = {}
-        for run in active:
-            losses[run.name] = float(token_losses[mixed.rows[run.name]].sum()) / mixed.labels[run.name]
-            self._update(run, mixed, losses[run.name], lrs[run.name])
-        return losses, batch.tokens
-
-    def _update(self, run: TaskRun, mixed: MixedBatch, loss: float, lr: float) -> None:
-        """Clip and step task ``run``'s adapter alone (as its solo run would), then log."""
-        max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        run.tokens_seen += mixed.tokens[run.name]
-        if run.step % run.config.log_every == 0 or run.done:
-            run.log.log({"step": run.step, "epoch": round(run.epoch_float(), 4), "loss": loss, "lr": lr,
-                         "grad_norm": grad_norm, "tokens": mixed.tokens[run.name], "run_step": self.step + 1})
-
-    def _finish(self, run: TaskRun, progress: Progress) -> None:
-        """Evaluate (if the task has eval data), write its adapter and summary, free its optimizer."""
-        from deltatune.checkpoint.io import atomic_write_json
-
-        run.stop_training()
-        losses = run.log.series("loss")[1]
-        result = {"steps": run.step, "tokens": run.tokens_seen, "final_loss": losses[-1] if losses else None}
-        if run.eval_data is not None:
-            from deltatune.training.evaluate import eval_loss
-
-            with self.peft.applying(run.name):
-                ev = eval_loss(self.peft, run.eval_data, run.config.eval_batch_size, self.device, run.packing,
-                               autocast=self.autocast)
-            self.peft.train()
-            run.log.log({"step": run.step, "eval_loss": ev["eval_loss"]})
-            result.update(ev)
-        result["adapter"] = str(save_task_adapter(self.peft, run.name, run.out / "adapter"))
-        atomic_write_json(run.out / "summary.json", result)
-        run.result = result
-        evaluated = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
-        progress.write(f"task {run.name}: done after {run.step} steps (run step {self.step}, "
-                       f"{fmt_duration(time.perf_counter() - self.started)}), loss {result['final_loss']:.4f}"
-                       f"{evaluated}; adapter -> {result['adapter']}")
-
-
-def _show(progress: Progress, losses: dict[str, float], tokens_per_s: float) -> None:
-    """Advance the one bar with every unfinished task's loss on its line (``sql=1.2345 ...``)."""
-    if progress.bar is None:
-        return
-    tasks = " ".join(f"{name}={loss:.4f}" for name, loss in losses.items())
-    progress.bar.set_postfix_str(f"{tasks} tok/s={tokens_per_s:,.0f}", refresh=False)
-    progress.bar.update(1)
-
-
-def save_task_adapter(peft, name: str, directory: str | os.PathLike) -> Path:
-    """Write adapter ``name`` alone as an ordinary peft directory at ``directory``.
-
-    ``save_pretrained`` puts an adapter not named ``default`` in a subfolder of its name (peft's
-    layout); it is written into a staging folder beside ``directory`` and moved into place.
-    """
-    directory = Path(directory)
-    staging = directory.parent / f".{directory.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    peft.save_pretrained(staging, selected_adapters=[name])
-    written = staging if name == "default" else staging / name
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(written, directory)
-    shutil.rmtree(staging, ignore_errors=True)
-    return directory

@@ -5,10 +5,10 @@ optimizer, schedule, metrics log - kept per task, so several adapters advance in
 batch order is ``Trainer``'s (``batching.epoch_batches`` with the same seed, batch size and
 window), so a task sees the very batches a solo run of it would see.
 
-``mixed_batch`` joins each task's collated rows into one ``Batch`` (rows padded at their ends,
-where causal attention hides padding from real tokens), with each row's adapter name and each
-position's loss weight: ``1 / n_k`` for the label tokens of task ``k`` (``n_k`` its label count
-in this step). The summed loss is then ``sum_k mean_k``; each adapter touches only its own rows,
+``mixed_batches`` joins the tasks' collated rows into forward passes of at most
+``max_batch_tokens`` tokens (rows padded at their ends, where causal attention hides padding
+from real tokens), with each row's adapter name and each position's loss weight: ``1 / n_k`` for
+the label tokens of task ``k`` (``n_k`` its label count in the whole step). The summed loss is then ``sum_k mean_k``; each adapter touches only its own rows,
 so its gradient is exactly the one a solo step on its rows gives.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.training.batching import Batch, collate, count_label_tokens, epoch_batches
+from deltatune.training.batching import Batch, collate, count_label_tokens, epoch_batches, split_by_tokens
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import IGNORE, Dataset, Example
 from deltatune.training.loop import lr_factor, make_optimizer
@@ -38,6 +38,10 @@ class TaskRun:
         step, epoch, batch_in_epoch: where it is, as in ``checkpoints.TrainState``.
         params, optimizer: its adapter's parameters and their own AdamW.
         result: its final metrics once finished (None while it trains).
+        patience, min_delta: early stopping: after ``patience`` evaluations in a row whose eval
+            loss is not below the best minus ``min_delta``, the task stops (None: never).
+        best_loss, best_step, bad_evals, best_params, stopped_early: the early-stopping state
+            (``best_params``: copies of the adapter's tensors at its best evaluation).
     """
 
     name: str
@@ -53,6 +57,13 @@ class TaskRun:
     optimizer: torch.optim.Optimizer | None = None
     log: MetricsLog | None = None
     result: dict | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+    best_loss: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    best_params: list | None = None
+    stopped_early: bool = False
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -67,7 +78,36 @@ class TaskRun:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.total_steps or self.stopped_early
+
+    def record_eval(self, loss: float) -> None:
+        """Note an evaluation at this step: a new best (keep a copy of the adapter when early
+        stopping is on), or one more without improvement (stop once ``patience`` is reached)."""
+        if self.best_loss is None or loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
+            if self.patience is not None:
+                self.best_params = [p.detach().clone() for p in self.params]
+            return
+        self.bad_evals += 1
+        if self.patience is not None and self.bad_evals >= self.patience:
+            self.stopped_early = True
+
+    def restore_best(self) -> None:
+        """Put the adapter back to its best evaluated state (when a copy was kept)."""
+        if self.best_params is not None:
+            with torch.no_grad():
+                for p, best in zip(self.params, self.best_params):
+                    p.copy_(best)
+
+    def progress_state(self) -> dict:
+        """Where this task is, as JSON (a ``train_many`` checkpoint); ``load_progress`` undoes it."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "tokens_seen": self.tokens_seen, "best_loss": self.best_loss, "best_step": self.best_step,
+                "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "result": self.result}
+
+    def load_progress(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
     def start(self, params: list, device: torch.device, log: bool) -> None:
         """Take the adapter's parameters: trainable, with their own optimizer and metrics log."""
@@ -110,15 +150,15 @@ class TaskRun:
 
 @dataclass
 class MixedBatch:
-    """One step's rows from several tasks.
+    """One forward pass of a step: rows from several tasks.
 
     Attributes:
         batch: the joined ``Batch`` (R, L).
         names: each row's adapter name (R,).
         weights: (R, L) fp32 loss weight of each position (``1 / n_k`` on task ``k``'s rows).
-        rows: task name -> ``slice`` of its rows.
-        labels: task name -> its label-token count ``n_k`` (at least 1).
-        tokens: task name -> its real tokens.
+        rows: task name -> ``slice`` of its rows in this pass.
+        labels: task name -> its label-token count ``n_k`` in the whole step (at least 1).
+        tokens: task name -> its real tokens in this pass.
     """
 
     batch: Batch
@@ -129,27 +169,54 @@ class MixedBatch:
     tokens: dict[str, int]
 
 
+def mixed_batches(parts: list[tuple[str, list[Example], bool]], pad_id: int = 0,
+                  max_tokens: int = 0) -> list[MixedBatch]:
+    """One step's forward passes over every task's examples (``(name, examples, packing)``).
+
+    Each task's examples are cut into pieces of at most ``max_tokens`` tokens and collated as a
+    solo run cuts and collates its micro-batch (packing never crosses tasks); consecutive pieces,
+    of one task or several, then share a pass while their tokens fit in ``max_tokens`` (0: one
+    pass), each pass padded to its longest row. Every position of task ``k`` weighs ``1 / n_k``,
+    ``n_k`` its label tokens in the whole step, so the passes' gradients add up to ``sum_k mean_k``.
+    """
+    labels = {name: max(1, count_label_tokens(examples)) for name, examples, _ in parts}
+    pieces = [(name, collate(piece, packing, pad_id), sum(len(e) for e in piece))
+              for name, examples, packing in parts for piece in split_by_tokens(examples, max_tokens)]
+    passes: list[list] = []
+    used = max_tokens + 1
+    for piece in pieces:
+        if max_tokens <= 0 and passes or 0 < max_tokens and used + piece[2] <= max_tokens:
+            passes[-1].append(piece)
+            used += piece[2]
+        else:
+            passes.append([piece])
+            used = piece[2]
+    return [_join(group, labels, pad_id) for group in passes]
+
+
 def mixed_batch(parts: list[tuple[str, list[Example], bool]], pad_id: int = 0) -> MixedBatch:
-    """Collate each task's examples (``(name, examples, packing)``; packing never crosses tasks)
-    and stack their rows into one batch padded to the longest row."""
-    collated = [(name, collate(examples, packing, pad_id), max(1, count_label_tokens(examples)),
-                 sum(len(e) for e in examples)) for name, examples, packing in parts]
-    width = max(b.input_ids.shape[1] for _, b, _, _ in collated)
-    ids, pos, tgt, wts, names, rows = [], [], [], [], [], {}
+    """Every task's examples in one pass (``mixed_batches`` without a token limit)."""
+    return mixed_batches(parts, pad_id, 0)[0]
+
+
+def _join(pieces: list[tuple[str, Batch, int]], labels: dict[str, int], pad_id: int) -> MixedBatch:
+    """Stack collated pieces' rows into one batch padded at the row ends to the longest row."""
+    width = max(b.input_ids.shape[1] for _, b, _ in pieces)
+    ids, pos, tgt, wts, names, rows, tokens = [], [], [], [], [], {}, {}
     start = 0
-    for name, b, n_labels, _ in collated:
+    for name, b, n_tokens in pieces:
         extra = width - b.input_ids.shape[1]
         r = b.input_ids.shape[0]
         ids.append(torch.nn.functional.pad(b.input_ids, (0, extra), value=pad_id))       # (r, L)
         # padding continues each row's positions, as collate pads: it sees real tokens, never the reverse
         pos.append(torch.cat([b.position_ids, b.position_ids[:, -1:] + 1 + torch.arange(extra)], dim=1))
         tgt.append(torch.nn.functional.pad(b.targets, (0, extra), value=IGNORE))
-        wts.append(torch.full((r, width), 1.0 / n_labels, dtype=torch.float32))
+        wts.append(torch.full((r, width), 1.0 / labels[name], dtype=torch.float32))
         names += [name] * r
-        rows[name] = slice(start, start + r)
+        first = rows[name].start if name in rows else start
+        rows[name] = slice(first, start + r)   # a task's pieces in one pass are consecutive
+        tokens[name] = tokens.get(name, 0) + n_tokens
         start += r
     targets = torch.cat(tgt)                                                              # (R, L)
-    batch = Batch(torch.cat(ids), torch.cat(pos), targets, sum(t for *_, t in collated),
-                  int((targets != IGNORE).sum()))
-    return MixedBatch(batch, names, torch.cat(wts), rows, {n: k for n, _, k, _ in collated},
-                      {n: t for n, _, _, t in collated})
+    batch = Batch(torch.cat(ids), torch.cat(pos), targets, sum(tokens.values()), int((targets != IGNORE).sum()))
+    return MixedBatch(batch, names, torch.cat(wts), rows, {n: labels[n] for n in rows}, tokens)

@@ -1,0 +1,260 @@
+"""Many adapters in one run vs one run per adapter (issue 27), on the default model.
+
+The job: ``--tasks`` short-answer tasks (default 8) of ``--examples`` training rows each (default
+200), 1 epoch, LoRA r=16 alpha=32 on all linear layers, batch 8, lr ``--lr``, cosine, seed 0,
+the default dtype. Each task also has ``--eval-examples`` held-out rows (default 50), scored by
+exact match (greedy) at the end of its training. The tasks are made here from local templates
+(``make_tasks``): arithmetic, string edits, formats, classification; each answer is one short
+string, so exact match per task means something.
+
+Contenders, each a subprocess started as a user would start it (``python -m deltatune train``):
+
+* ``solo``: one ``deltatune train --data T.jsonl --eval T_eval.jsonl`` per task, one after the
+  other (each process imports, loads the base, trains, evaluates and writes its adapter);
+* ``multi``: one ``deltatune train --task T=T.jsonl --task-eval T=T_eval.jsonl ...`` for all.
+
+Both get the same flags (rank, alpha, targets, lr, schedule, batch, epochs, seed, dtype,
+max_length): each task sees the same examples, in the same batches, with the same per-task
+hyper-parameters. Measured per contender: wall time (process start to exit, all processes
+summed for ``solo``) and peak RSS (``os.wait4``'s ``ru_maxrss`` of each process; for ``solo``
+the largest). Per task: exact match, eval loss, final training loss. The multi run's per-task
+loss curves are drawn in one PNG.
+
+    python benchmarks/train_many.py                                # the full job (~20+ min on 2 busy cores)
+    python benchmarks/train_many.py --tasks 2 --examples 16 --eval-examples 8 --out /tmp/tm  # smoke, < 2 min
+
+Writes benchmarks/results/train_many.json and train_many.png (``--out`` for elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = """apple river candle forest garden silver window planet rocket butter lemon marble pencil
+violet jacket castle dragon harbor island meadow orange pepper quartz saddle tunnel velvet walnut
+yellow zipper bridge cactus donkey falcon guitar helmet insect jungle kitten ladder magnet napkin
+oyster parrot rabbit salmon tomato umbrella vessel wizard""".split()
+NAMES = """Maria James Aisha Lucas Sofia Omar Chloe Daniel Yuki Mateo Elena Kwame Hannah Ivan Priya
+Noah Fatima Leo Ingrid Carlos""".split()
+SURNAMES = "Lopez Smith Khan Martin Rossi Okafor Tanaka Novak Silva Weber Dubois Haddad".split()
+CITIES = "Lisbon Berlin Madrid Toronto Nairobi Osaka Lyon Krakow Dublin Chicago Seoul Porto".split()
+GOOD = ["great", "wonderful", "excellent", "lovely", "fantastic", "superb"]
+BAD = ["awful", "terrible", "dreadful", "horrible", "poor", "disappointing"]
+THINGS = ["food", "service", "room", "movie", "book", "concert", "phone", "coffee"]
+
+
+def _add(r):
+    a, b = r.randint(10, 99), r.randint(10, 99)
+    return f"What is {a} + {b}? Answer with the number only.", str(a + b)
+
+
+def _reverse(r):
+    w = r.choice(WORDS)
+    return f"Reverse the letters of the word '{w}'.", w[::-1]
+
+
+def _upper(r):
+    w = " ".join(r.sample(WORDS, 2))
+    return f"Write in capital letters: {w}", w.upper()
+
+
+def _date(r):
+    y, m, d = r.randint(1990, 2030), r.randint(1, 12), r.randint(1, 28)
+    return f"Rewrite the date {y}-{m:02d}-{d:02d} as DD/MM/YYYY.", f"{d:02d}/{m:02d}/{y}"
+
+
+def _sort(r):
+    xs = r.sample(range(1, 60), 4)
+    return f"Sort ascending: {', '.join(map(str, xs))}", ", ".join(map(str, sorted(xs)))
+
+
+def _swap(r):
+    first, last = r.choice(NAMES), r.choice(SURNAMES)
+    return f"Write the name '{first} {last}' as 'Last, First'.", f"{last}, {first}"
+
+
+def _city(r):
+    name, city = r.choice(NAMES), r.choice(CITIES)
+    return f"{name} {r.choice(['lives in', 'moved to', 'is based in'])} {city} and works there. Which city? One word.", city
+
+
+def _sentiment(r):
+    good = r.random() < 0.5
+    word = r.choice(GOOD if good else BAD)
+    return f"Review: 'The {r.choice(THINGS)} was {word}.' Positive or negative? One word.", \
+        "positive" if good else "negative"
+
+
+TASKS = {"add": _add, "reverse": _reverse, "upper": _upper, "date": _date, "sort": _sort, "swap": _swap,
+         "city": _city, "sentiment": _sentiment}
+
+
+def make_tasks(folder: Path, n_tasks: int, n_train: int, n_eval: int, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+    """Write ``<task>.jsonl`` (``n_train`` rows) and ``<task>_eval.jsonl`` (``n_eval`` other rows)
+    for the first ``n_tasks`` tasks; returns name -> (train path, eval path)."""
+    if not 1 <= n_tasks <= len(TASKS):
+        raise SystemExit(f"--tasks must be 1..{len(TASKS)}")
+    out = {}
+    for k, (name, make) in enumerate(list(TASKS.items())[:n_tasks]):
+        rng, seen, rows = random.Random(seed * 1000 + k), set(), []
+        while len(rows) < n_train + n_eval:
+            prompt, answer = make(rng)
+            if prompt in seen and len(seen) < 5 * (n_train + n_eval):  # held-out prompts differ when they can
+                continue
+            seen.add(prompt)
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        paths = (folder / f"{name}.jsonl", folder / f"{name}_eval.jsonl")
+        for path, part in zip(paths, (rows[:n_train], rows[n_train:])):
+            path.write_text("".join(json.dumps(row) + "\n" for row in part))
+        out[name] = paths
+    return out
+
+
+def common_flags(args) -> list[str]:
+    return ["--model", args.model, "--method", "lora", "--r", "16", "--alpha", "32", "--target", "all-linear",
+            "--lr", str(args.lr), "--schedule", "cosine", "--batch-size", "8", "--epochs", "1", "--seed", "0",
+            "--dtype", args.dtype, "--max-length", "256", "--log-every", "1", "--no-progress"]
+
+
+THREADS: dict[str, str] = {}   # --threads N: OMP/MKL thread count of every child, the same for both
+
+
+def run(argv: list[str], log: Path) -> dict:
+    """Run a child to its end; its wall time and its own peak RSS (``wait4``)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **THREADS)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:6])} ... failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def task_result(folder: Path) -> dict:
+    s = json.loads((folder / "summary.json").read_text())
+    return {k: s.get(k) for k in ("steps", "final_loss", "eval_loss", "exact_match", "correct", "total")}
+
+
+def run_solo(args, tasks: dict, work: Path) -> dict:
+    runs, per_task = {}, {}
+    for name, (train, evals) in tasks.items():
+        out = work / "solo" / name
+        runs[name] = run([sys.executable, "-m", "deltatune", "train", *common_flags(args), "--data", str(train),
+                          "--eval", str(evals), "--out", str(out)], work / f"solo-{name}.log")
+        per_task[name] = {**task_result(out), **runs[name]}
+        print(f"solo {name}: {runs[name]['wall_s']:.1f} s, peak RSS {runs[name]['peak_rss_mb']:.0f} MB, "
+              f"exact match {per_task[name]['exact_match']:.1%}", flush=True)
+    return {"wall_s": round(sum(r["wall_s"] for r in runs.values()), 2),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values()), "tasks": per_task}
+
+
+def run_multi(args, tasks: dict, work: Path) -> dict:
+    out = work / "multi"
+    flags = [f for name, (train, evals) in tasks.items()
+             for f in ("--task", f"{name}={train}", "--task-eval", f"{name}={evals}")]
+    extra = ["--max-batch-tokens", str(args.multi_max_batch_tokens)] if args.multi_max_batch_tokens is not None else []
+    res = run([sys.executable, "-m", "deltatune", "train", *common_flags(args), *flags, *extra, "--out", str(out)],
+              work / "multi.log")
+    res["tasks"] = {name: task_result(out / name) for name in tasks}
+    print(f"multi: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    return res
+
+
+def plot_curves(multi_out: Path, names: list[str], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for name in names:
+        rows = [json.loads(line) for line in (multi_out / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, linewidth=1.5)
+    ax.set_xlabel("task step (all tasks in one run)")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title("train_many: per-task loss, one run, one base")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=8, help="how many tasks (1-8)")
+    p.add_argument("--examples", type=int, default=200, help="training rows per task")
+    p.add_argument("--eval-examples", type=int, default=50, help="held-out rows per task (exact match)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--multi-max-batch-tokens", type=int, default=None,
+                   help="tokens per forward pass of the multi run (default: the solo default); memory for speed")
+    p.add_argument("--threads", type=int, help="threads per child (OMP_NUM_THREADS); default: torch's choice")
+    p.add_argument("--only", choices=["solo", "multi"], help="run one contender")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the JSON and PNG")
+    args = p.parse_args()
+    if args.threads:
+        THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="train_many_") as tmp:
+        work = Path(tmp)
+        tasks = make_tasks(work, args.tasks, args.examples, args.eval_examples)
+        result = {"job": {"tasks": list(tasks), "examples": args.examples, "eval_examples": args.eval_examples,
+                          "epochs": 1, "method": "lora r=16 alpha=32 all-linear", "batch_size": 8, "lr": args.lr,
+                          "dtype": args.dtype, "model": args.model,
+                          "multi_max_batch_tokens": args.multi_max_batch_tokens, "threads": args.threads},
+                  "cpu": cpu_name(), "cores": os.cpu_count(),
+                  "command": " ".join(["python", "benchmarks/train_many.py", *sys.argv[1:]])}
+        if args.only != "solo":
+            result["multi"] = run_multi(args, tasks, work)
+            plot_curves(work / "multi", list(tasks), args.out / "train_many.png")
+        if args.only != "multi":
+            result["solo"] = run_solo(args, tasks, work)
+        if "multi" in result and "solo" in result:
+            result["time_ratio"] = round(result["multi"]["wall_s"] / result["solo"]["wall_s"], 3)
+            result["rss_ratio"] = round(result["multi"]["peak_rss_mb"] / result["solo"]["peak_rss_mb"], 3)
+        (args.out / "train_many.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    return 0
+
+
+def summary(result: dict) -> str:
+    lines = [f"CPU: {result['cpu']} ({result['cores']} cores)"]
+    for who in ("multi", "solo"):
+        if who in result:
+            lines.append(f"{who}: {result[who]['wall_s']:.1f} s total, peak RSS {result[who]['peak_rss_mb']:.0f} MB")
+    if "time_ratio" in result:
+        lines.append(f"multi/solo: time {result['time_ratio']:.2f}x, peak RSS {result['rss_ratio']:.2f}x")
+    lines.append("| task | multi exact match | solo exact match | multi eval loss | solo eval loss |")
+    lines.append("|---|---|---|---|---|")
+    for name in result["job"]["tasks"]:
+        m, s = (result.get(w, {}).get("tasks", {}).get(name, {}) for w in ("multi", "solo"))
+        cell = lambda d, k, f: f.format(d[k]) if d.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {name} | {cell(m, 'exact_match', '{:.0%}')} | {cell(s, 'exact_match', '{:.0%}')} | "
+                     f"{cell(m, 'eval_loss', '{:.3f}')} | {cell(s, 'eval_loss', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""``benchmarks/train_many.py`` end to end on a tiny model: both contenders run, results written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_training_helpers import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "benchmarks/train_many.py", "--model", str(model), "--tasks", "2",
+                           "--examples", "8", "--eval-examples", "2", "--dtype", "float32", "--threads", "1",
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "train_many.json").read_text())
+    assert result["job"]["tasks"] == ["add", "reverse"]
+    for who in ("multi", "solo"):
+        assert result[who]["wall_s"] > 0 and result[who]["peak_rss_mb"] > 0
+        for name in ("add", "reverse"):
+            task = result[who]["tasks"][name]
+            assert task["steps"] == 1 and task["total"] == 2 and 0 <= task["exact_match"] <= 1
+    assert result["time_ratio"] > 0 and (tmp_path / "out" / "train_many.png").stat().st_size > 0
