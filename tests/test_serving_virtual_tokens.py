@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import deltatune
 from deltatune import LoraConfig, PeftModel
 from deltatune.serving import AdapterLoadError, BadRequest, Engine, SamplingParams
-from tests.serving_fixtures import KEY, SPECIAL, Server, ids_of, make_base, tiny_tokenizer
+from tests.serving_fixtures import KEY, SPECIAL, Server, ids_of, tiny_tokenizer
 
 VIRTUAL = {
     "prompt": lambda: deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),   # random init
@@ -44,10 +44,24 @@ def _adapters(base: Path, root: Path, lora_targets: list[str]) -> dict[str, Path
     return paths
 
 
+def _llama_base(directory: Path) -> Path:
+    """The serving tests' tiny Llama with a wide init: with the default (0.02) its attention is
+    almost uniform, so answers hardly depend on positions, which these tests must check."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.25, bos_token_id=1,
+                      eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vtok")
-    base = make_base(root / "base")
+    base = _llama_base(root / "base")
     return dict(base=base, paths=_adapters(base, root, ["q_proj", "v_proj"]))
 
 
