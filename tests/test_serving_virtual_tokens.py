@@ -150,6 +150,20 @@ def test_all_methods_join_a_running_batch_with_evictions(llama):
     assert len(outs[0].outputs) == 2
 
 
+def test_a_reload_in_place_brings_the_new_prefix_and_an_unload_drops_it(llama):
+    base, paths = llama["base"], llama["paths"]
+    engine = Engine(str(base))
+    engine.add_adapter("v", paths["prompt"])
+    first = engine.generate(PROMPTS[2], adapter="v", sampling=greedy(6))[0].outputs[0].token_ids
+    assert first == generate_alone(base, paths["prompt"], PROMPTS[2], 6)
+    engine.add_adapter("v", paths["prefix"], replace=True)          # another method under the same name
+    again = engine.generate(PROMPTS[2], adapter="v", sampling=greedy(6))[0].outputs[0].token_ids
+    assert again == generate_alone(base, paths["prefix"], PROMPTS[2], 6) != first
+    assert len(engine.pool.prefixes) == 1                           # the old version's prefix went with it
+    engine.remove_adapter("v")
+    assert engine.pool.prefixes == {}
+
+
 def test_the_context_counts_the_virtual_tokens(llama, tmp_path):
     base, paths = llama["base"], llama["paths"]
     engine = Engine(str(base), max_model_len=12)

@@ -7,6 +7,9 @@
   no running sequence uses.
 - *disk*: only the path; read again on first use.
 
+A virtual-token adapter (prompt tuning, P-tuning, prefix tuning) is ready with its cache prefix
+computed (``prefixes``; ``virtual_rows``), and the layers route its rows as the base.
+
 A client's name maps to its current *version*; each version lives in the model under an internal
 name the pool makes (``a1``, ``a2``, ...: a client string never becomes a module key, so any
 printable name works, dots included), so ``add_adapter(name, path, replace=True)`` (vLLM's ``load_inplace``)

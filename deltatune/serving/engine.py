@@ -1,4 +1,5 @@
-"""``Engine``: one base model, many LoRA adapters, continuous batching in a background thread.
+"""``Engine``: one base model, many adapters (LoRA and its kin, virtual tokens), continuous batching in a
+background thread.
 
 Each step of the loop (``_step``):
 
@@ -7,7 +8,8 @@ Each step of the loop (``_step``):
    adapter version current when it was submitted; an adapter not in the model is made ready
    first (least recently used idle one evicted); the new sequences' prompts run in one
    left-padded prefill forward that writes their slots of the KV cache and samples their first
-   tokens;
+   tokens (a prompt tuning, P-tuning or prefix tuning row has its adapter's virtual-token prefix
+   written in its slot first: ``virtual_rows``);
 3. every running sequence decodes one token in one forward: rows at their own positions over the
    preallocated ``SlotKVCache``, each row with its own adapter (the core's per-row route: layers
    gather each row's factors from their banks, and keep the gathered factors while the batch's
