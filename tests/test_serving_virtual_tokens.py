@@ -177,11 +177,12 @@ def test_the_context_counts_the_virtual_tokens(llama, tmp_path):
     with pytest.raises(BadRequest, match=r"max_tokens=5 is too large.*5 virtual tokens.*at most 4 new"):
         engine.generate(PROMPTS[0], adapter="prefix", sampling=greedy(5))
     # no max_tokens: the row runs to the context's end, 12 - 5 - 3 = 4 tokens, as generate's
-    out = engine.generate(PROMPTS[0], adapter="prefix", sampling=SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    to_the_end = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    out = engine.generate(PROMPTS[0], adapter="prefix", sampling=to_the_end)[0]
     assert out.outputs[0].finish_reason == "length"
     assert out.outputs[0].token_ids == generate_alone(base, paths["prefix"], PROMPTS[0], 4)
     # the base keeps its whole context
-    base_out = engine.generate(PROMPTS[0], sampling=SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    base_out = engine.generate(PROMPTS[0], sampling=to_the_end)[0]
     assert len(base_out.outputs[0].token_ids) == 12 - 3
 
 
@@ -193,7 +194,7 @@ def test_a_virtual_adapter_that_also_saves_modules_is_refused_at_load(llama, tmp
     saved = _save(base, tmp_path / "head", config, 4)
     engine = Engine(str(base))
     engine.add_adapter("lora", paths["lora"])
-    refusal = r"head.adapter_config.json: a PROMPT_TUNING adapter with modules_to_save=\['lm_head'\] cannot share a batch"
+    refusal = r"head.adapter_config.json: a PROMPT_TUNING adapter with modules_to_save=\['lm_head'\] cannot share"
     with pytest.raises(AdapterLoadError, match=refusal):
         engine.add_adapter("head", saved)
     assert [a.name for a in engine.adapters()] == ["lora"]

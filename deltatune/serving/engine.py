@@ -202,9 +202,9 @@ class Engine:
                              f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)",
                              "prompt")
         if params.max_tokens is not None and params.max_tokens > room:
-            raise BadRequest(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens{extra} and "
-                             f"this model's maximum context length is {self.max_model_len} tokens, so at most {room} "
-                             "new tokens fit", "max_tokens")
+            raise BadRequest(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens{extra} "
+                             f"and this model's maximum context length is {self.max_model_len} tokens, so at most "
+                             f"{room} new tokens fit", "max_tokens")
         return room
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
