@@ -45,7 +45,7 @@ class Method:
     mergeable: bool = True
     mixable: bool = True
     packable: bool = True
-    servable: bool = True  # the serving engine can run it (virtual tokens cannot be served yet)
+    servable: bool = True  # the serving engine can run it (checked at load: serving.adapters.check_servable)
     component: Callable | None = None
     complete_config: Callable | None = None
     default_lr: float = 2e-4

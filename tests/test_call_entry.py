@@ -1,6 +1,6 @@
 """The one call entry (``PeftModel.applying``): routes per thread, trained biases per adapter,
 virtual-token inputs prepared in one place, a component list instead of model walks, and the
-serving engine refusing virtual-token adapters at load time (issue 23)."""
+serving engine serving the virtual-token adapters it refused in issue 23 (issue 25)."""
 from __future__ import annotations
 
 import asyncio
@@ -205,8 +205,10 @@ def test_adapter_layers_come_from_the_component_list(monkeypatch):
     assert [c.adapters() for c in model.base_model.component_list] == [["prompt"]]
 
 
-def test_engine_refuses_a_prompt_tuning_adapter_at_load(tmp_path):
-    from deltatune.serving import AdapterLoadError, Engine
+def test_engine_serves_a_prompt_tuning_adapter_it_refused_before(tmp_path):
+    """Issue 23 refused virtual-token adapters at load; issue 25 serves them (the row-by-row checks
+    against ``PeftModel.generate`` are in test_serving_virtual_tokens.py)."""
+    from deltatune.serving import Engine, SamplingParams
     from tests.test_cli import _tiny_tokenizer
 
     base = tmp_path / "base"
@@ -218,6 +220,12 @@ def test_engine_refuses_a_prompt_tuning_adapter_at_load(tmp_path):
                       deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     model.save_pretrained(tmp_path / "prompt")
     engine = Engine(str(base))
-    with pytest.raises(AdapterLoadError, match=r"PROMPT_TUNING adds virtual tokens.*cannot serve"):
-        engine.add_adapter("p", tmp_path / "prompt")
-    assert engine.adapters() == []
+    engine.add_adapter("p", tmp_path / "prompt")
+    assert [(a.name, a.state) for a in engine.adapters()] == [("p", "ready")]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = engine.generate([5, 6, 7], adapter="p", sampling=greedy)[0].outputs[0].token_ids
+    model.eval()
+    model.base_model.model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)[0, 3:].tolist()
+    assert got == want

@@ -394,7 +394,8 @@ def build_prefix_tuning(config: PrefixTuningConfig, model: nn.Module) -> PrefixT
 
 
 def _register() -> None:
-    common = dict(mergeable=False, mixable=False, packable=False, servable=False, complete_config=complete_config,
+    # servable: the engine runs the virtual tokens per row (serving.virtual_rows) beside any other rows.
+    common = dict(mergeable=False, mixable=False, packable=False, servable=True, complete_config=complete_config,
                   why_not_mergeable="its virtual tokens are extra inputs, not a weight change")
     # Learning rates: the best of a sweep on the demo task at 40 steps x 8 (README, "Virtual tokens";
     # exact match of 50): prompt tuning 3e-2 46 (1e-1 46, 3e-1 overshoots); prefix tuning (zero init)

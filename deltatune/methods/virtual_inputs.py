@@ -76,6 +76,14 @@ def prefix_cache(component, model: nn.Module, batch: int):
     return cache
 
 
+def prefix_key_values(component, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)``, each (1, kv_heads, n, head_dim): what ``prefix_cache`` holds
+    for one row. They depend on no input, so a server computes them once per adapter (for prompt
+    tuning and P-tuning that is one forward of the virtual embeddings, under the caller's route)."""
+    cache = prefix_cache(component, model, 1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def _input_dtype(model: nn.Module) -> torch.dtype:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embed, "weight", None)

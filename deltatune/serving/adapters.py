@@ -7,6 +7,9 @@
   no running sequence uses.
 - *disk*: only the path; read again on first use.
 
+A virtual-token adapter (prompt tuning, P-tuning, prefix tuning) is ready with its cache prefix
+computed (``prefixes``; ``virtual_rows``), and the layers route its rows as the base.
+
 A client's name maps to its current *version*; each version lives in the model under an internal
 name the pool makes (``a1``, ``a2``, ...: a client string never becomes a module key, so any
 printable name works, dots included), so ``add_adapter(name, path, replace=True)`` (vLLM's ``load_inplace``)
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from deltatune.adapter_set import BASE_NAME
 from deltatune.serving.errors import AdapterLoadError, UnknownModel
+from deltatune.serving.virtual_rows import build_prefix, config_problem, route_name
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,14 @@ def adapter_rank(config) -> int:
     return max(int(r) for r in ranks)
 
 
-def check_config(config, path, max_lora_rank: int) -> None:
-    """Refuse a config the engine cannot serve: its method (``check_servable``) or a rank above
-    ``max_lora_rank``. Raises AdapterLoadError."""
+def check_config(config, path, max_lora_rank: int, max_model_len: int | None = None) -> None:
+    """Refuse a config the engine cannot serve: its method (``check_servable``), a rank above
+    ``max_lora_rank``, or a virtual-token config the engine cannot run (``virtual_rows.config_problem``).
+    Raises AdapterLoadError."""
     check_servable(config, path)
+    problem = config_problem(config, Path(path) / "adapter_config.json", max_model_len)
+    if problem:
+        raise AdapterLoadError(problem, "lora_path")
     rank = adapter_rank(config)
     if rank > max_lora_rank:
         raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: rank r={rank} is above max_lora_rank="
@@ -109,10 +117,8 @@ def check_servable(config, path) -> None:
     method = registry.method_of(config)
     if not method.servable:
         raise AdapterLoadError(
-            f"{Path(path) / 'adapter_config.json'}: peft_type {method.peft_type} adds virtual tokens to the "
-            "prompt, which the engine cannot serve yet: the engine's batches share one KV cache and would "
-            "need each row's own virtual tokens in it; run this adapter with PeftModel.generate instead",
-            "lora_path")
+            f"{Path(path) / 'adapter_config.json'}: peft_type {method.peft_type} cannot be served by the engine; "
+            "run this adapter with PeftModel.generate instead", "lora_path")
 
 
 def read_version_files(path) -> tuple[object, dict]:
@@ -132,10 +138,13 @@ def read_version_files(path) -> tuple[object, dict]:
 class AdapterPool:
     """Named adapter versions over one base model (see the module doc)."""
 
-    def __init__(self, model, max_loras: int, max_cpu_loras: int, max_lora_rank: int) -> None:
+    def __init__(self, model, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
+                 max_model_len: int | None = None) -> None:
         self.model = model                 # the transformers model; wrapped in place by PeftModel
         self.peft = None                   # PeftModel, made with the first adapter
         self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
+        self.max_model_len = max_model_len
+        self.prefixes: dict = {}           # internal name -> VirtualPrefix of each ready virtual-token adapter
         self.current: dict[str, Version] = {}
         self.versions: dict[str, Version] = {}              # internal name -> every live version
         self.ready: OrderedDict[str, Version] = OrderedDict()
@@ -168,7 +177,7 @@ class AdapterPool:
         if name in self.current and not replace:
             raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first or reload it in place "
                                    "(load_inplace / replace=True)", "lora_name")
-        check_config(config, path, self.max_lora_rank)
+        check_config(config, path, self.max_lora_rank, self.max_model_len)
         number = self._next_version.get(name, 0) + 1
         v = Version(name, number, os.fspath(path), config, tensors, adapter_rank(config),
                     f"a{next(self._internal_ids)}", stamp if stamp is not None else file_stamp(path))
@@ -230,7 +239,7 @@ class AdapterPool:
         if stamp == v.stamp and config == v.config:
             v.tensors = tensors
             return
-        check_config(config, v.path, self.max_lora_rank)
+        check_config(config, v.path, self.max_lora_rank, self.max_model_len)
         del self.versions[v.internal]
         number = self._next_version[v.name] + 1
         self._next_version[v.name] = number
@@ -271,14 +280,22 @@ class AdapterPool:
             raise AdapterLoadError(f"{where} cannot be applied to this model: {exc}", "lora_path") from None
         try:
             self.peft._load_weights(v.internal, v.tensors, v.path)
-            self._check_mixable(v)
+            prefix = build_prefix(self.peft, v.internal)
+            if prefix is None:  # a virtual-token row is a base row to the layers (``virtual_rows``)
+                self._check_mixable(v)
         except (ValueError, AdapterLoadError) as exc:
             self.peft.delete_adapter(v.internal)
             if isinstance(exc, AdapterLoadError):
                 raise
             raise AdapterLoadError(f"{where} cannot be applied to this model: {exc}", "lora_path") from None
         self.peft.eval()
+        if prefix is not None:
+            self.prefixes[v.internal] = prefix
         self.ready[v.internal] = v
+
+    def route_name(self, internal: str) -> str:
+        """The name the layers route a row of adapter ``internal`` by (the base for virtual tokens)."""
+        return route_name(internal, self.prefixes)
 
     def _check_mixable(self, v: Version) -> None:
         """The call entry's one mixing rule (``peft_model.mixing_problem``): every served adapter
@@ -291,5 +308,6 @@ class AdapterPool:
                                    "lora_path")
 
     def _eject(self, v: Version) -> None:
+        self.prefixes.pop(v.internal, None)
         self.peft.delete_adapter(v.internal)
         del self.ready[v.internal]

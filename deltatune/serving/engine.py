@@ -1,4 +1,5 @@
-"""``Engine``: one base model, many LoRA adapters, continuous batching in a background thread.
+"""``Engine``: one base model, many adapters (LoRA and its kin, virtual tokens), continuous batching in a
+background thread.
 
 Each step of the loop (``_step``):
 
@@ -7,7 +8,8 @@ Each step of the loop (``_step``):
    adapter version current when it was submitted; an adapter not in the model is made ready
    first (least recently used idle one evicted); the new sequences' prompts run in one
    left-padded prefill forward that writes their slots of the KV cache and samples their first
-   tokens;
+   tokens (a prompt tuning, P-tuning or prefix tuning row has its adapter's virtual-token prefix
+   written in its slot first: ``virtual_rows``);
 3. every running sequence decodes one token in one forward: rows at their own positions over the
    preallocated ``SlotKVCache``, each row with its own adapter (the core's per-row route: layers
    gather each row's factors from their banks, and keep the gathered factors while the batch's
@@ -44,6 +46,7 @@ from deltatune.serving.requests import Request, Seq
 from deltatune.serving.runner import ModelRunner, engine_dtype
 from deltatune.serving.sampling import SamplingParams, make_generator
 from deltatune.serving.scheduler import Scheduler
+from deltatune.serving.virtual_rows import virtual_length
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +165,7 @@ class Engine:
             raise BadRequest(f"n={params.n} is above max_num_seqs={self.max_num_seqs}: the completions of a request "
                              "run together", "n")
         text, ids = self._tokenize(prompt)
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise PromptTooLong(len(ids), self.max_model_len)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise BadRequest(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens and this "
-                             f"model's maximum context length is {self.max_model_len} tokens, so at most {room} new "
-                             "tokens fit", "max_tokens")
+        self._room(ids, params, 0)
         with self._lock:
             if self._stopping:
                 raise ServingError("the engine is shutting down")
@@ -177,6 +174,7 @@ class Engine:
             version = None
             if adapter is not None and adapter not in (self.base_name, BASE_NAME):
                 version = self.pool.resolve(adapter)
+            room = self._room(ids, params, virtual_length(version.config) if version is not None else 0)
             rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if rid in self.scheduler.requests:
                 raise BadRequest(f"request_id {rid!r} is already running", "request_id")
@@ -190,6 +188,24 @@ class Engine:
             self.scheduler.enqueue(req)
             self._wake.notify_all()
         return handle
+
+    def _room(self, ids: list[int], params: SamplingParams, virtual: int) -> int:
+        """New tokens that fit after the prompt ``ids`` and ``virtual`` virtual tokens (a
+        virtual-token adapter's prefix takes positions of the row's context). Raises
+        PromptTooLong / BadRequest when the prompt or ``max_tokens`` does not fit."""
+        room = self.max_model_len - virtual - len(ids)
+        extra = f" after the adapter's {virtual} virtual tokens" if virtual else ""
+        if room < 1:
+            if not virtual:
+                raise PromptTooLong(len(ids), self.max_model_len)
+            raise BadRequest(f"the prompt has {len(ids)} tokens{extra} but this model's maximum context length is "
+                             f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)",
+                             "prompt")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise BadRequest(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens{extra} "
+                             f"and this model's maximum context length is {self.max_model_len} tokens, so at most "
+                             f"{room} new tokens fit", "max_tokens")
+        return room
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -49,9 +49,12 @@ class SlotKVCache(Cache):
                 t[:, :, self.clean:length].zero_()
             self.clean = length
 
-    def for_prefill(self, first_slot: int, lengths: list[int], padded: int) -> None:
+    def for_prefill(self, first_slot: int, lengths: list[int], padded: int, starts: list[int] | None = None,
+                    prefix: list | None = None) -> None:
         """Next forward: rows are new sequences for slots ``first_slot ..``, each ``lengths[i]``
-        tokens left-padded to ``padded``."""
+        tokens left-padded to ``padded``, written from slot position ``starts[i]`` (default 0; a
+        virtual-token row's prefix is before it). ``prefix``: per layer the keys and values
+        (n, kv, P, hd) the new tokens also attend to, before their own (``serving.virtual_rows``)."""
         K = self.keys[0]
         heads, device = K.shape[1], K.device
         n = torch.tensor(lengths, device=device)
@@ -60,8 +63,10 @@ class SlotKVCache(Cache):
         t = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(n.cumsum(0) - n, n)
         h = torch.arange(heads, device=device)[:, None]                                         # (kv, 1)
         src = (row * heads + h) * padded + padded - n[row] + t                                  # (kv, N)
+        if starts is not None:
+            t = t + torch.tensor(starts, device=device)[row]
         dst = ((first_slot + row) * heads + h) * self.max_len + t
-        self._mode = ("prefill", src.reshape(-1), dst.reshape(-1))
+        self._mode = ("prefill", src.reshape(-1), dst.reshape(-1), prefix)
 
     def for_decode(self, positions: torch.Tensor, length: int) -> None:
         """Next forward: row ``i`` (slot ``i``) adds one token at ``positions[i]``; attend to ``length``."""
@@ -76,9 +81,12 @@ class SlotKVCache(Cache):
         # one index_copy_ per tensor into the flat (slots * kv_heads * max_len, head_dim) view,
         # with the indices computed once per forward (for_prefill / for_decode), not per layer
         if self._mode[0] == "prefill":
-            _, src, dst = self._mode
+            _, src, dst, prefix = self._mode
             K.view(-1, head_dim).index_copy_(0, dst, key_states.reshape(-1, head_dim).index_select(0, src))
             V.view(-1, head_dim).index_copy_(0, dst, value_states.reshape(-1, head_dim).index_select(0, src))
+            if prefix is not None:
+                pk, pv = prefix[layer_idx]
+                return torch.cat([pk, key_states], dim=2), torch.cat([pv, value_states], dim=2)   # (n, kv, P+T, hd)
             return key_states, value_states
         _, dst, B, length = self._mode
         K.view(-1, head_dim).index_copy_(0, dst, key_states.reshape(-1, head_dim))          # (B * kv, head_dim)

@@ -5,7 +5,9 @@ the sampling call.
 - prefill: the new sequences' prompts, left-padded into one forward that writes their cache slots;
 - decode: every running sequence's last token at its own position over the slots ``0 .. B-1``;
 - each row is routed to its own adapter (the core's per-row route: layers gather each row's
-  factors from their banks, and keep the gathered factors while the batch's rows keep their adapters).
+  factors from their banks, and keep the gathered factors while the batch's rows keep their adapters);
+- a virtual-token adapter's row (prompt tuning, P-tuning, prefix tuning) has its cache prefix in
+  its slot before its prompt, and is a base row to the layers (``serving.virtual_rows``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from deltatune.serving.adapters import AdapterPool
 from deltatune.serving.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from deltatune.serving.requests import Seq
 from deltatune.serving.sampling import SamplingParams, sample
+from deltatune.serving.virtual_rows import PrefillPrefix
 
 DEFAULT_MAX_MODEL_LEN = 2048   # when the model allows more: bounds the KV cache's allocation
 CLEAN_CHUNK = 64               # KV positions are zeroed this many at a time on first use
@@ -53,7 +56,7 @@ class ModelRunner:
         self.max_model_len = min(limit, max_model_len or DEFAULT_MAX_MODEL_LEN)
         self.cache = make_cache(cfg, max_num_seqs, self.max_model_len, self.dtype, self.device)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.pool = AdapterPool(model, max_loras, max_cpu_loras, max_lora_rank)
+        self.pool = AdapterPool(model, max_loras, max_cpu_loras, max_lora_rank, self.max_model_len)
         self._last_call = None                  # the previous forward's Call: its route tensor is reused
 
     def _pack(self, pack_weights: bool | None, rows: int) -> int:
@@ -68,20 +71,28 @@ class ModelRunner:
     # -- forward inputs ------------------------------------------------------------------------
     def prefill(self, seqs: list[Seq], pad: int) -> torch.Tensor:
         """Logits (n, V) of the new sequences' last prompt tokens; their slots of the cache written
-        and each ``pos`` set to its prompt's length. Rows are left-padded with ``pad``."""
+        and each ``pos`` set to where its next token goes (its virtual tokens, if any, plus its
+        prompt's length). Rows are left-padded with ``pad``."""
         lengths = [len(s.req.prompt_ids) for s in seqs]
         T = max(lengths)
         ids = torch.full((len(seqs), T), pad, dtype=torch.long)                   # (n, T)
         for i, s in enumerate(seqs):
             ids[i, T - lengths[i]:] = torch.tensor(s.req.prompt_ids)
+        virtual = PrefillPrefix([self.pool.prefixes.get(s.adapter) for s in seqs])
         offsets = torch.tensor([T - n for n in lengths])[:, None]
-        positions = (torch.arange(T)[None, :] - offsets).clamp_min(0)      # (n, T)
-        self._clean(T)
-        self.cache.for_prefill(seqs[0].row, lengths, T)
+        starts = torch.tensor(virtual.starts)[:, None]                          # (n, 1): after the prefix
+        positions = (torch.arange(T)[None, :] - offsets).clamp_min(0) + starts    # (n, T)
+        self._clean(max(a + n for a, n in zip(virtual.starts, lengths)))
         mask = prefill_mask(lengths, T, self.dtype, self.device)
+        if virtual.width:
+            virtual.write_slots(self.cache, seqs[0].row)
+            self.cache.for_prefill(seqs[0].row, lengths, T, virtual.starts, virtual.blocks(self.cache.keys[0]))
+            mask = virtual.mask(mask)                                             # (n, 1, T, P + T)
+        else:
+            self.cache.for_prefill(seqs[0].row, lengths, T)
         logits = self._forward(ids.to(self.device), positions.to(self.device), mask, [s.adapter for s in seqs])
-        for s, n in zip(seqs, lengths):
-            s.pos = n
+        for s, a, n in zip(seqs, virtual.starts, lengths):
+            s.pos = a + n
         return logits
 
     def decode(self, seqs: list[Seq]) -> torch.Tensor:
@@ -108,6 +119,7 @@ class ModelRunner:
             if self.pool.peft is None:
                 out = self.model(**kwargs)
             else:
+                names = [self.pool.route_name(n) for n in names]   # virtual-token rows: the base's layers
                 # reuse=: when the rows' adapters are the previous step's (and no adapter came or
                 # went), the call routes with the previous route tensor, so layers reuse their
                 # gathered factors at once (``AdapterLayer.gathered``'s identity check, as on each

@@ -16,6 +16,7 @@ from deltatune.serving.errors import QueueFull, ServingError
 from deltatune.serving.kv_cache import SlotKVCache
 from deltatune.serving.outputs import StreamDelta
 from deltatune.serving.requests import Request, Seq
+from deltatune.serving.virtual_rows import virtual_length
 
 
 class Scheduler:
@@ -66,7 +67,8 @@ class Scheduler:
             n = len(req.seqs)
             if len(self.running) + n > self.max_num_seqs:
                 break
-            if joined and max(longest, len(req.prompt_ids)) * (len(joined) + n) > self.max_prefill_tokens:
+            width = len(req.prompt_ids) + (virtual_length(req.version.config) if req.version is not None else 0)
+            if joined and max(longest, width) * (len(joined) + n) > self.max_prefill_tokens:
                 break   # the rest join at the next step
             if req.version is not None:
                 try:
@@ -82,7 +84,7 @@ class Scheduler:
                 s.row = len(self.running)
                 self.running.append(s)
                 joined.append(s)
-            longest = max(longest, len(req.prompt_ids))
+            longest = max(longest, width)
         return joined
 
     def reap(self) -> None:
