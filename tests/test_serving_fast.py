@@ -114,3 +114,37 @@ def test_engine_fuses_the_base_norms(dirs):  # noqa: F811
     engine = engine_for(dirs, names=("a",), max_num_seqs=2)
     layers = engine.model.config.num_hidden_layers
     assert engine.fused_norms == 2 * layers + 1          # two per decoder layer and the final one
+
+
+@needs_mkl
+def test_a_packed_layer_copies_like_a_linear_and_packs_its_copy_on_use():
+    """modules_to_save copies the base layer (copy.deepcopy): MKL's packed tensor has no storage to
+    copy, so the copy starts unpacked, shares nothing with the original and packs on first use."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = packed.PackedLinear.from_linear(nn.Linear(32, 16), rows=2)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        want = fast(x)
+        twin = copy.deepcopy(fast)
+        assert twin.weight.data_ptr() != fast.weight.data_ptr()
+        torch.testing.assert_close(twin(x), want)
+        twin.weight.mul_(2)
+        torch.testing.assert_close(fast(x), want)                      # the original is untouched
+        torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias))
+
+
+@needs_mkl
+def test_an_adapter_with_modules_to_save_loads_into_a_packed_engine(dirs, tmp_path):  # noqa: F811
+    """A LoRA adapter that saves lm_head (a packed layer) loads and answers as PeftModel.generate."""
+    from tests.serving_fixtures import alone, make_adapter
+
+    path = make_adapter(dirs["base"], tmp_path / "head", 3, r=4, target_modules=["q_proj", "v_proj"],
+                        modules_to_save=["lm_head"])
+    engine = engine_for(dirs, max_num_seqs=4)
+    assert engine.packed_linears > 0
+    engine.add_adapter("head", path)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    got = engine.generate([PROMPTS[0]], adapter=["head"], sampling=greedy)[0].outputs[0].token_ids
+    assert got == alone(dirs["base"], path, PROMPTS[0], 6)[0]

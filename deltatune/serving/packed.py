@@ -21,6 +21,8 @@ again before its next use.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,6 +91,15 @@ class PackedLinear(nn.Linear):
                 out = _MKL_LINEAR(rows, packed, w, self.bias, self.rows)
                 return out[:m].reshape(*x.shape[:-1], -1)                            # (..., out)
         return F.linear(x, self.weight, self.bias)
+
+    def __deepcopy__(self, memo) -> "PackedLinear":
+        """A copy (``modules_to_save`` copies its base layer) that starts unpacked: MKL's packed
+        tensor is opaque, with no storage to copy, and the copy packs its own weight on first use."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key in ("_packed", "_key") else copy.deepcopy(value, memo)
+        return new
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed_rows={self.rows}"
