@@ -292,7 +292,9 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
-            base weight keeps the residual), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
+            base weight keeps the residual), ``"olora"`` (OLoRA, Büyükakyüz 2024: factors from a QR
+            of the weight, the base keeps the residual), ``"orthogonal"`` (A and B from orthogonal
+            halves of a random rotation, so ``B @ A = 0``; even ranks), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
             linear layers become a 4-bit NF4 base and the factors start from the rank-r part of the
             rounding error; needs ``loftq_config``; see ``deltatune.quant.loftq``).
         loftq_config: ``LoftQConfig`` (or its dict) for ``init_lora_weights="loftq"``; kept as a
@@ -308,11 +310,10 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[PeftType] = PeftType.LORA
     peft_extra_defaults: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
-        "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
-        "layer_replication": None, "lora_bias": False, "lora_ga_config": None,
+        "eva_config": None, "kasa_config": None,
+        "layer_replication": None, "lora_ga_config": None,
         "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
-        "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
-        "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "qalora_group_size": 16, "use_bdlora": None, "use_qalora": False, "velora_config": None,
     }
 
     r: int = 8
@@ -331,9 +332,16 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
+    # peft options deltatune does not implement: accepted at peft's defaults, a ConfigError naming
+    # the option otherwise (``_UNSUPPORTED_LORA``), never silently ignored.
+    ensure_weight_tying: bool = False
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _refuse_unsupported(self)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -343,11 +351,11 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq")
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq", "olora", "orthogonal")
                 or (isinstance(init, str) and init.startswith("pissa_niter_")
                     and init[len("pissa_niter_"):].isdigit())):
             raise ConfigError(f"init_lora_weights={init!r} must be True, False, 'gaussian', "
-                              "'pissa', 'pissa_niter_N' or 'loftq'")
+                              "'pissa', 'pissa_niter_N', 'olora', 'orthogonal' or 'loftq'")
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
@@ -360,6 +368,30 @@ class LoraConfig(PeftConfig):
                               "not a regex string")
         _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
         _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+        if init == "orthogonal" and (self.r % 2 or any(int(v) % 2 for v in self.rank_pattern.values())):
+            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (r={self.r}, "
+                              f"rank_pattern={self.rank_pattern}): A and B take half of the rows each")
+
+
+# LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
+_UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
+    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target the embedding or "
+                                   "the output layer, not both"),
+    "lora_bias": (False, "LoRA's B factor has no bias here; use bias='lora_only' to train the wrapped "
+                         "layers' own biases"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE expert weights) is not implemented; target "
+                                "the modules that hold them"),
+    "trainable_token_indices": (None, "training single embedding rows is not implemented; put the embedding "
+                                      "in modules_to_save or target it with LoRA"),
+}
+
+
+def _refuse_unsupported(config: "LoraConfig") -> None:
+    """ConfigError naming the first peft option set to a value deltatune cannot honour."""
+    for name, (default, why) in _UNSUPPORTED_LORA.items():
+        value = getattr(config, name)
+        if value != default and value not in (None, False, [], {}):
+            raise ConfigError(f"LoraConfig({name}={value!r}) is not supported by deltatune: {why}")
 
 
 @dataclass
