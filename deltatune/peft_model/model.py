@@ -92,12 +92,15 @@ class PeftModel(PeftSurface, nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
         on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword; a list of
-        another length than the input's rows is a ValueError (``MixingError``) naming both."""
+        another length than the input's rows is a ValueError (``MixingError``) naming both.
+        Prompt and P-tuning logits include the virtual positions first, as peft's
+        (``peft_model.virtual``)."""
         model = self.base_model.model
         _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
-            if call.prepares_inputs:  # the method prepares the inputs (by name)
-                args, kwargs = (), call.prepare(_call.named(model, args, kwargs))
+            if call.prepares_inputs:  # the method prepares the inputs (by name); outputs as peft's
+                given = _call.named(model, args, kwargs)
+                return call.finish(given, model(**call.prepare(given)))
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
