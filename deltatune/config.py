@@ -124,8 +124,8 @@ class PeftConfig(metaclass=_ConfigType):
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
-            raise ConfigError(f"task_type={self.task_type!r} is not one of "
-                              f"{sorted(TaskType._value2member_map_)}")
+            raise ConfigError(f"Invalid task type: {self.task_type!r}. Must be one of the following task types: "
+                              f"{', '.join(TaskType._value2member_map_)}. (field task_type)")
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -198,10 +198,7 @@ class PeftConfig(metaclass=_ConfigType):
     def from_json_file(cls, path_json_file: str | os.PathLike, **_ignored: Any) -> dict[str, Any]:
         """The JSON object in ``path_json_file`` as a dict, unvalidated (peft's classmethod; a
         ``runtime_config`` key, which peft never reads from files, is dropped with a warning).
-
-        Raises:
-            ConfigError: the file is not valid JSON or not a JSON object (the message names it).
-        """
+        Raises ConfigError naming the file if it is not valid JSON or not a JSON object."""
         try:
             with open(path_json_file, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -215,18 +212,20 @@ class PeftConfig(metaclass=_ConfigType):
         return data
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
-        """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names.
-
-        As in peft, the file decides the class: ``LoraConfig.from_pretrained`` of an IA3
-        adapter gives an ``IA3Config``.
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | None = None) -> "PeftConfig":
+        """Read ``directory/adapter_config.json`` (``directory/subfolder/...``) into the config class
+        its ``peft_type`` names; as in peft, the file decides the class. ``directory`` may be a Hub
+        repo id (``revision``, ``cache_dir``, ``token``: huggingface_hub's; offline, its cache).
 
         Raises:
-            FileNotFoundError: no adapter_config.json in ``directory``.
+            FileNotFoundError: no adapter_config.json there (locally or on the Hub / in its cache).
             ConfigError: unreadable JSON, no or unknown ``peft_type``, or an unsupported field
                 (the message names the file and the key).
         """
-        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        path = os.path.join(os.fspath(directory), subfolder or "", CONFIG_NAME)
+        if not os.path.isfile(path) and not os.path.isdir(directory):
+            path = _hub_file(str(directory), subfolder, revision, cache_dir, token) or path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
         data = cls.from_json_file(path)
@@ -255,6 +254,16 @@ def config_class(peft_type: str, source: str = "config") -> type[PeftConfig]:
 
 
 _MISSING = object()
+
+
+def _hub_file(repo_id: str, subfolder, revision, cache_dir, token) -> Optional[str]:
+    """``adapter_config.json`` of Hub repo ``repo_id`` (downloaded, or from the cache offline), or None."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                               token=token)
+    except Exception:  # noqa: BLE001 - not a repo id, not cached offline, no network: "not found"
+        return None
 
 
 def _is_unused(value: Any, default: Any) -> bool:
@@ -341,7 +350,9 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _refuse_unsupported(self)
+        for name, (default, why) in _UNSUPPORTED_LORA.items():  # a peft option set: refused by name
+            if getattr(self, name) != default and getattr(self, name) not in (None, False, [], {}):
+                raise ConfigError(f"LoraConfig({name}={getattr(self, name)!r}) is not supported by deltatune: {why}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -375,23 +386,11 @@ class LoraConfig(PeftConfig):
 
 # LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
-    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target the embedding or "
-                                   "the output layer, not both"),
-    "lora_bias": (False, "LoRA's B factor has no bias here; use bias='lora_only' to train the wrapped "
-                         "layers' own biases"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE expert weights) is not implemented; target "
-                                "the modules that hold them"),
-    "trainable_token_indices": (None, "training single embedding rows is not implemented; put the embedding "
-                                      "in modules_to_save or target it with LoRA"),
+    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
+    "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
+    "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
 }
-
-
-def _refuse_unsupported(config: "LoraConfig") -> None:
-    """ConfigError naming the first peft option set to a value deltatune cannot honour."""
-    for name, (default, why) in _UNSUPPORTED_LORA.items():
-        value = getattr(config, name)
-        if value != default and value not in (None, False, [], {}):
-            raise ConfigError(f"LoraConfig({name}={value!r}) is not supported by deltatune: {why}")
 
 
 @dataclass

@@ -287,3 +287,26 @@ def test_virtual_token_logits_include_the_virtual_positions(config):
     expected = nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected, atol=1e-4, rtol=0)
     model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # still generates
+
+
+# -- config surface --------------------------------------------------------------------------------
+def test_invalid_task_type_message_is_peft_s():
+    with pytest.raises(ConfigError, match="Invalid task type: 'nope'. Must be one of the following task types: "
+                                          "SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION."):
+        dt.LoraConfig(task_type="nope")
+
+
+def test_config_from_pretrained_subfolder_and_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    dt.LoraConfig(r=4).save_pretrained(tmp_path / "sub")
+    assert dt.LoraConfig.from_pretrained(tmp_path, subfolder="sub").r == 4
+    asked = {}
+
+    def download(repo_id, filename, subfolder=None, revision=None, **_):
+        asked.update(repo=repo_id, revision=revision, subfolder=subfolder)
+        return str(tmp_path / "sub" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert dt.PeftConfig.from_pretrained("org/adapter", revision="v1").r == 4
+    assert asked == {"repo": "org/adapter", "revision": "v1", "subfolder": None}
