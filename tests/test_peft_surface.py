@@ -310,3 +310,14 @@ def test_config_from_pretrained_subfolder_and_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     assert dt.PeftConfig.from_pretrained("org/adapter", revision="v1").r == 4
     assert asked == {"repo": "org/adapter", "revision": "v1", "subfolder": None}
+
+
+def test_modules_to_save_attributes_come_from_the_applied_copy():
+    model = dt.get_peft_model(_Net(), dt.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    head = model.base_model.model.head
+    assert head.proj is head.modules_to_save["default"].proj  # as peft: the active adapter's copy
+    model.set_adapter("b")
+    assert head.proj is head.modules_to_save["b"].proj
+    with model.disable_adapter():
+        assert head.proj is head.original_module.proj

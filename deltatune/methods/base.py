@@ -317,6 +317,17 @@ class ModulesToSaveWrapper(AdapterLayer):
     def original_module(self) -> nn.Module:
         return self.base_layer
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (``weight``, ``config``...) come from the copy the current
+        route applies (the original when disabled or not held), as peft's wrapper does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "modules_to_save", "adapter_set", "held") or "held" not in self.__dict__:
+                raise
+            route = self.adapter_set.route()
+            return getattr(self._module_for(route if isinstance(route, str) and route in self.held else None), name)
+
     def add_adapter(self, name: str, config=None, module_name: str = "") -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
         self._register(name)
