@@ -58,6 +58,10 @@ class ConfigError(ValueError):
     """A configuration field has an invalid value; the message names the field."""
 
 
+class MissingKeyError(ConfigError, TypeError):
+    """A file lacks a key every config has (``peft_type``); a TypeError too, as peft raises."""
+
+
 class _ConfigType(type):
     """Lets a config class be called with ``peft_type=`` as peft's are: accepted when it names the
     class's own type, a ConfigError naming both otherwise (the type is the class, not a field)."""
@@ -171,9 +175,9 @@ class PeftConfig(metaclass=_ConfigType):
             else:
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"{source}: ignoring field(s) {sorted(unknown)} unknown to deltatune for "
-                          f"{cls.peft_type.value} (probably written by a newer peft); the adapter may not "
-                          "behave as it did where it was saved", stacklevel=2)
+            warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class {cls.__name__}, these are "
+                          f"ignored ({source}: unknown to deltatune, probably written by a newer peft; the "
+                          "adapter may not behave as it did where it was saved)", stacklevel=2)
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -230,7 +234,8 @@ class PeftConfig(metaclass=_ConfigType):
             raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
         data = cls.from_json_file(path)
         if "peft_type" not in data:
-            raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
+            raise MissingKeyError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                                  f"{{'peft_type'}}. ({path} is not an adapter config)")
         return config_class(data["peft_type"], source=path).from_dict(data, source=path)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -257,8 +262,7 @@ _MISSING = object()
 
 
 def _hub_file(repo_id: str, subfolder, revision, cache_dir, token) -> Optional[str]:
-    """``adapter_config.json`` of Hub repo ``repo_id`` (downloaded, or from the cache offline), or None."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # Hub repo id -> its adapter_config.json (offline: the cache)
     try:
         return hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                token=token)
@@ -301,9 +305,8 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
-            base weight keeps the residual), ``"olora"`` (OLoRA, Büyükakyüz 2024: factors from a QR
-            of the weight, the base keeps the residual), ``"orthogonal"`` (A and B from orthogonal
-            halves of a random rotation, so ``B @ A = 0``; even ranks), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
+            base weight keeps the residual), ``"olora"`` (OLoRA, arXiv:2406.01775: a QR of the weight;
+            residual base), ``"orthogonal"`` (``B @ A = 0``, even ranks; ``tuner.inits``), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
             linear layers become a 4-bit NF4 base and the factors start from the rank-r part of the
             rounding error; needs ``loftq_config``; see ``deltatune.quant.loftq``).
         loftq_config: ``LoftQConfig`` (or its dict) for ``init_lora_weights="loftq"``; kept as a
@@ -341,8 +344,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
-    # peft options deltatune does not implement: accepted at peft's defaults, a ConfigError naming
-    # the option otherwise (``_UNSUPPORTED_LORA``), never silently ignored.
+    # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
     ensure_weight_tying: bool = False
     lora_bias: bool = False
     target_parameters: Optional[list[str]] = None

@@ -321,3 +321,17 @@ def test_modules_to_save_attributes_come_from_the_applied_copy():
     assert head.proj is head.modules_to_save["b"].proj
     with model.disable_adapter():
         assert head.proj is head.original_module.proj
+
+
+def test_unknown_keys_warn_with_peft_s_message_and_a_file_without_peft_type_is_a_type_error(tmp_path):
+    import json
+
+    dt.LoraConfig(r=4).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "foobar": "baz", "spam": 123}))
+    with pytest.warns(UserWarning, match=r"^Unexpected keyword arguments \['foobar', 'spam'\] for class LoraConfig, "
+                                         "these are ignored"):
+        dt.LoraConfig.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"foo": "bar"}')
+    with pytest.raises(TypeError, match=r"missing required keys: \{'peft_type'\}"):
+        dt.LoraConfig.from_pretrained(tmp_path)
