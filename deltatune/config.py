@@ -176,7 +176,7 @@ class PeftConfig(metaclass=_ConfigType):
                 unknown.append(key)
         if unknown:
             warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class {cls.__name__}, these are "
-                          f"ignored ({source}: unknown to deltatune, probably written by a newer peft; the "
+                          f"ignored. ({source}: unknown to deltatune, probably written by a newer peft; the "
                           "adapter may not behave as it did where it was saved)", stacklevel=2)
         try:
             return cls(**kwargs)

@@ -330,7 +330,7 @@ def test_unknown_keys_warn_with_peft_s_message_and_a_file_without_peft_type_is_a
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "foobar": "baz", "spam": 123}))
     with pytest.warns(UserWarning, match=r"^Unexpected keyword arguments \['foobar', 'spam'\] for class LoraConfig, "
-                                         "these are ignored"):
+                                         r"these are ignored\. \("):
         dt.LoraConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"foo": "bar"}')
     with pytest.raises(TypeError, match=r"missing required keys: \{'peft_type'\}"):
