@@ -8,7 +8,9 @@ from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
                                       PromptTuningConfig, PromptTuningInit)
-from deltatune.peft_model import PeftModel, get_peft_model
+from deltatune.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                                  PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
+                                  PeftModelForSequenceClassification, PeftModelForTokenClassification, get_peft_model)
 from deltatune.quant import dequantize_model, prepare_model_for_kbit_training, quantize
 from deltatune.quant.loftq import replace_lora_weights_loftq
 from deltatune.training import train
@@ -16,6 +18,8 @@ from deltatune.training import train
 __version__ = "0.1.0"
 
 __all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftModel",
+           "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+           "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
            "PeftType", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
            "PromptTuningConfig", "PromptTuningInit", "TaskType", "dequantize_model", "get_peft_model",
            "get_peft_model_state_dict", "hotswap_adapter", "inject_adapter_in_model", "models", "plan",

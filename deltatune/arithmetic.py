@@ -76,12 +76,29 @@ def combine_adapters(sources: Sequence[Source], weights: Sequence[float], combin
 
     Raises:
         CombineError: mismatched weights, methods that cannot combine with this type, different
-            ranks for a factor-wise type, trained biases or modules-to-save in a source, a DoRA
-            source without ``base_weight``.
+            ranks for a factor-wise type, trained biases in a source, two sources training a copy
+            of the same module (``modules_to_save``), a DoRA source without ``base_weight``.
+
+    Modules-to-save: a fully trained module cannot be weighted. The combination saves each such
+    module with the copy of the one source that trains it (peft gives the new adapter a fresh
+    copy of the untrained module instead) and lists every source's ``modules_to_save``.
     """
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(sources))]
-    if _check_sources(sources, weights, names, combination_type, density, majority_sign_method) == PeftType.IA3:
-        return _combine_ia3(sources, weights, combination_type, names, module_order)
+    method = _check_sources(sources, weights, names, combination_type, density, majority_sign_method)
+    sources, saved, saved_names = _split_saved(sources, names)
+    if method == PeftType.IA3:
+        config, out = _combine_ia3(sources, weights, combination_type, names, module_order)
+    else:
+        config, out = _combine_lora(sources, weights, combination_type, svd_rank, names, base_weight, module_order,
+                                    density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+                                    svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, seed=seed)
+    return dataclasses.replace(config, modules_to_save=saved_names or None), {**out, **saved}
+
+
+def _combine_lora(sources: Sequence[Source], weights, combination_type: str, svd_rank, names, base_weight,
+                  module_order, density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver,
+                  seed) -> Source:
+    """``combine_adapters`` for LoRA (and DoRA) sources without modules-to-save tensors."""
     kind = "linear" if len(sources) == 1 else combination_type
     rank = _combined_rank(sources, names, kind, svd_rank, base_weight)
     options = dict(density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
@@ -222,9 +239,39 @@ def _check_lora_source(config: LoraConfig, name: str) -> None:
         raise CombineError(f"adapter {name!r} was initialised with {config.init_lora_weights!r}: its factors apply "
                            "to a base PiSSA changed; save it as plain LoRA first (save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=...)) and combine that")
-    if config.bias != "none" or config.modules_to_save:
-        raise CombineError(f"adapter {name!r} trains {'biases' if config.bias != 'none' else 'modules_to_save'}: "
-                           "combining adapters with trained biases or fully trained modules is not supported")
+    if config.bias != "none":
+        raise CombineError(f"adapter {name!r} trains biases (bias={config.bias!r}): combining adapters with "
+                           "trained biases is not supported")
+
+
+def _split_saved(sources: Sequence[Source], names) -> tuple[list[Source], dict[str, torch.Tensor], list[str]]:
+    """``(sources without their modules-to-save tensors, those tensors, the joined modules_to_save)``;
+    CombineError naming the module when two sources train a copy of it (as peft refuses)."""
+    stripped, saved, owner = [], {}, {}
+    for (config, tensors), name in zip(sources, names):
+        entries = getattr(config, "modules_to_save", None) or []
+        own = {k: v for k, v in tensors.items() if _saved_module(k, entries) is not None}
+        for module in dict.fromkeys(_saved_module(k, entries) for k in own):
+            if owner.setdefault(module, name) != name:
+                raise CombineError(f"adapters {owner[module]!r} and {name!r} both train their own copy of {module!r} "
+                                   "(modules_to_save): a fully trained module cannot be weighted; combine at most "
+                                   "one adapter that saves it")
+        saved.update(own)
+        stripped.append((config, {k: v for k, v in tensors.items() if k not in own}))
+    joined = list(dict.fromkeys(e for c, _ in sources for e in (getattr(c, "modules_to_save", None) or [])))
+    return stripped, saved, joined
+
+
+def _saved_module(key: str, entries: Sequence[str]) -> str | None:
+    """The module of ``modules_to_save`` entries that tensor ``key`` belongs to, or None."""
+    if not entries or _split(key) is not None or key.endswith((".base_layer.weight", ".ia3_l")):
+        return None
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        if any(module == e or module.endswith("." + e) for e in entries):
+            return module
+    return None
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -352,10 +399,6 @@ def _combine_ia3(sources: Sequence[Source], weights, combination_type: str, name
     if combination_type != "linear":
         raise CombineError(f"(IA)³ adapters {names} combine with combination_type='linear' only (a weighted sum "
                            f"of their scaling vectors), not {combination_type!r}")
-    for (config, _), name in zip(sources, names):
-        if config.modules_to_save:
-            raise CombineError(f"adapter {name!r} trains modules_to_save: combining fully trained modules is "
-                               "not supported")
     found: dict[str, list[int]] = {}
     for i, (_, tensors) in enumerate(sources):
         for key in tensors:

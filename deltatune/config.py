@@ -58,6 +58,10 @@ class ConfigError(ValueError):
     """A configuration field has an invalid value; the message names the field."""
 
 
+class MissingKeyError(ConfigError, TypeError):
+    """A file lacks a key every config has (``peft_type``); a TypeError too, as peft raises."""
+
+
 class _ConfigType(type):
     """Lets a config class be called with ``peft_type=`` as peft's are: accepted when it names the
     class's own type, a ConfigError naming both otherwise (the type is the class, not a field)."""
@@ -124,8 +128,8 @@ class PeftConfig(metaclass=_ConfigType):
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
-            raise ConfigError(f"task_type={self.task_type!r} is not one of "
-                              f"{sorted(TaskType._value2member_map_)}")
+            raise ConfigError(f"Invalid task type: {self.task_type!r}. Must be one of the following task types: "
+                              f"{', '.join(TaskType._value2member_map_)}. (field task_type)")
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -171,9 +175,9 @@ class PeftConfig(metaclass=_ConfigType):
             else:
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"{source}: ignoring field(s) {sorted(unknown)} unknown to deltatune for "
-                          f"{cls.peft_type.value} (probably written by a newer peft); the adapter may not "
-                          "behave as it did where it was saved", stacklevel=2)
+            warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class {cls.__name__}, these are "
+                          f"ignored. ({source}: unknown to deltatune, probably written by a newer peft; the "
+                          "adapter may not behave as it did where it was saved)", stacklevel=2)
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -198,10 +202,7 @@ class PeftConfig(metaclass=_ConfigType):
     def from_json_file(cls, path_json_file: str | os.PathLike, **_ignored: Any) -> dict[str, Any]:
         """The JSON object in ``path_json_file`` as a dict, unvalidated (peft's classmethod; a
         ``runtime_config`` key, which peft never reads from files, is dropped with a warning).
-
-        Raises:
-            ConfigError: the file is not valid JSON or not a JSON object (the message names it).
-        """
+        Raises ConfigError naming the file if it is not valid JSON or not a JSON object."""
         try:
             with open(path_json_file, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -215,23 +216,26 @@ class PeftConfig(metaclass=_ConfigType):
         return data
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "PeftConfig":
-        """Read ``directory/adapter_config.json`` into the config class its ``peft_type`` names.
-
-        As in peft, the file decides the class: ``LoraConfig.from_pretrained`` of an IA3
-        adapter gives an ``IA3Config``.
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | None = None) -> "PeftConfig":
+        """Read ``directory/adapter_config.json`` (``directory/subfolder/...``) into the config class
+        its ``peft_type`` names; as in peft, the file decides the class. ``directory`` may be a Hub
+        repo id (``revision``, ``cache_dir``, ``token``: huggingface_hub's; offline, its cache).
 
         Raises:
-            FileNotFoundError: no adapter_config.json in ``directory``.
+            FileNotFoundError: no adapter_config.json there (locally or on the Hub / in its cache).
             ConfigError: unreadable JSON, no or unknown ``peft_type``, or an unsupported field
                 (the message names the file and the key).
         """
-        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        path = os.path.join(os.fspath(directory), subfolder or "", CONFIG_NAME)
+        if not os.path.isfile(path) and not os.path.isdir(directory):
+            path = _hub_file(str(directory), subfolder, revision, cache_dir, token) or path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found (is {directory} an adapter directory?)")
         data = cls.from_json_file(path)
         if "peft_type" not in data:
-            raise ConfigError(f"{path}: no 'peft_type' key; not an adapter config")
+            raise MissingKeyError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                                  f"{{'peft_type'}}. ({path} is not an adapter config)")
         return config_class(data["peft_type"], source=path).from_dict(data, source=path)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -255,6 +259,15 @@ def config_class(peft_type: str, source: str = "config") -> type[PeftConfig]:
 
 
 _MISSING = object()
+
+
+def _hub_file(repo_id: str, subfolder, revision, cache_dir, token) -> Optional[str]:
+    from huggingface_hub import hf_hub_download  # Hub repo id -> its adapter_config.json (offline: the cache)
+    try:
+        return hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                               token=token)
+    except Exception:  # noqa: BLE001 - not a repo id, not cached offline, no network: "not found"
+        return None
 
 
 def _is_unused(value: Any, default: Any) -> bool:
@@ -292,7 +305,8 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
-            base weight keeps the residual), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
+            base weight keeps the residual), ``"olora"`` (OLoRA, arXiv:2406.01775: a QR of the weight;
+            residual base), ``"orthogonal"`` (``B @ A = 0``, even ranks; ``tuner.inits``), ``"loftq"`` (LoftQ, Li et al. 2023: the targeted
             linear layers become a 4-bit NF4 base and the factors start from the rank-r part of the
             rounding error; needs ``loftq_config``; see ``deltatune.quant.loftq``).
         loftq_config: ``LoftQConfig`` (or its dict) for ``init_lora_weights="loftq"``; kept as a
@@ -308,11 +322,10 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[PeftType] = PeftType.LORA
     peft_extra_defaults: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
-        "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
-        "layer_replication": None, "lora_bias": False, "lora_ga_config": None,
+        "eva_config": None, "kasa_config": None,
+        "layer_replication": None, "lora_ga_config": None,
         "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
-        "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None,
-        "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "qalora_group_size": 16, "use_bdlora": None, "use_qalora": False, "velora_config": None,
     }
 
     r: int = 8
@@ -331,9 +344,17 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
+    # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
+    ensure_weight_tying: bool = False
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, (default, why) in _UNSUPPORTED_LORA.items():  # a peft option set: refused by name
+            if getattr(self, name) != default and getattr(self, name) not in (None, False, [], {}):
+                raise ConfigError(f"LoraConfig({name}={getattr(self, name)!r}) is not supported by deltatune: {why}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -343,11 +364,11 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq")
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq", "olora", "orthogonal")
                 or (isinstance(init, str) and init.startswith("pissa_niter_")
                     and init[len("pissa_niter_"):].isdigit())):
             raise ConfigError(f"init_lora_weights={init!r} must be True, False, 'gaussian', "
-                              "'pissa', 'pissa_niter_N' or 'loftq'")
+                              "'pissa', 'pissa_niter_N', 'olora', 'orthogonal' or 'loftq'")
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
@@ -360,6 +381,18 @@ class LoraConfig(PeftConfig):
                               "not a regex string")
         _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
         _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+        if init == "orthogonal" and (self.r % 2 or any(int(v) % 2 for v in self.rank_pattern.values())):
+            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (r={self.r}, "
+                              f"rank_pattern={self.rank_pattern}): A and B take half of the rows each")
+
+
+# LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
+_UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
+    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
+    "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
+    "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
+}
 
 
 @dataclass

@@ -20,7 +20,6 @@ dict is the model's own), so adding, routing and trainability are the ``PeftMode
 from __future__ import annotations
 
 import warnings
-from collections import namedtuple
 from typing import Literal
 
 import torch
@@ -30,11 +29,10 @@ from deltatune import registry
 from deltatune.checkpoint.peft_format import PREFIX, drop_peft_artefacts, to_file_keys
 from deltatune.config import PeftConfig
 from deltatune.peft_model import PeftModel
-from deltatune.targeting import base_of, iter_candidates
-from deltatune.tuner import EMBEDDING_NAMES, TunerModel
+from deltatune.peft_model.files import LoadResult
+from deltatune.tuner import TunerModel
+from deltatune.tuner.embeddings import with_embedding_layers
 
-# peft returns torch's ``load_state_dict`` result; the same two fields.
-LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
 _OWNER = "_deltatune_peft_model"  # attribute of an injected model holding its PeftModel
 
 
@@ -115,11 +113,8 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         state_dict: take the values from this dict (e.g. gathered by DeepSpeed / FSDP) under the
             model's own state-dict names; default: the live tensors.
         unwrap_compiled: look through ``torch.compile``'s wrapper (``_orig_mod``).
-        save_embedding_layers: ``"auto"`` adds the base weights of targeted embedding layers
-            (``embed_tokens``, ``lm_head``; for resized vocabularies), ``True`` adds the input and
-            output embeddings whether targeted or not, ``False`` adds none. (peft's ``"auto"`` also
-            compares the vocabulary with the base's ``config.json``, on disk or on the Hub; here
-            nothing is read: pass ``True`` after resizing untargeted embeddings.)
+        save_embedding_layers: ``"auto"``, ``True`` or ``False``: which embedding base weights
+            come along (``deltatune.tuner.embeddings``, the rule ``save_pretrained`` follows too).
 
     Returns:
         key -> detached tensor, the dict ``save_pretrained`` writes to ``adapter_model.safetensors``.
@@ -127,35 +122,11 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     tuner, prefix, tensors = _adapter_tensors(model, adapter_name)
-    if save_embedding_layers is False:
-        tensors = {k: v for k, v in tensors.items() if not _is_embedding_base(k)}
-    elif save_embedding_layers is True:  # as peft: when an embedding is targeted, only the wrapped ones
-        targeted = any(_is_embedding_base(k) for k in tensors)
-        tensors = {**tensors, **_embedding_weights(tuner.model, wrapped_only=targeted)}
-    out = to_file_keys(tensors, prefix)
+    out = to_file_keys(with_embedding_layers(tuner.model, tensors, save_embedding_layers), prefix)
     if state_dict is not None:
         names = _state_names(model)
         out = {k: state_dict.get(names.get(id(v)), v) for k, v in out.items()}
     return {k: v.detach() for k, v in out.items()}
-
-
-def _is_embedding_base(key: str) -> bool:
-    module, _, leaf = key.rpartition(".base_layer.")
-    return leaf == "weight" and module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
-
-
-def _embedding_weights(model: nn.Module, wrapped_only: bool) -> dict[str, torch.Tensor]:
-    """The input and output embedding weights under their current names (``base_layer`` when wrapped)."""
-    layers = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
-    layers = [base_of(layer) for layer in layers if layer is not None]
-    out = {}
-    for name, module in iter_candidates(model):
-        for layer in layers:
-            if module is layer and not wrapped_only:
-                out[f"{name}.weight"] = layer.weight
-            elif module is not layer and base_of(module) is layer:
-                out[f"{name}.base_layer.weight"] = layer.weight
-    return out
 
 
 def _state_names(model: nn.Module) -> dict[int, str]:

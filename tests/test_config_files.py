@@ -53,5 +53,5 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"adapter_config.json: peft_type 'NOPE' is not supported; known: .*LORA"):
         PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"r": 4}')
-    with pytest.raises(ConfigError, match="no 'peft_type' key"):
+    with pytest.raises(ConfigError, match="missing required keys: {'peft_type'}"):
         PeftConfig.from_pretrained(tmp_path)

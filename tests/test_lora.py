@@ -71,7 +71,7 @@ def test_save_load_round_trip(tmp_path):
     model.eval()
     expected = logits_of(model, ids)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert torch.equal(logits_of(loaded.eval(), ids), expected)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # inference by default
@@ -310,7 +310,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(directory)
     assert (directory / "adapter_model.safetensors").read_bytes() == good
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_generate_passes_through_with_adapter():

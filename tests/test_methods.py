@@ -23,7 +23,8 @@ from deltatune.checkpoint.peft_format import adapter_summary
 from deltatune.methods.dora import row_norms
 from deltatune.methods.lora import LoraLinear
 from deltatune.methods.ia3 import IA3Config
-from tests.conftest import (logits_of, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch,
+from tests.conftest import logits_of as _all_logits
+from tests.conftest import (perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_batch,
                             train_steps)
 
 # Arguments for methods whose defaults do not fit the tiny Llama; any other method gets
@@ -88,6 +89,12 @@ def _mergeable(model) -> bool:
     return registry.method_of(model.peft_config["default"]).mergeable
 
 
+def logits_of(model, ids):
+    """The real tokens' logits (prompt and P-tuning put their virtual positions first, as peft)."""
+    out = _all_logits(model, ids)
+    return out[:, -ids.shape[1]:] if out.dim() == 3 else out
+
+
 def _virtual_tokens(model) -> bool:
     """Adapters that are components (virtual tokens) rather than wrapped layers."""
     return len(model.base_model.components) > 0
@@ -111,8 +118,11 @@ def test_config_json_round_trip(name, tmp_path):
 def test_fresh_adapter_is_the_base(name):
     ids = token_batch()
     model = deltatune.get_peft_model(tiny_llama(), _config(name))
-    if _virtual_tokens(model):  # extra inputs change the output from the start; the shape stays the base's
-        assert logits_of(model, ids).shape == logits_of(tiny_llama(), ids).shape
+    if _virtual_tokens(model):  # extra inputs change the output from the start; the real positions keep the shape
+        full, base = _all_logits(model, ids), _all_logits(tiny_llama(), ids)
+        n = model.peft_config["default"].num_virtual_tokens if model.peft_config["default"].peft_type.value in (
+            "PROMPT_TUNING", "P_TUNING") else 0
+        assert full.shape == (base.shape[0], base.shape[1] + n, base.shape[2])
         return
     torch.testing.assert_close(logits_of(model, ids), logits_of(tiny_llama(), ids), rtol=0, atol=1e-6)
 

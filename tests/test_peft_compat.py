@@ -44,10 +44,10 @@ MIGRATING = '''import peft
 from peft import LoraConfig, get_peft_model, TaskType, AutoPeftModelForCausalLM
 from peft.utils import get_peft_model_state_dict
 config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8,
-                    lora_bias=True, init_lora_weights="olora", ensure_weight_tying=False)
-model = get_peft_model(base, config, autocast_adapter_dtype=False)
+                    lora_bias=True, init_lora_weights="eva", layer_replication=None)
+model = peft.PeftModel.from_pretrained(base, "dir", ephemeral_gpu_offload=True)
 model.print_trainable_parameters()
-model.disable_adapter_layers()
+model.get_model_status()
 model.push_to_hub("me/adapter")
 peft.IA3Config(target_modules=["k"], feedforward_modules=["v"])
 '''
@@ -66,18 +66,17 @@ def test_lists_unsupported_names_keywords_and_values_with_lines():
     assert _by_line(findings) == {
         (2, "peft-name"),            # AutoPeftModelForCausalLM
         (3, "peft-import-path"),     # peft.utils -> deltatune's top level
-        (5, "peft-keyword"),         # lora_bias, ensure_weight_tying: no such fields
-        (5, "peft-value"),           # init_lora_weights="olora"
-        (6, "peft-ignored"),         # autocast_adapter_dtype, accepted and ignored
-        (8, "peft-method"),          # disable_adapter_layers
-        (9, "peft-method"),          # push_to_hub would push the base model
+        (5, "peft-keyword"),         # layer_replication: no such field
+        (5, "peft-value"),           # lora_bias=True, init_lora_weights="eva"
+        (6, "peft-ignored"),         # ephemeral_gpu_offload, accepted and ignored
+        (8, "peft-method"),          # get_model_status
         (10, "peft-value"),          # feedforward_modules not within target_modules
     }
     text = "\n".join(f.message for f in findings)
-    assert "lora_bias" in text and "ensure_weight_tying" in text and "init_lora_weights='olora'" in text
+    assert "lora_bias=True" in text and "layer_replication" in text and "push_to_hub" not in text
     assert "r=8" not in text  # the refused value is named, not the whole call
-    tying = next(f for f in findings if "ensure_weight_tying" in f.message)
-    assert "peft's default" in tying.fix  # False is the unused value: removing it changes nothing
+    replication = next(f for f in findings if "layer_replication" in f.message)
+    assert "peft's default" in replication.fix  # None is the unused value: removing it changes nothing
     severities = {f.code: f.severity for f in findings}
     assert severities["peft-ignored"] == "warning" and severities["peft-import-path"] == "info"
 
@@ -92,7 +91,7 @@ def test_support_is_read_from_deltatune_not_a_list(monkeypatch):
 def test_notebook_cells_share_names_and_skip_magics(tmp_path):
     cells = [{"cell_type": "markdown", "source": ["from peft import Nothing"]},
              {"cell_type": "code", "source": ["!pip install peft\n", "from peft import LoraConfig\n"]},
-             {"cell_type": "code", "source": "%time x = 1\nc = LoraConfig(r=4, lora_bias=True)\n"},
+             {"cell_type": "code", "source": "%time x = 1\nc = LoraConfig(r=4, layer_replication=[[0, 1]])\n"},
              {"cell_type": "code", "source": "def broken(:\n"}]
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps({"cells": cells, "nbformat": 4}))
@@ -133,9 +132,9 @@ def test_overview_as_one_script_checks_every_peft_use():
     assert {name for _, _, name in peft_imports(script)} == {
         "peft.LoraConfig", "peft.get_peft_model", "peft.TaskType", "peft.PeftModel", "peft.PromptTuningConfig",
         "peft.PromptTuningInit"}
-    changed = script.replace("use_dora=True,", "use_dora=True, lora_bias=True,")
+    changed = script.replace("use_dora=True,", "use_dora=True, layer_replication=[[0, 1]],")
     (finding,) = check_source(changed)
-    assert finding.code == "peft-keyword" and "lora_bias" in finding.message
+    assert finding.code == "peft-keyword" and "layer_replication" in finding.message
     assert script.splitlines()[finding.line - 1].startswith("config = LoraConfig(r=16")
 
 
@@ -149,7 +148,7 @@ def test_cli_hookup_prints_findings_and_exit_code(tmp_path, capsys):
     assert "no known problems found" in capsys.readouterr().out
     assert run_peft_compat(parser.parse_args(["--peft-compat", str(clean), str(bad)])) == 1
     out = capsys.readouterr().out
-    assert f"{bad}:" in out and "line 8: model.disable_adapter_layers" in out
+    assert f"{bad}:" in out and "line 8: model.get_model_status" in out
 
 
 def test_cli_doctor_peft_compat(tmp_path, capsys):

@@ -70,7 +70,7 @@ def test_peft_parity_both_ways(build, kind, tmp_path):
         theirs = peft.get_peft_model(build(), _theirs(kind, task)).eval()
         perturb_trainable(theirs, seed=5, scale=0.3)
         theirs.save_pretrained(tmp_path / "peft")
-        expected = _logits(theirs, ids, _peft_virtual(kind, build))
+        expected = _logits(theirs, ids)  # with the virtual positions, which ours return too (peft's shape)
         ours = PeftModel.from_pretrained(build(), tmp_path / "peft").eval()
         torch.testing.assert_close(_logits(ours, ids), expected, rtol=0, atol=1e-5)
 
@@ -79,7 +79,8 @@ def test_peft_parity_both_ways(build, kind, tmp_path):
         fresh.save_pretrained(tmp_path / "ours")
         mine = _logits(fresh, ids)
         back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-        torch.testing.assert_close(_logits(back, ids, _peft_virtual(kind, build)), mine, rtol=0, atol=1e-5)
+        torch.testing.assert_close(_logits(back, ids), mine, rtol=0, atol=1e-5)
+        assert mine.dim() == 2 or mine.shape[1] == ids.shape[1] + _peft_virtual(kind, build)
     ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(peft_cfg) - {"peft_version"} <= set(ours_cfg), "a field peft writes is missing"
@@ -108,9 +109,9 @@ def test_padded_rows_equal_rows_alone(kind, build, side):
         cut = slice(7 - len(row), 7) if side == "left" else slice(0, len(row))
         ids[r, cut], mask[r, cut] = row, 1
     with torch.no_grad():
-        batch = model(input_ids=ids, attention_mask=mask).logits
+        batch = model(input_ids=ids, attention_mask=mask).logits[:, -7:]     # the real positions
         for r, row in enumerate(rows):
-            alone = model(input_ids=row[None]).logits[0]
+            alone = model(input_ids=row[None]).logits[0, -len(row):]
             got = batch[r][mask[r].bool()]
             torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
         # generation: each prompt's greedy continuation is the same in the batch and alone
@@ -162,7 +163,8 @@ def test_labels_ignore_virtual_positions():
     model = deltatune.get_peft_model(tiny_llama(), _ours("prompt"))
     ids = token_batch(length=8)
     out = model(input_ids=ids, labels=ids)
-    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    labels = torch.cat([torch.full((2, N), -100), ids], 1)  # peft's: the last virtual token predicts ids[:, 0]
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, manual)
     out.loss.backward()
     assert model.base_model.components["default"].embedding.weight.grad.abs().sum() > 0
@@ -232,6 +234,7 @@ def test_component_lifecycle_beside_lora(tmp_path):
     model = deltatune.get_peft_model(tiny_llama(), _ours("ptuning"))
     model.add_adapter("lora", deltatune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     prompt_out = model(input_ids=ids).logits
+    assert prompt_out.shape[1] == N + ids.shape[1]  # peft's shape: virtual positions first
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base_logits, rtol=0, atol=0)
     model.set_adapter("lora")

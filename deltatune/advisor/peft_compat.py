@@ -220,7 +220,7 @@ class _Checker(ast.NodeVisitor):
         dotted, cls = self.instances[variable]
         if hasattr(cls, attr) and attr not in FORWARDED_BUT_WRONG:
             return
-        if attr in FORWARDED_BUT_WRONG and attr not in vars(cls):
+        if attr in FORWARDED_BUT_WRONG and not hasattr(cls, attr):
             self.add("peft-method", "error", line, f"{variable}.{attr} (on the result of {dotted})",
                      FORWARDED_BUT_WRONG[attr], "save with save_pretrained and upload the directory yourself")
         elif "__getattr__" in vars(cls) and _base_model_has(attr):

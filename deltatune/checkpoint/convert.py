@@ -26,9 +26,9 @@ _FACTORS = {"lora_A.weight": (0, 1), "lora_embedding_A": (0, 1), "lora_B.weight"
 
 
 def is_residual_init(config) -> bool:
-    """True when the adapter's factors assume a base changed at initialisation (PiSSA)."""
+    """True when the adapter's factors assume a base changed at initialisation (PiSSA, OLoRA)."""
     init = getattr(config, "init_lora_weights", True)
-    return isinstance(init, str) and init.startswith("pissa")
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
 def require_plain_lora(config, source) -> None:

@@ -25,6 +25,7 @@ PREFIX = "base_model.model."
 # Keys peft writes at the top level, without a prefix: the virtual tokens of prompt learning.
 TOP_LEVEL_KEYS = ("prompt_embeddings",)
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # peft's ``safe_serialization=False`` file (torch.save)
 # safetensors metadata key marking an adapter initialised by LoftQ: its factors belong to the 4-bit
 # base LoftQ made (value: the loftq_config as JSON). peft and other loaders ignore it.
 LOFTQ_METADATA = "deltatune_loftq_config"
@@ -64,24 +65,32 @@ def write_config(directory: str | os.PathLike, config: PeftConfig, inference_mod
 
 # -- directories ---------------------------------------------------------------------------------
 def write_adapters(root: str | os.PathLike, adapters: dict[str, tuple[PeftConfig, dict[str, torch.Tensor]]],
-                   metadata: dict[str, str] | None = None) -> None:
+                   metadata: dict[str, str] | None = None, safe_serialization: bool = True,
+                   files: dict[str, str] | None = None) -> None:
     """Write adapters in peft's layout under ``root``, all at once.
 
     ``adapters`` maps a relative directory (``""`` for ``root`` itself, peft's place for the
     adapter named ``default``; an adapter's name for the others) to ``(config, tensors)`` with
     model-relative keys. The whole tree is assembled beside ``root`` and switched in atomically
     (``atomic_directory``), so weights and config always come from the same save.
+    ``safe_serialization=False`` writes peft's ``adapter_model.bin`` (``torch.save``) instead of
+    safetensors; ``files``: more text files for ``root`` (name -> content, e.g. ``README.md``).
     """
-    owned = {CONFIG_NAME, WEIGHTS_NAME} if "" in adapters else set()
-    owned |= {rel.split("/")[0] for rel in adapters if rel}
+    owned = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME} if "" in adapters else set()
+    owned |= {rel.split("/")[0] for rel in adapters if rel} | set(files or {})
     with atomic_directory(root, owned) as tmp:
         for rel, (config, tensors) in adapters.items():
             target = tmp / rel if rel else tmp
             target.mkdir(parents=True, exist_ok=True)
             config, marker = file_form(config)
-            atomic_save_tensors({k: v.detach().cpu() for k, v in to_file_keys(tensors, config.file_key_prefix).items()},
-                                target / WEIGHTS_NAME, metadata={**(metadata or {"format": "pt"}), **marker})
+            tensors = {k: v.detach().cpu() for k, v in to_file_keys(tensors, config.file_key_prefix).items()}
+            if safe_serialization:
+                atomic_save_tensors(tensors, target / WEIGHTS_NAME, metadata={**(metadata or {"format": "pt"}), **marker})
+            else:
+                torch.save({k: v.contiguous() for k, v in tensors.items()}, target / PICKLE_WEIGHTS_NAME)
             write_config(target, config, inference_mode=True)  # as peft: loading decides trainability
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
 def file_form(config: PeftConfig) -> tuple[PeftConfig, dict[str, str]]:
@@ -129,10 +138,21 @@ def read_adapter(directory: str | os.PathLike, config: PeftConfig | None = None)
         raise FileNotFoundError(f"{directory}: adapter directory not found")
     config = config or read_config(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.exists() and (directory / "adapter_model.bin").exists():
-        raise CheckpointError(f"{directory / 'adapter_model.bin'}: pickle weights are not loaded (unsafe); "
-                              "re-save the adapter with safetensors")
+    if not weights.exists() and (directory / PICKLE_WEIGHTS_NAME).exists():
+        weights = directory / PICKLE_WEIGHTS_NAME
+        return config, from_file_keys(_load_pickle_tensors(weights), weights, config.file_key_prefix)
     return config, from_file_keys(load_tensors(weights), weights, config.file_key_prefix)
+
+
+def _load_pickle_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """peft's ``adapter_model.bin``, read with ``weights_only=True`` (tensors only: no code runs)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many types
+        raise CheckpointError(f"{path}: not a readable torch weights file ({exc})") from exc
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return tensors
 
 
 def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source) -> None:

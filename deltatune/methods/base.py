@@ -272,6 +272,29 @@ class AdapterLayer(nn.Module):
         return f"adapters={self.held}"
 
 
+def _batched(value, n: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+
+
+def _joined(outs: list, picks: list[torch.Tensor], n: int):
+    """The outputs of row groups ``picks`` (of a batch of ``n``) as one output: tensors with a row
+    per input row are scattered back; tuples, lists and dicts (model outputs) element by element;
+    anything else (None, a per-call scalar) is the first group's."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == len(picks[0]):
+        result = first.new_empty((n, *first.shape[1:]))
+        for out, pick in zip(outs, picks):
+            result[pick] = out
+        return result
+    if isinstance(first, dict):
+        joined = {k: _joined([o[k] for o in outs], picks, n) for k in first}
+        return type(first)(**joined) if type(first) is not dict else joined
+    if isinstance(first, (tuple, list)):
+        joined = [_joined([o[i] for o in outs], picks, n) for i in range(len(first))]
+        return type(first)(joined) if not hasattr(first, "_fields") else type(first)(*joined)
+    return first
+
+
 def _device_of(bank: dict[str, torch.Tensor]) -> torch.device:
     return next(iter(bank.values())).device
 
@@ -294,6 +317,17 @@ class ModulesToSaveWrapper(AdapterLayer):
     def original_module(self) -> nn.Module:
         return self.base_layer
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (``weight``, ``config``...) come from the copy the current
+        route applies (the original when disabled or not held), as peft's wrapper does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "modules_to_save", "adapter_set", "held") or "held" not in self.__dict__:
+                raise
+            route = self.adapter_set.route()
+            return getattr(self._module_for(route if isinstance(route, str) and route in self.held else None), name)
+
     def add_adapter(self, name: str, config=None, module_name: str = "") -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
         self._register(name)
@@ -305,20 +339,23 @@ class ModulesToSaveWrapper(AdapterLayer):
     def _module_for(self, route) -> nn.Module:
         return self.modules_to_save[route] if isinstance(route, str) else self.base_layer
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         route = self.adapter_set.route()
         if route is None or isinstance(route, str):
-            return self._module_for(route if route in self.held else None)(x, *args, **kwargs)
-        rows = rows_for(route, x.shape[0]).to(x.device)
-        result = None
+            return self._module_for(route if route in self.held else None)(*args, **kwargs)
+        # A mixed batch: each adapter's copy runs on its rows. The batch is the first tensor given
+        # (positional or keyword); every argument with that many rows is split with it.
+        x = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim())
+        n = x.shape[0]
+        rows = rows_for(route, n).to(x.device)
+        picks, outs = [], []
         for slot in rows.unique().tolist():
-            name = next((n for n in self.held if self.adapter_set.slots[n] == slot), None)
+            name = next((k for k in self.held if self.adapter_set.slots[k] == slot), None)
             pick = (rows == slot).nonzero().squeeze(1)
-            out = self._module_for(name)(x[pick], *args, **kwargs)
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result[pick] = out
-        return result
+            cut = [a[pick] if _batched(a, n) else a for a in args]
+            outs.append(self._module_for(name)(*cut, **{k: v[pick] if _batched(v, n) else v for k, v in kwargs.items()}))
+            picks.append(pick)
+        return _joined(outs, picks, n)
 
     def unloaded(self, merged: list[str]) -> nn.Module:
         """The copy of the first merged adapter this module holds, else the original."""

@@ -6,41 +6,57 @@ Files are read and written by ``checkpoint.peft_format``; this module decides wh
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
+from collections import namedtuple
 
 import torch
 
 from deltatune.config import PeftConfig
 
+# peft returns torch's ``load_state_dict`` result from loads; the same two fields.
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+
 
 def save_pretrained(peft, save_directory, selected_adapters: list[str] | None = None,
-                    path_initial_model_for_weight_conversion=None) -> None:
-    """``PeftModel.save_pretrained``: each adapter in peft's format, written atomically."""
+                    path_initial_model_for_weight_conversion=None, safe_serialization: bool = True,
+                    save_embedding_layers="auto") -> None:
+    """``PeftModel.save_pretrained``: each adapter in peft's format and the model card, written atomically."""
     from deltatune.checkpoint.peft_format import write_adapters
+    from deltatune.peft_model.card import model_card
+    from deltatune.tuner.embeddings import with_embedding_layers
 
+    if os.path.isfile(save_directory):
+        raise ValueError(f"{save_directory}: is a file; save_pretrained writes a directory")
     adapters = {}
     for name in selected_adapters or list(peft.peft_config):
         if name not in peft.adapter_set:
             raise ValueError(f"cannot save unknown adapter {name!r}; have {sorted(peft.peft_config)}")
         config, tensors = peft.peft_config[name], peft.base_model.adapter_state(name)
+        tensors = with_embedding_layers(peft.base_model.model, tensors, save_embedding_layers)
         if path_initial_model_for_weight_conversion is not None:
             config, tensors = _as_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
         adapters["" if name == "default" else name] = (config, tensors)
-    write_adapters(save_directory, adapters)
+    write_adapters(save_directory, adapters, safe_serialization=safe_serialization,
+                   files={"README.md": model_card(peft, save_directory)})
 
 
-def from_pretrained(cls, model, model_id, adapter_name: str, is_trainable: bool, config: PeftConfig | None):
+def from_pretrained(cls, model, model_id, adapter_name: str, is_trainable: bool, config: PeftConfig | None,
+                    autocast_adapter_dtype: bool = True):
     """``PeftModel.from_pretrained``: wrap ``model`` with the adapter saved in ``model_id``.
 
     A ``config`` given is the one the model keeps (``peft_config[adapter_name] is config``, as in
-    peft), with the fields loading sets (``inference_mode``...) written into it.
+    peft), with the fields loading sets (``inference_mode``...) written into it. Called on
+    any class, the result is the class of the config's ``task_type`` when it has one (as in peft).
     """
     from deltatune.checkpoint.peft_format import loftq_of, read_adapter
 
     given = config
     config, tensors = read_adapter(model_id, config)
     loftq = loftq_of(model_id, config)
-    peft = cls(model, _for_loading(config, is_trainable, loftq), adapter_name)
+    cls = cls.task_classes.get(getattr(config.task_type, "value", config.task_type) or "", cls)  # as peft
+    peft = cls(model, _for_loading(config, is_trainable, loftq), adapter_name,
+               autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         load_weights(peft, adapter_name, tensors, model_id)
     except BaseException:
@@ -56,13 +72,16 @@ def from_pretrained(cls, model, model_id, adapter_name: str, is_trainable: bool,
     return peft
 
 
-def load_adapter(peft, model_id, adapter_name: str, is_trainable: bool) -> None:
-    """``PeftModel.load_adapter``: another saved adapter under ``adapter_name`` (not activated)."""
+def load_adapter(peft, model_id, adapter_name: str, is_trainable: bool,
+                 autocast_adapter_dtype: bool = True) -> LoadResult:
+    """``PeftModel.load_adapter``: another saved adapter under ``adapter_name`` (not activated);
+    returns peft's load result, empty (a load that does not match exactly raises)."""
     from deltatune.checkpoint.peft_format import loftq_of, read_adapter
 
     config, tensors = read_adapter(model_id)
     loftq = loftq_of(model_id, config)
-    peft.add_adapter(adapter_name, _for_loading(config, is_trainable, loftq))
+    peft.add_adapter(adapter_name, _for_loading(config, is_trainable, loftq),
+                     autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         load_weights(peft, adapter_name, tensors, model_id)
     except BaseException:
@@ -72,6 +91,7 @@ def load_adapter(peft, model_id, adapter_name: str, is_trainable: bool) -> None:
     if loftq:
         _loaded_loftq(peft, adapter_name, loftq, model_id)
     peft._refresh()
+    return LoadResult([], [])
 
 
 def load_weights(peft, adapter_name: str, tensors: dict, source) -> None:

@@ -25,15 +25,20 @@ from deltatune.peft_model import call as _call
 from deltatune.peft_model import files as _files
 from deltatune.peft_model import merge as _merge
 from deltatune.peft_model.signature import new_signed, signed_class
+from deltatune.peft_model.surface import PeftSurface
 from deltatune.tuner import TunerModel
 
-class PeftModel(nn.Module):
+
+class PeftModel(PeftSurface, nn.Module):
     """A base model with named adapters. Use ``get_peft_model`` or ``PeftModel.from_pretrained``.
 
     Attributes:
         base_model: the ``TunerModel``; ``base_model.model`` is the wrapped user model.
         peft_config: adapter name -> config.
     """
+
+    # task_type -> the task class (``peft_model.tasks`` fills it); ``from_pretrained`` picks from it.
+    task_classes: dict[str, type] = {}
 
     def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
         if model is not None and "_deltatune_signed" not in cls.__dict__:
@@ -48,7 +53,10 @@ class PeftModel(nn.Module):
             return reduced
         return (new_signed, signed) + tuple(reduced[2:])
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        """``autocast_adapter_dtype`` (peft's): adapter tensors on a float16/bfloat16 base are float32
+        (True) or the base's dtype (False); see ``add_adapter``. ``low_cpu_mem_usage``: accepted."""
         from deltatune.quant import prepare_4bit_layers
 
         super().__init__()
@@ -56,18 +64,20 @@ class PeftModel(nn.Module):
         self.adapter_set = AdapterSet()
         self._mixing_problems: tuple[int, dict] = (-1, {})   # cache of ``call.mixing_problem``
         self.base_model = TunerModel(model, self.adapter_set)
-        self.add_adapter(adapter_name, peft_config)
+        object.__setattr__(self.base_model, "_peft", self)  # the tuner's peft surface acts here (not a submodule)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     # -- attribute pass-through ----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        """Attributes the wrapper lacks (``config``, ``device``, ...) come from the wrapped model."""
+        """Attributes the wrapper lacks come from ``base_model`` (``prefix``...), which passes what
+        it lacks on to the wrapped model (``config``, ``device``...), as in peft."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name in ("base_model", "adapter_set"):
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.base_model, name)
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
@@ -82,12 +92,15 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Calls the wrapped model with the active adapter applied, or with ``adapter_names[i]``
         on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword; a list of
-        another length than the input's rows is a ValueError (``MixingError``) naming both."""
+        another length than the input's rows is a ValueError (``MixingError``) naming both.
+        Prompt and P-tuning logits include the virtual positions first, as peft's
+        (``peft_model.virtual``)."""
         model = self.base_model.model
         _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
-            if call.prepares_inputs:  # the method prepares the inputs (by name)
-                args, kwargs = (), call.prepare(_call.named(model, args, kwargs))
+            if call.prepares_inputs:  # the method prepares the inputs (by name); outputs as peft's
+                given = _call.named(model, args, kwargs)
+                return call.finish(given, model(**call.prepare(given)))
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -131,9 +144,12 @@ class PeftModel(nn.Module):
         """Active adapter names (a list, as in peft)."""
         return [self.adapter_set.active] if self.adapter_set.active is not None else []
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add a new adapter (inactive unless it is the first). On error the model is unchanged
-        (base weights an initialisation such as PiSSA changed are restored).
+        (base weights an initialisation such as PiSSA changed are restored). Its tensors in each
+        wrapped layer take the base weight's dtype, float32 on a 16-bit base unless
+        ``autocast_adapter_dtype=False`` (peft's rule; ``TunerModel.cast_adapter``).
 
         Raises:
             ValueError: ``adapter_name`` exists already, or the config is invalid for this model.
@@ -150,6 +166,7 @@ class PeftModel(nn.Module):
         self.adapter_set.add(adapter_name, peft_config)
         try:
             self.base_model.inject(adapter_name, peft_config)
+            self.base_model.cast_adapter(adapter_name, autocast_adapter_dtype)
         except BaseException:
             self._discard(adapter_name)
             raise
@@ -322,15 +339,20 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # -- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **_ignored) -> None:
-        """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``
+        (``adapter_model.bin`` with ``safe_serialization=False``), and a ``README.md`` model card
+        (``peft_model.card``; an existing one is updated).
 
         The adapter named ``default`` goes in ``save_directory``, others in a subfolder of that
         name (peft's layout). The directory is written whole and switched in atomically, so a
-        crash never leaves new weights beside an old config.
+        crash never leaves new weights beside an old config. ``save_embedding_layers``
+        (``"auto"``, True, False): which embedding base weights come along
+        (``deltatune.tuner.embeddings``).
 
         ``path_initial_model_for_weight_conversion`` (peft's name): the directory where a PiSSA
         adapter was saved right after initialisation; the adapter is then written as a plain
@@ -338,23 +360,32 @@ class PeftModel(nn.Module):
         loader (peft, vLLM, ``deltatune serve``) applies correctly.
         """
         if is_main_process:
-            _files.save_pretrained(self, save_directory, selected_adapters, path_initial_model_for_weight_conversion)
+            _files.save_pretrained(self, save_directory, selected_adapters, path_initial_model_for_weight_conversion,
+                                   safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **_ignored) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in directory ``model_id``.
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, **_ignored) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in directory ``model_id`` (a ``.safetensors`` or
+        peft's ``.bin`` file). ``PeftModel.from_pretrained`` gives the class of the config's
+        ``task_type`` (``PeftModelForCausalLM``...), as peft does.
 
         Raises:
             FileNotFoundError, ConfigError, CheckpointError: the message names the file and key;
                 ``model`` is left as it was.
         """
-        return _files.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
+        return _files.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, autocast_adapter_dtype)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **_ignored) -> None:
-        """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``)."""
-        _files.load_adapter(self, model_id, adapter_name, is_trainable)
+                     autocast_adapter_dtype: bool = True, **_ignored) -> _files.LoadResult:
+        """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``).
+
+        Returns:
+            ``LoadResult(missing_keys, unexpected_keys)`` as peft does; both empty, since a load
+            that does not match the adapter exactly raises (naming the key) and changes nothing.
+        """
+        return _files.load_adapter(self, model_id, adapter_name, is_trainable, autocast_adapter_dtype)
 
     def _load_weights(self, adapter_name: str, tensors: dict, source) -> None:
         """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly
@@ -381,15 +412,8 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
         p.requires_grad_(True)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   **_ignored) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (peft's entry point).
+def warn_at_wrap(config: PeftConfig) -> None:
+    """Known config mistakes, as warnings (``deltatune doctor``'s rules), when a model is wrapped."""
+    from deltatune.advisor.doctor import warn_at_wrap as warn
 
-    Only the adapter's parameters (and the biases/modules its config names) are trainable
-    afterwards. Raises ConfigError naming the field or module for invalid configs.
-    """
-    wrapped = PeftModel(model, peft_config, adapter_name)
-    from deltatune.advisor.doctor import warn_at_wrap  # known config mistakes, as warnings (deltatune doctor)
-
-    warn_at_wrap(peft_config)
-    return wrapped
+    warn(config)

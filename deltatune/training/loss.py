@@ -188,7 +188,8 @@ def _label_loss(model, hf, batch: Batch, call, sel, targets, w, ce_out) -> torch
     parts = _fast_parts(hf)
     if parts is None:
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        return _weighted_sum(F.cross_entropy(out.logits[sel].float(), targets, reduction="none"), w, ce_out)
+        logits = out.logits[:, -sel.shape[1]:]  # a PeftModel puts virtual positions first, as peft
+        return _weighted_sum(F.cross_entropy(logits[sel].float(), targets, reduction="none"), w, ce_out)
     decoder, head, plain = parts
     inputs = call.prepare(dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False),
                           callee=decoder)                               # the method's inputs (virtual tokens)

@@ -23,14 +23,16 @@ from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, PeftConfig
 from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper
 from deltatune.surgery import replace_module
+from deltatune.tuner import inits as _inits  # noqa: F401  registers init_lora_weights="olora" / "orthogonal"
 from deltatune.tuner.biases import BiasBook
 from deltatune.tuner.components import Component, PromptEncoder, SavedModule, WrappedLayer, wrapped
+from deltatune.tuner.embeddings import EMBEDDING_NAMES  # peft saves these layers' base weights when targeted
 
 __all__ = ["EMBEDDING_NAMES", "Component", "TunerModel"]
 
-# Embedding layer names for which peft also saves the base weight when they are targeted
-# (its ``save_embedding_layers="auto"``), so resized vocabularies travel with the adapter.
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+# peft's ``prefix`` of each method's parameter names (``"lora_" in name`` finds LoRA's tensors).
+PREFIXES = {"LORA": "lora_", "IA3": "ia3_", "PROMPT_TUNING": "prompt_", "P_TUNING": "prompt_",
+            "PREFIX_TUNING": "prompt_", "DELTATUNE_BOTTLENECK": "adapter_"}
 
 
 class TunerModel(nn.Module):
@@ -55,6 +57,74 @@ class TunerModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes the tuner lacks come from the wrapped model, as peft's ``LoraModel`` does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "adapter_set", "_peft"):
+                raise
+            return getattr(self.model, name)
+
+    # -- peft's tuner surface (``model.base_model.X``); the PeftModel owning this tuner acts ---
+    @property
+    def prefix(self) -> str:
+        """peft's parameter-name prefix of the active adapter's method (``"lora_"``, ``"ia3_"``...)."""
+        config = self.adapter_set.configs.get(self.adapter_set.active)
+        return PREFIXES.get(config.peft_type.value, "lora_") if config is not None else "lora_"
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name."""
+        return self.adapter_set.active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters (a list, as in peft; one adapter at a time here)."""
+        return [self.adapter_set.active] if self.adapter_set.active is not None else []
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name`` (a name, or peft's list of one).
+
+        Raises:
+            NotImplementedError: several names: several active adapters summed in one call are not
+                supported (merge them with ``add_weighted_adapter(..., combination_type="cat")``).
+            ValueError: an unknown name.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise NotImplementedError(f"set_adapter({names!r}): several active adapters at once are not supported; "
+                                      "combine them into one with add_weighted_adapter(..., combination_type='cat')")
+        self._peft.set_adapter(names[0])
+        if inference_mode:
+            for p in self.adapter_parameters(names[0]):
+                p.requires_grad_(False)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model until ``enable_adapter_layers`` (peft's; see ``PeftModel.disable_adapter``)."""
+        self._peft.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        """Apply the active adapter again after ``disable_adapter_layers``."""
+        self._peft.enable_adapter_layers()
+
+    def cast_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's ``autocast_adapter_dtype``: adapter ``adapter_name``'s tensors in each wrapped layer
+        take its base weight's floating dtype, upcast to float32 when ``autocast_adapter_dtype`` and
+        that dtype is 16-bit (float16 / bfloat16). Modules-to-save copies keep their module's dtype."""
+        for component in self.component_list:
+            if not isinstance(component, WrappedLayer) or isinstance(component, SavedModule):
+                continue
+            weight = getattr(component.layer.get_base_layer(), "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                continue  # a quantized base: the adapter keeps its own (float32) dtype
+            dtype = weight.dtype
+            if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            for p in component.parameters_of(adapter_name):
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """``(module name, layer)`` for every adapter layer in the model (modules-to-save
