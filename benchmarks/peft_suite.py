@@ -253,7 +253,9 @@ def run_pytest(tests_dir: Path, files: list[str], out_dir: Path, label: str, ext
         junit = out_dir / f"{label}-{Path(name).stem}.xml"
         cmd = [sys.executable, "-m", "pytest", str(tests_dir / name), "-p", "peft_suite", "-q",
                "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={junit}", "-W", "ignore",
-               "--continue-on-collection-errors", f"--rootdir={tests_dir.parent}", *(pytest_args or [])]
+               "--continue-on-collection-errors", f"--rootdir={tests_dir.parent}",
+               # peft's pyproject may add coverage options (pytest-cov is not needed here)
+               "-o", "addopts=", *(pytest_args or [])]
         with open(junit.with_suffix(".log"), "w") as log:
             proc = subprocess.Popen(cmd, cwd=tests_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
