@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     keys = ["base"] + [str(k) for k in args.ks]
-    base, tokenizer = mixed.load_base(args.quick, torch.float32)
+    base, tokenizer = quick_base() if args.quick else mixed.load_base(False, torch.float32)
     batch = mixed.make_batch(tokenizer, args.prompts)
     prompt_ids = [[t for t, m in zip(row.tolist(), mask.tolist()) if m] for row, mask in
                   zip(batch["input_ids"], batch["attention_mask"])]
@@ -199,6 +199,19 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def quick_base():
+    """A tiny random Llama with the default vocabulary and head_dim 64 (vLLM's CPU attention needs 32+)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = mixed.deltatune.models.load_default_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(torch.float32).eval(), tokenizer
 
 
 def save_base(base, tokenizer, workdir: Path) -> Path:
