@@ -91,10 +91,9 @@ def start_vllm(model: str, dirs: list[Path], args, log: Path):
     port = free_port()
     python = vllm_python(args.vllm_python)
     lora = ["--lora-modules", *[f"a{i}={d}" for i, d in enumerate(dirs)]] if dirs else []
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", SERVED,
+    cmd = [str(python.parent / "vllm"), "serve", model, "--served-model-name", SERVED,
            "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enable-lora", "--max-loras", "32",
-           "--max-lora-rank", "16", "--max-num-seqs", "32", "--max-model-len", "512", "--enforce-eager",
-           "--disable-log-requests", *lora]
+           "--max-lora-rank", "16", "--max-num-seqs", "32", "--max-model-len", "512", "--enforce-eager", *lora]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV})
     return proc, f"http://127.0.0.1:{port}"
 
