@@ -143,8 +143,10 @@ def timed(call, new_tokens: int) -> tuple[float, list]:
 
 
 def run(args, calls: dict) -> tuple[dict, dict]:
-    for call in calls.values():                          # warm-up: every path once, 2 tokens
+    for key, call in calls.items():                      # warm-up: every path once, 2 tokens
+        start = time.perf_counter()
         call(2)
+        print(f"[warm-up] {key[0]}/{key[1]} {time.perf_counter() - start:.1f}s", flush=True)
     tokens, times = {}, {key: [] for key in calls}
     for rep in range(args.reps):
         for key, call in calls.items():                  # configuration by configuration, contenders alternating
