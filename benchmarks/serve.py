@@ -285,7 +285,7 @@ def chart(result: dict, path: Path) -> None:
         ys = [tps[f"{k}|{lib}"] for k in keys]
         bars = ax.bar([x + i * width for x in range(len(keys))], ys, width, label=lib, color=COLORS[lib])
         for b, k in zip(bars, keys):
-            label = f"{b.get_height():.0f}"
+            label = f"{b.get_height():.0f}" if b.get_height() >= 10 else f"{b.get_height():.1f}"
             if lib == "deltatune" and "vllm" in libs:
                 label += f"\n{result['ratios'][f'deltatune / vllm, {k}']['value']:.2f}x"
             ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
@@ -294,7 +294,8 @@ def chart(result: dict, path: Path) -> None:
     ax.set_ylabel("generated tokens / s")
     ax.set_ylim(0, max(tps.values()) * 1.25)
     ax.set_title(f"{s['model']}, LoRA r={s['rank']} q/k/v/o, {s['prompts']} prompts x {s['new_tokens']} greedy tokens\n"
-                 f"fp32, {s['cpu']}, {s['threads']} threads, median of {s['reps']} (interleaved)", fontsize=8)
+                 f"fp32, {s['cpu']} ({s['cpu_count']} cores, load average {s['load_average_1min_end']}), "
+                 f"{s['threads']} threads, median of {s['reps']} (interleaved)", fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
