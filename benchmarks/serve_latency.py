@@ -80,7 +80,8 @@ def start_deltatune(model: str, dirs: list[Path], args, log: Path):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     lora = [a for i, d in enumerate(dirs) for a in ("--adapter", f"a{i}={d}")]
-    cmd = [sys.executable, "-m", "deltatune", "serve", "--model", model, "--port", str(port), "--log-level", "warning",
+    # "default" is the same model (vLLM gets its directory) and makes deltatune serve it under SERVED
+    cmd = [sys.executable, "-m", "deltatune", "serve", "--model", SERVED, "--port", str(port), "--log-level", "warning",
            "--max-num-seqs", "32", "--max-model-len", "512", "--max-loras", str(max(len(dirs), 1)),
            "--max-lora-rank", "16", "--dtype", "float32", "--device", "cpu", *lora]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
