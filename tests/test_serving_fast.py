@@ -15,7 +15,7 @@ from deltatune.serving import Engine, SamplingParams
 from deltatune.serving import norms, packed, sampling
 from tests.test_serving_engine import PROMPTS, ROUTE, dirs, engine_for  # noqa: F401  (dirs: fixture)
 
-needs_mkl = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no MKL packed GEMM")
+needs_mkl = pytest.mark.skipif(not packed.mkl_available(), reason="this PyTorch has no MKL packed GEMM")
 
 
 def test_greedy_argmax_is_torch_argmax_ties_and_nan_included():

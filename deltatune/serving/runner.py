@@ -63,8 +63,8 @@ class ModelRunner:
         """Pack the bare base's linear weights for ``rows``-row GEMMs where that applies; how many."""
         fits = self.device.type == "cpu" and self.dtype == torch.float32 and packed.available()
         if pack_weights and not fits:
-            raise ValueError(f"pack_weights=True needs a CPU float32 engine and a PyTorch built with MKL "
-                             f"(here: device {self.device}, dtype {self.dtype}, MKL packed GEMM "
+            raise ValueError(f"pack_weights=True needs a CPU float32 engine and a PyTorch with oneDNN or MKL "
+                             f"(here: device {self.device}, dtype {self.dtype}, packed GEMM "
                              f"{'available' if packed.available() else 'missing'})")
         return packed.pack_linears(self.model, rows) if fits and pack_weights is not False else 0
 
