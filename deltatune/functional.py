@@ -28,6 +28,7 @@ from torch import nn
 from deltatune import registry
 from deltatune.checkpoint.peft_format import PREFIX, drop_peft_artefacts, to_file_keys
 from deltatune.config import PeftConfig
+from deltatune.generation import adapter_model
 from deltatune.peft_model import PeftModel
 from deltatune.peft_model.files import LoadResult
 from deltatune.tuner import TunerModel
@@ -57,6 +58,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
                          "tokens are inputs, not layers; use get_peft_model")
     if state_dict is not None:
         peft_config = _targets_from_keys(peft_config, state_dict, method.container_names())
+    inner = adapter_model(model)       # DDP / FSDP wrappers (their .module) around the model
+    if inner is not model:
+        return _tuner_and_prefix(inner)
     owner = model.__dict__.get(_OWNER)
     if owner is None:
         owner = PeftModel(model, peft_config, adapter_name)
@@ -89,6 +93,9 @@ def _tuner_and_prefix(model: nn.Module) -> tuple[TunerModel, str]:
         return model.base_model, PREFIX
     if isinstance(model, TunerModel):
         return model, "model."
+    inner = adapter_model(model)       # DDP / FSDP wrappers (their .module) around the model
+    if inner is not model:
+        return _tuner_and_prefix(inner)
     owner = model.__dict__.get(_OWNER)
     if owner is None:
         raise ValueError(f"{type(model).__name__} holds no deltatune adapters; use get_peft_model or "

@@ -5,6 +5,7 @@ Each test pins one behaviour to peft's; where it is cheap the test runs peft its
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import peft
@@ -138,3 +139,17 @@ def test_merging_a_merged_adapter_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.merge_adapter(["b"])  # a new one: no warning
+
+
+def test_delete_and_merge_messages_begin_with_peft_s_sentence():
+    """Code and tests written for peft match its error and warning text (pytest.raises(match=...))."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Adapter unknown-adapter does not exist"):
+        model.delete_adapter("unknown-adapter")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match=re.escape("Cannot delete adapter(s) ['default'] while they are merged. "
+                                                   "Please unmerge them first.")):
+        model.delete_adapter("default")
+    assert "default" in model.peft_config

@@ -148,3 +148,23 @@ def test_save_embedding_layers_and_given_state_dict(tmp_path):
     state = {k: torch.zeros_like(v) for k, v in ours.state_dict().items()}  # e.g. gathered by DeepSpeed
     got = deltatune.get_peft_model_state_dict(ours, state_dict=state)
     assert got and all(v.abs().sum() == 0 for v in got.values())
+
+
+def test_state_dict_functions_see_through_ddp_and_fsdp_wrappers():
+    """transformers', accelerate's and peft's own tests call get/set_peft_model_state_dict on a model
+    wrapped by DDP or FSDP (the wrapper's ``.module`` holds the PeftModel)."""
+    from torch import nn
+
+    class Wrapper(nn.Module):  # what DDP and FSDP look like from outside: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules=["q_proj"]))
+    perturb_trainable(model, seed=1)
+    want = deltatune.get_peft_model_state_dict(model)
+    got = deltatune.get_peft_model_state_dict(Wrapper(model))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    other = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules=["q_proj"]))
+    deltatune.set_peft_model_state_dict(Wrapper(other), want)
+    assert all(torch.equal(v, want[k]) for k, v in deltatune.get_peft_model_state_dict(other).items())

@@ -33,8 +33,10 @@ def merge_adapter(peft, names: list[str], safe_merge: bool) -> None:
     check_mergeable(peft, names)
     again = [n for n in dict.fromkeys(names) if n in peft.adapter_set.merged]
     if again:  # peft warns too; nothing is merged twice
-        warnings.warn(f"adapter(s) {again} are already merged into the base weights; not merging them again",
-                      stacklevel=3)
+        lead = "All adapters are already merged, nothing to do" if len(again) == len(set(names)) else \
+            "Some adapters are already merged"   # peft's sentence first: code written for peft matches it
+        warnings.warn(f"{lead}: adapter(s) {again} are already merged into the base weights; not merging them "
+                      "again", stacklevel=3)
     layers = [layer for _, layer in peft.base_model.adapter_layers()]
     for name in [n for n in names if n not in peft.adapter_set.merged]:
         if safe_merge:  # check every layer before writing any

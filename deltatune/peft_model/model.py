@@ -208,10 +208,10 @@ class PeftModel(PeftSurface, nn.Module):
                 ``unmerge_adapter()`` first, so the weights are never changed behind your back).
         """
         if adapter_name not in self.adapter_set:
-            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
-        if adapter_name in self.adapter_set.merged:
-            raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
-                             "call unmerge_adapter() first")
+            raise ValueError(f"Adapter {adapter_name} does not exist (have {sorted(self.peft_config)})")
+        if adapter_name in self.adapter_set.merged:  # peft's sentence first: code written for peft matches it
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first. (unmerge_adapter(): deleting would leave its delta in the base weights.)")
         self.base_model.remove_adapter(adapter_name)
         self.adapter_set.remove(adapter_name)
         if self.adapter_set.active is None:
