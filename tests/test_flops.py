@@ -26,9 +26,12 @@ def _lora(tok, **kw):
     return get_peft_model(tiny_causal_lm(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw))
 
 
-def test_formula_matches_torch_flop_counter_on_the_matmuls(tmp_path, tok):
+def test_formula_matches_torch_flop_counter_on_the_matmuls(tmp_path, tok, monkeypatch):
     """Frozen + adapter + head FLOPs of one step = what torch counts for every matmul outside
-    attention (input gradients enabled everywhere, as the formula assumes)."""
+    attention (input gradients enabled everywhere, as the formula assumes). torch's counter knows
+    aten's matmuls, not oneDNN's prepacked linear that training uses for the head on CPU
+    (``training.cpu_linear``): that path is switched off here so every matmul is counted."""
+    monkeypatch.setenv("DELTATUNE_ONEDNN_LINEAR", "0")
     model = _lora(tok).train()
     model.base_model.model.enable_input_require_grads()
     data = load_dataset(write_jsonl(tmp_path / "d.jsonl", chat_rows(3, seed=0)), tok)

@@ -315,7 +315,12 @@ def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(world):
     server = world["ray"]
     want = complete(world["one"], "a", [5, 9], 40).json()["choices"][0]["text"]
     assert complete(server, "a", [5, 9], 40).json()["choices"][0]["text"] == want
+    deadline = time.monotonic() + 20        # replicas report residency every 0.2 s, later under load
     before = replicas(server)
+    while not any("a" in r["resident"] for r in before.values()):
+        assert time.monotonic() < deadline, f"no replica reports 'a' resident: {before}"
+        time.sleep(0.2)
+        before = replicas(server)
     victim = next(rid for rid, r in before.items() if "a" in r["resident"])
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(complete, server, "a", [5, 9], 40) for _ in range(18)]
