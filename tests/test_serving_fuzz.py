@@ -49,10 +49,13 @@ def test_openapi_schema_describes_every_request_body(tmp_path):
 
 
 def test_fuzzed_requests_get_no_5xx_and_the_server_still_answers(server):
+    # The baseline is taken halfway, not after make fuzz's 40-request warm-up: in a run this short,
+    # first-time paths (the first stream, loads up to max_loras, new prompt lengths) still allocate
+    # after 40 requests (one fresh-clone run grew 11.6% from there); a leak keeps growing after halfway.
     rss = {}
     tally = fuzz.fuzz(server.url, REQUESTS, seed=1,
                       on_sent=lambda n: rss.setdefault("before", fuzz.rss_bytes(server.proc.pid))
-                      if n == fuzz.WARMUP else None)
+                      if n == REQUESTS // 2 else None)
     after = fuzz.rss_bytes(server.proc.pid)
     assert tally.failures == [], tally.failures[:5]
     assert tally.sent >= REQUESTS - 5
