@@ -97,3 +97,21 @@ def resolve_dtype(dtype, device: torch.device, *, allowed: tuple[torch.dtype, ..
                       "are emulated and several times slower than fp32 here; prefer --dtype float32",
                       stacklevel=2)
     return value
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``),
+    which training's frozen linears and the engine's packed weights call on the CPU."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b`` by oneDNN: ``x`` (..., in); ``weight`` (out, in), a transposed view, or a copy
+    packed by ``torch.ops.mkldnn._reorder_linear_weight``; ``bias`` (out,) or None -> (..., out).
+    No autograd of its own."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+# the overload itself: calling it skips the op packet's overload resolution on every call (a decode
+# step calls it for every linear layer)
+_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if onednn_linear_available() else None

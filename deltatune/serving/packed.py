@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.devices import onednn_linear, onednn_linear_available
 from deltatune.surgery import replace_module
 
 
@@ -44,9 +45,8 @@ def mkl_available() -> bool:
 
 
 def onednn_available() -> bool:
-    """True where PyTorch has oneDNN's prepacked linear ops (``torch.ops.mkldnn._linear_pointwise``)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """True where PyTorch has oneDNN's linear kernel and its weight packing (``_reorder_linear_weight``)."""
+    return onednn_linear_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def default_backend() -> str | None:
@@ -62,7 +62,6 @@ def available() -> bool:
 # the overloads themselves: calling them skips the op packet's overload resolution on every call
 _MKL_LINEAR = torch.ops.mkl._mkl_linear.default if mkl_available() else None
 _REORDER = torch.ops.mkl._mkl_reorder_linear_weight.default if mkl_available() else None
-_DNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if onednn_available() else None
 _DNN_REORDER = torch.ops.mkldnn._reorder_linear_weight.default if onednn_available() else None
 
 
@@ -123,8 +122,8 @@ class PackedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def __deepcopy__(self, memo) -> "PackedLinear":
-        """A copy (``modules_to_save`` copies its base layer) that starts unpacked: MKL's packed
-        tensor (MKL's or oneDNN's) is opaque, with no storage to copy, and the copy packs its own weight on first use."""
+        """A copy (``modules_to_save`` copies its base layer) that starts unpacked: a packed tensor
+        (MKL's or oneDNN's) is opaque, with no storage to copy; the copy packs its own weight on first use."""
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -136,7 +135,7 @@ class PackedLinear(nn.Linear):
         if x.dtype is torch.float32 and not x.is_cuda:
             w, packed = self.weight, self.packed_weight()
             if packed is not None and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-                return _DNN_LINEAR(x, packed, self.bias, "none", [], "")                 # (..., out)
+                return onednn_linear(x, packed, self.bias)                               # (..., out)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

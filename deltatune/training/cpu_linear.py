@@ -22,21 +22,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from deltatune.devices import onednn_linear, onednn_linear_available
+
 # ``DELTATUNE_ONEDNN_LINEAR=0`` keeps every matmul on PyTorch's default kernel (A/B runs, bugs).
 ENV = "DELTATUNE_ONEDNN_LINEAR"
 
 
 def available() -> bool:
     """Whether oneDNN's linear kernel exists in this torch build (and is not switched off by ``ENV``)."""
-    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
-        return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x Wᵀ + b`` by oneDNN: ``x`` (..., in), ``weight`` (out, in) (a transposed view works:
-    ``onednn_linear(g, W.t())`` is ``g W``), ``bias`` (out,) or None -> (..., out). No autograd."""
-    return torch.ops.mkldnn._linear_pointwise.default(x, weight, bias, "none", [], "")
+    return os.environ.get(ENV, "1") != "0" and onednn_linear_available()
 
 
 def wants(x: torch.Tensor, weight: torch.Tensor) -> bool:
