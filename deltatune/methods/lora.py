@@ -114,8 +114,12 @@ class LoraLayer(DoraMixin, AdapterLayer):
         if config.use_dora:
             self.add_magnitude(name)
 
-    def create_factors(self, name: str, r: int) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def create_factors(self, name: str, r: int) -> None:
+        """Adapter ``name``'s factors at rank ``r``: ``A`` (in -> r) and ``B`` (r -> out) as bias-free
+        linears in ``lora_A``/``lora_B`` (layers of other shapes override this)."""
+        device = self._factor_device()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
 
     def init_factors(self, name: str, init, module_name: str) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -176,6 +180,19 @@ class LoraLayer(DoraMixin, AdapterLayer):
         return self.training and _dropout_p(self.lora_dropout[name]) > 0
 
 
+class BaseWeightPassThrough:
+    """``weight`` and ``bias`` read from the wrapped layer, for layers whose callers read them
+    directly (a convolution's users, torch's attention reading ``out_proj.weight``)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 class LoraLinear(LoraLayer):
     """LoRA (and DoRA) on a linear-like layer: ``y = base(x) + s·x Aᵀ Bᵀ``."""
 
@@ -190,11 +207,6 @@ class LoraLinear(LoraLayer):
 
     def per_adapter_tables(self) -> list[dict]:
         return super().per_adapter_tables() + [self._cast]
-
-    def create_factors(self, name: str, r: int) -> None:
-        device = self._factor_device()
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
 
     def init_factors(self, name: str, init, module_name: str) -> None:
         if isinstance(init, str) and init.startswith("pissa"):

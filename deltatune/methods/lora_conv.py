@@ -25,7 +25,7 @@ from deltatune import registry
 from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
-from deltatune.methods.lora import LoraLayer, _dropout_p, init_pair, pattern_value
+from deltatune.methods.lora import BaseWeightPassThrough, LoraLayer, _dropout_p, init_pair, pattern_value
 from deltatune.methods.lora_kernel import lora_matmul, row_dropout
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -54,7 +54,7 @@ def conv_per_row(conv: nn.Module, x: torch.Tensor, kernels: torch.Tensor) -> tor
     return out.view(n, -1, *out.shape[2:])
 
 
-class LoraConv(LoraLayer):
+class LoraConv(BaseWeightPassThrough, LoraLayer):
     """LoRA (and DoRA) on a 1-, 2- or 3-d convolution: ``y = base(x) + s·B(A(x))``."""
 
     adds_in_place = False                    # the convolution by A makes a new tensor anyway
@@ -86,15 +86,6 @@ class LoraConv(LoraLayer):
             raise ConfigError(f"init_lora_weights={init!r} is only for linear layers, not {module_name} "
                               f"({type(self.base_layer).__name__})")
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init, self.r[name])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base convolution's weight (peft's layers pass it through; models read it)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def dense_B(self, name: str) -> torch.Tensor:
         """``B`` as the (out, r) matrix its 1x1 convolution multiplies the channels by

@@ -21,25 +21,17 @@ from deltatune import registry
 from deltatune.adapter_set import AdapterSet, MixingError
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
-from deltatune.methods.lora import LoraLayer, LoraLinear, init_pair
+from deltatune.methods.lora import BaseWeightPassThrough, LoraLayer, LoraLinear, init_pair
 
 IN_PROJ, OUT_PROJ = "in_proj_weight", "out_proj.base_layer.weight"
 
 
-class OutProjLora(LoraLinear):
+class OutProjLora(BaseWeightPassThrough, LoraLinear):
     """LoRA on the attention's ``out_proj``, held where peft holds it (``base_layer.out_proj``).
 
     The attention reads ``out_proj.weight`` and ``out_proj.bias`` directly, so they pass through
     to the wrapped projection; its adapters are applied by ``LoraMultiheadAttention``.
     """
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
 
 class LoraMultiheadAttention(LoraLayer):
@@ -107,11 +99,6 @@ class LoraMultiheadAttention(LoraLayer):
             base.out_proj = OutProjLora(base.out_proj, self.adapter_set)
         self.out_proj_layer.add_adapter(name, config, module_name)
         super().add_adapter(name, config, module_name)
-
-    def create_factors(self, name: str, r: int) -> None:
-        device = self._factor_device()
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
 
     def init_factors(self, name: str, init, module_name: str) -> None:
         if isinstance(init, str) and init.startswith("pissa"):
