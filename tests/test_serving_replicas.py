@@ -7,6 +7,7 @@ a fresh cluster), the replica kill last.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -200,6 +201,51 @@ def test_board_changes_reach_only_the_replicas_holding_the_adapter():
 
 
 # -- routing -------------------------------------------------------------------------------------------
+
+class _Replica:
+    """What the router reads of a replica: its id, what it reported holding, its request limit."""
+
+    def __init__(self, rid: str) -> None:
+        self.replica_id, self.multiplexed_model_ids, self.max_ongoing_requests = rid, set(), 4
+
+
+def _router(queue: dict):
+    """The router without a Serve cluster: queue lengths come from ``queue`` (absent = unknown)."""
+    import types
+
+    from deltatune.serving.replicas_router import AdapterAffinityRouter
+
+    router = AdapterAffinityRouter.__new__(AdapterAffinityRouter)
+    router.initialize_state(max_loras=2)
+    router.select_available_replicas = lambda rs: [r for r in rs if queue.get(r.replica_id, 0) < r.max_ongoing_requests]
+    route = lambda replicas, adapter: asyncio.run(router.choose_replicas(  # noqa: E731
+        replicas, types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id=adapter))))
+    return router, route
+
+
+def test_the_router_keeps_each_adapter_where_it_sent_it_before_any_report():
+    """Serve's replicas report what they hold late (here: never); the router still keeps 4 adapters on
+    2 replicas of 2 each, waits for a holder that is slow to answer, spills only from a full one, and
+    forgets a replica that is gone."""
+    r1, r2 = _Replica("r1"), _Replica("r2")
+    queue: dict = {}
+    _, route = _router(queue)
+    home = {}
+    for name in "abcd":
+        (chosen,) = route([r1, r2], name)
+        assert len(chosen) == 1
+        home[name] = chosen[0]
+    assert sorted(len([n for n in home if home[n] is r]) for r in (r1, r2)) == [2, 2]
+    for name in "dcbaabcd" * 3:                      # every later request: the same replica, nothing reloads
+        assert route([r1, r2], name) == [[home[name]]]
+    queue[home["a"].replica_id] = 4                   # a's replica is full: a spills to the other one
+    other = r2 if home["a"] is r1 else r1
+    assert route([r1, r2], "a") == [[other]]
+    queue.clear()
+    assert route([other], "c") == [[other]]            # c's replica is gone: c goes to the living one
+    assert route([r1, r2], "x")[0][0] in (r1, r2) and route([r1, r2], "") != []   # base: any replica
+
+
 
 def test_requests_go_to_the_replica_holding_their_adapter(world):
     """2 replicas, 4 adapters, max_loras=2: each adapter is loaded at most twice, not once per request."""

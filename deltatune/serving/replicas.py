@@ -5,8 +5,9 @@ keys, limits, the OpenAI API and the playground apply there, before anything is 
 is handed instead of an :class:`~deltatune.serving.Engine` is a :class:`ReplicaEngine`, which keeps
 the adapter catalog (names, paths, versions) and sends each request to a Ray Serve deployment of
 :class:`~deltatune.serving.replicas_worker.EngineReplica` (one engine each) through a deployment
-handle, with the adapter's name as Serve's ``multiplexed_model_id``: Serve's router prefers a
-replica that already holds it, and each replica keeps an LRU of ``max_loras`` adapters.
+handle, with the adapter's name as Serve's ``multiplexed_model_id``: the deployment's request router
+(:class:`~deltatune.serving.replicas_router.AdapterAffinityRouter`) sends it to a replica that holds
+it, and each replica keeps an LRU of ``max_loras`` adapters (Serve's multiplexing).
 
 Requests come back as the same :class:`~deltatune.serving.RequestHandle` the engine gives, fed by a
 thread that reads the replica's stream. A replica that dies before sending a token is retried once on
@@ -310,8 +311,10 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
             raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
     import ray
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from deltatune import models
+    from deltatune.serving.replicas_router import AdapterAffinityRouter
     from deltatune.serving.replicas_worker import AdapterBoard, EngineReplica
 
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
@@ -331,7 +334,10 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
         # like the engine's), where the router can still choose: a busy holder of an adapter spills to another.
         max_ongoing_requests=kwargs.get("max_num_seqs", 32),
         max_queued_requests=replicas * kwargs.get("max_waiting", 256),
-        health_check_period_s=1.0, health_check_timeout_s=10.0, graceful_shutdown_timeout_s=5.0)
+        health_check_period_s=1.0, health_check_timeout_s=10.0, graceful_shutdown_timeout_s=5.0,
+        # Routing by adapter that knows where it sent each adapter at once (replicas_router.py).
+        request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter,
+                                                  request_router_kwargs={"max_loras": kwargs.get("max_loras", 8)}))
     handle = serve.run(deployment.bind(base, kwargs, threads, board), name=name, route_prefix=None)
     info = {**handle.describe.remote().result(), "max_queued": replicas * kwargs.get("max_waiting", 256)}
 
