@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from deltatune.adapter_set import BASE_NAME
 from deltatune.serving import errors
-from deltatune.serving.adapters import AdapterInfo, check_config, check_name, read_version_files
+from deltatune.serving.adapters import AdapterInfo, adapter_rank, check_config, check_name, read_version_files
 from deltatune.serving.errors import AdapterLoadError, QueueFull, ServingError, UnknownModel
 from deltatune.serving.outputs import RequestHandle
 from deltatune.serving.replicas_metrics import aggregate, render_replicas
@@ -87,11 +87,17 @@ class ReplicaEngine:
     def register(self, name: str, path) -> AdapterInfo:
         """Add ``name`` to the catalog after checking its files here (config, tensors, rank); it is
         loaded into a replica on first use. What ``--adapter`` and ``--adapters-dir`` do at start."""
-        check_name(name, (self.base_name, BASE_NAME))
-        config, _ = read_version_files(path)
-        check_config(config, path, self.max_lora_rank)
+        config = self._check(name, path)
         with self._lock:
             return self._commit(name, os.fspath(path), config)
+
+    def _check(self, name: str, path):
+        """``name`` and the adapter files at ``path`` checked here, as an engine checks them; their config.
+        Raises AdapterLoadError."""
+        check_name(name, (self.base_name, BASE_NAME))
+        config, _ = read_version_files(path)
+        check_config(config, path, self.max_lora_rank, self.max_model_len)
+        return config
 
     def add_adapter(self, name: str, path, *, replace: bool = False) -> AdapterInfo:
         """Load (or, ``replace=True``, reload) ``name`` from ``path``: checked here, then loaded on a
@@ -99,9 +105,7 @@ class ReplicaEngine:
         other replica holding it. A request already running keeps the version it started with.
 
         Raises AdapterLoadError (why it cannot be served) or what ``Engine.add_adapter`` raises."""
-        check_name(name, (self.base_name, BASE_NAME))
-        config, _ = read_version_files(path)
-        check_config(config, path, self.max_lora_rank)
+        config = self._check(name, path)
         with self._changes:
             with self._lock:
                 if name in self._catalog and not replace:
@@ -118,8 +122,6 @@ class ReplicaEngine:
         return info
 
     def _commit(self, name: str, path: str, config) -> AdapterInfo:
-        from deltatune.serving.adapters import adapter_rank
-
         version = self._versions.get(name, 0) + 1
         self._versions[name] = version
         entry = self._catalog[name] = Entry(path, adapter_rank(config), version)
