@@ -289,6 +289,13 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def check_counts(replicas: int | None, threads: int | None) -> None:
+    """Raise ValueError naming the flag unless ``replicas`` and ``threads`` are None or integers >= 1."""
+    for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+
+
 def launch(base="default", *, replicas: int, threads: int | None = None, ray_address: str | None = None,
            engine_kwargs: dict | None = None, affine: bool = True, name: str = APP) -> ReplicaEngine:
     """Start ``replicas`` engines over ``base`` on Ray Serve and return the entry point's stand-in engine.
@@ -307,9 +314,7 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     Raises:
         ValueError: ``replicas`` or ``threads`` below 1.
     """
-    for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    check_counts(replicas, threads)
     import ray
     from ray import serve
 
