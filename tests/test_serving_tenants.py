@@ -151,7 +151,8 @@ def test_health_answers_fast_while_steps_are_long(launch, world, monkeypatch):
             worst = max(worst, time.perf_counter() - t0)
             time.sleep(0.02)
     assert {k: r.status_code for k, r in results.items()} == {"gen": 200, "unload": 200, "load": 200, "gen2": 200}
-    assert worst < 0.1, f"/health took {worst * 1000:.0f} ms while the engine stepped"
+    # A blocked loop waits out a 0.4 s step; the bound leaves room for a loaded machine (0.1 s was flaky there).
+    assert worst < 0.25, f"/health took {worst * 1000:.0f} ms while the engine stepped"
 
 
 # -- 3. limits ---------------------------------------------------------------------------------------------

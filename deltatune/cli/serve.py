@@ -27,7 +27,9 @@ def cmd_serve(args) -> int:
     adapters = {**adapters_in(args.adapters_dir), **parse_adapters(args.adapter or [])}
     replicated = args.replicas is not None or args.ray_address is not None
     if replicated:
-        _check_replica_flags(args)
+        from deltatune.serving.replicas import check_counts  # no Ray import: before the model load
+
+        check_counts(args.replicas, args.threads_per_replica)
     elif args.threads_per_replica is not None:
         raise ValueError("--threads-per-replica is used only with --replicas N or --ray-address ADDR")
     engine = _replicas(args) if replicated else _engine(args)
@@ -64,12 +66,6 @@ def _replicas(args):
         raise ValueError("--replicas/--ray-address need Ray Serve: pip install 'deltatune[ray]'") from None
     return launch(args.model, replicas=args.replicas or 1, threads=args.threads_per_replica,
                   ray_address=args.ray_address, engine_kwargs=_engine_kwargs(args))
-
-
-def _check_replica_flags(args) -> None:
-    for flag, value in (("--replicas", args.replicas), ("--threads-per-replica", args.threads_per_replica)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value}")
 
 
 def adapters_in(directory) -> dict[str, str]:

@@ -46,10 +46,6 @@ class Access:
             keys[api_key] = frozenset({ALL})
         return cls(keys)
 
-    @property
-    def required(self) -> bool:
-        return bool(self.keys)
-
     def grant(self, authorization: str, peer: str) -> Grant | None:
         """The grant of the ``Authorization`` header, None if the key is missing or wrong. Every key is
         compared (no early exit), each in constant time, so timing does not tell how close a guess was."""

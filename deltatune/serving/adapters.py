@@ -32,7 +32,7 @@ from pathlib import Path
 
 from deltatune.adapter_set import BASE_NAME
 from deltatune.serving.errors import AdapterLoadError, UnknownModel
-from deltatune.serving.virtual_rows import build_prefix, config_problem, route_name
+from deltatune.serving.virtual_rows import build_prefix, config_problem, route_name, virtual_length
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Version:
     rank: int
     internal: str                 # the module key in the model, made by the pool ("a17")
     stamp: tuple = ()             # the files' (name, size, mtime) when read: a change is a new version
+    virtual: int = 0              # virtual tokens before each prompt (``virtual_rows.virtual_length``)
     refs: int = 0                 # requests (waiting or running) pinned to this version
     retired: bool = False         # replaced or removed: goes away with its last request
     last_used: int = 0
@@ -180,7 +181,8 @@ class AdapterPool:
         check_config(config, path, self.max_lora_rank, self.max_model_len)
         number = self._next_version.get(name, 0) + 1
         v = Version(name, number, os.fspath(path), config, tensors, adapter_rank(config),
-                    f"a{next(self._internal_ids)}", stamp if stamp is not None else file_stamp(path))
+                    f"a{next(self._internal_ids)}", stamp if stamp is not None else file_stamp(path),
+                    virtual_length(config))
         self._inject(v)
         self._next_version[name] = number
         old = self.current.get(name)
@@ -244,6 +246,7 @@ class AdapterPool:
         number = self._next_version[v.name] + 1
         self._next_version[v.name] = number
         v.version, v.config, v.tensors, v.rank, v.stamp = number, config, tensors, adapter_rank(config), stamp
+        v.virtual = virtual_length(config)
         v.internal = f"a{next(self._internal_ids)}"
         self.versions[v.internal] = v
 

@@ -46,7 +46,6 @@ from deltatune.serving.requests import Request, Seq
 from deltatune.serving.runner import ModelRunner, engine_dtype
 from deltatune.serving.sampling import SamplingParams, make_generator
 from deltatune.serving.scheduler import Scheduler
-from deltatune.serving.virtual_rows import virtual_length
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class Engine:
             raise BadRequest(f"n={params.n} is above max_num_seqs={self.max_num_seqs}: the completions of a request "
                              "run together", "n")
         text, ids = self._tokenize(prompt)
-        self._room(ids, params, 0)
+        room = self._room(ids, params, 0)
         with self._lock:
             if self._stopping:
                 raise ServingError("the engine is shutting down")
@@ -174,7 +173,8 @@ class Engine:
             version = None
             if adapter is not None and adapter not in (self.base_name, BASE_NAME):
                 version = self.pool.resolve(adapter)
-            room = self._room(ids, params, virtual_length(version.config) if version is not None else 0)
+            if version is not None and version.virtual:  # its prefix takes positions of the context
+                room = self._room(ids, params, version.virtual)
             rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if rid in self.scheduler.requests:
                 raise BadRequest(f"request_id {rid!r} is already running", "request_id")

@@ -33,8 +33,9 @@ class Limits:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"--max-concurrent-per-key: must be >= 1, got {self.max_concurrent}")
 
-    def check(self, body, max_tokens: int | None, max_model_len: int) -> None:
-        """Refuse (400 naming the field) what no client needs: before any tokenization or queueing."""
+    def check(self, body) -> None:
+        """Refuse (400 naming the field) what no client needs: before any tokenization or queueing.
+        (``max_tokens`` against the context is the engine's one check, ``Engine.submit``.)"""
         if body.n > self.max_n:
             raise ApiError(400, f"n: at most {self.max_n} completions per request, got {body.n}", "n")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -44,9 +45,6 @@ class Limits:
             if len(stop) > self.max_stop_length:
                 raise ApiError(400, f"stop: a stop string is {len(stop)} characters, at most "
                                     f"{self.max_stop_length} are allowed", "stop")
-        if max_tokens is not None and max_tokens > max_model_len:
-            raise ApiError(400, f"max_tokens={max_tokens} is above this model's maximum context length "
-                                f"({max_model_len} tokens)", "max_tokens")
 
 
 class Concurrency:

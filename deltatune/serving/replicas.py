@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from deltatune.adapter_set import BASE_NAME
 from deltatune.serving import errors
-from deltatune.serving.adapters import AdapterInfo, check_config, check_name, read_version_files
+from deltatune.serving.adapters import AdapterInfo, adapter_rank, check_config, check_name, read_version_files
 from deltatune.serving.errors import AdapterLoadError, QueueFull, ServingError, UnknownModel
 from deltatune.serving.outputs import RequestHandle
 from deltatune.serving.replicas_metrics import aggregate, render_replicas
@@ -88,11 +88,17 @@ class ReplicaEngine:
     def register(self, name: str, path) -> AdapterInfo:
         """Add ``name`` to the catalog after checking its files here (config, tensors, rank); it is
         loaded into a replica on first use. What ``--adapter`` and ``--adapters-dir`` do at start."""
-        check_name(name, (self.base_name, BASE_NAME))
-        config, _ = read_version_files(path)
-        check_config(config, path, self.max_lora_rank)
+        config = self._check(name, path)
         with self._lock:
             return self._commit(name, os.fspath(path), config)
+
+    def _check(self, name: str, path):
+        """``name`` and the adapter files at ``path`` checked here, as an engine checks them; their config.
+        Raises AdapterLoadError."""
+        check_name(name, (self.base_name, BASE_NAME))
+        config, _ = read_version_files(path)
+        check_config(config, path, self.max_lora_rank, self.max_model_len)
+        return config
 
     def add_adapter(self, name: str, path, *, replace: bool = False) -> AdapterInfo:
         """Load (or, ``replace=True``, reload) ``name`` from ``path``: checked here, then loaded on a
@@ -100,9 +106,7 @@ class ReplicaEngine:
         other replica holding it. A request already running keeps the version it started with.
 
         Raises AdapterLoadError (why it cannot be served) or what ``Engine.add_adapter`` raises."""
-        check_name(name, (self.base_name, BASE_NAME))
-        config, _ = read_version_files(path)
-        check_config(config, path, self.max_lora_rank)
+        config = self._check(name, path)
         with self._changes:
             with self._lock:
                 if name in self._catalog and not replace:
@@ -119,8 +123,6 @@ class ReplicaEngine:
         return info
 
     def _commit(self, name: str, path: str, config) -> AdapterInfo:
-        from deltatune.serving.adapters import adapter_rank
-
         version = self._versions.get(name, 0) + 1
         self._versions[name] = version
         entry = self._catalog[name] = Entry(path, adapter_rank(config), version)
@@ -288,6 +290,13 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def check_counts(replicas: int | None, threads: int | None) -> None:
+    """Raise ValueError naming the flag unless ``replicas`` and ``threads`` are None or integers >= 1."""
+    for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+
+
 def launch(base="default", *, replicas: int, threads: int | None = None, ray_address: str | None = None,
            engine_kwargs: dict | None = None, affine: bool = True, name: str = APP) -> ReplicaEngine:
     """Start ``replicas`` engines over ``base`` on Ray Serve and return the entry point's stand-in engine.
@@ -306,9 +315,7 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     Raises:
         ValueError: ``replicas`` or ``threads`` below 1.
     """
-    for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    check_counts(replicas, threads)
     import ray
     from ray import serve
     from ray.serve.config import RequestRouterConfig

@@ -17,6 +17,7 @@ from deltatune.serving.protocol import ApiError
 DONE = "data: [DONE]\n\n"
 DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 
+
 def as_api_error(exc: Exception, default_param: str | None = None) -> ApiError:
     """Engine errors -> HTTP: unknown model 404, full queue 503, every other refusal 400."""
     if isinstance(exc, ApiError):
@@ -156,8 +157,9 @@ class Run:
         self.metrics.count_request(self.endpoint, self.label, 200)
         return protocol.envelope(self.id, self.object, self.body.model, self.created, choices, usage=self._usage())
 
-    def _chunk(self, choices: list) -> str:
-        extra = {"usage": None} if self.body.include_usage else {}
+    def _chunk(self, choices: list, usage: dict | None = None) -> str:
+        """One server-sent event; ``usage`` is sent (null until the last chunk) when the client asked."""
+        extra = {"usage": usage} if self.body.include_usage else {}
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         payload = protocol.envelope(self.id, obj, self.body.model, self.created, choices, **extra)
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -176,9 +178,7 @@ class Run:
                 if delta.finish_reason is not None:
                     yield self._chunk([self._choice(index, None, delta.finish_reason)])
             if self.body.include_usage:
-                payload = protocol.envelope(self.id, "chat.completion.chunk" if self.chat else "text_completion",
-                                            self.body.model, self.created, [], usage=self._usage())
-                yield f"data: {json.dumps(payload)}\n\n"
+                yield self._chunk([], self._usage())
             yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = "aborted"  # the client went away: Starlette cancels the response

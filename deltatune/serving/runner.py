@@ -119,7 +119,8 @@ class ModelRunner:
             if self.pool.peft is None:
                 out = self.model(**kwargs)
             else:
-                names = [self.pool.route_name(n) for n in names]   # virtual-token rows: the base's layers
+                if self.pool.prefixes:  # virtual-token rows: the base's layers (none ready: nothing to map)
+                    names = [self.pool.route_name(n) for n in names]
                 # reuse=: when the rows' adapters are the previous step's (and no adapter came or
                 # went), the call routes with the previous route tensor, so layers reuse their
                 # gathered factors at once (``AdapterLayer.gathered``'s identity check, as on each

@@ -16,7 +16,6 @@ from deltatune.serving.errors import QueueFull, ServingError
 from deltatune.serving.kv_cache import SlotKVCache
 from deltatune.serving.outputs import StreamDelta
 from deltatune.serving.requests import Request, Seq
-from deltatune.serving.virtual_rows import virtual_length
 
 
 class Scheduler:
@@ -67,7 +66,7 @@ class Scheduler:
             n = len(req.seqs)
             if len(self.running) + n > self.max_num_seqs:
                 break
-            width = len(req.prompt_ids) + (virtual_length(req.version.config) if req.version is not None else 0)
+            width = len(req.prompt_ids) + (req.version.virtual if req.version is not None else 0)
             if joined and max(longest, width) * (len(joined) + n) > self.max_prefill_tokens:
                 break   # the rest join at the next step
             if req.version is not None:

@@ -235,7 +235,7 @@ async def _generate(request: Request, model_cls, chat: bool):
     try:
         body = protocol.parse(model_cls, await request.body())
         model = _label(engine, grant, body.model)
-        state.limits.check(body, body.limit() if chat else body.max_tokens, engine.max_model_len)
+        state.limits.check(body)
         if model == OTHER:
             raise _not_found(body.model)
         leave = state.concurrency.enter(grant.client)
