@@ -101,7 +101,8 @@ class PeftModel(PeftSurface, nn.Module):
         with self.applying(adapter_names) as call:
             if call.prepares_inputs:  # the method prepares the inputs (by name); outputs as peft's
                 given = _call.named(model, args, kwargs)
-                return call.finish(given, model(**call.prepare(given)))
+                prepared = call.prepare(given)
+                return call.finish(given, prepared, model(**prepared))
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
