@@ -222,8 +222,8 @@ def _combine_module(kind: str, sources: Sequence[Source], weights, module: str, 
         deltas = [_full_delta(source, module, f, base_weight) for source, f in zip(sources, factors)]
         delta = merging.combine_tensors(kind, deltas, weights, density, majority_sign_method, generator)
         A, B = merging.svd_factors(delta.flatten(1), rank, svd_clamp, svd_full_matrices, svd_driver)
-        if As[0].dim() == 4:                                   # Conv2d: back to kernels
-            A, B = A.reshape(A.shape[0], *As[0].shape[1:]), B.reshape(*B.shape, 1, 1)
+        if As[0].dim() > 2:                    # Conv1d/2d/3d: back to kernels (r, in, *k), (out, r, 1..)
+            A, B = A.reshape(A.shape[0], *As[0].shape[1:]), B.reshape(*B.shape, *Bs[0].shape[2:])
     else:
         A, B = merging.factorwise(kind, As, Bs, weights, s, density, majority_sign_method, generator)
         err = _relative_error(A, B, As, Bs, weights, s)

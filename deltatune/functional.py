@@ -30,6 +30,7 @@ from deltatune.checkpoint.peft_format import PREFIX, drop_peft_artefacts, to_fil
 from deltatune.config import PeftConfig
 from deltatune.generation import adapter_model
 from deltatune.peft_model import PeftModel
+from deltatune.peft_model.model import warn_unhonoured
 from deltatune.peft_model.files import LoadResult
 from deltatune.tuner import TunerModel
 from deltatune.tuner.embeddings import with_embedding_layers
@@ -45,13 +46,14 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     The first adapter injected is the active one; only its parameters are trainable afterwards.
     ``state_dict`` (keys as ``get_peft_model_state_dict`` writes them, with or without peft's
     ``base_model.model.`` prefix): only its keys are used, to choose the modules to adapt, for
-    checkpoints saved without their ``target_modules``. ``low_cpu_mem_usage`` is accepted for
-    peft's signature; the adapter tensors are created where the base layers are.
+    checkpoints saved without their ``target_modules``. ``low_cpu_mem_usage=True`` warns: the
+    adapter tensors are always created initialised where the base layers are.
 
     Raises:
         ValueError: a prompt-learning config (virtual tokens wrap no layer; use ``get_peft_model``),
             or a config invalid for this model (the message names the field or module).
     """
+    warn_unhonoured("inject_adapter_in_model", low_cpu_mem_usage=low_cpu_mem_usage)
     method = registry.method_of(peft_config)
     if method.component is not None:
         raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type.value}: its virtual "
@@ -152,7 +154,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
 
     Lenient, as peft is: keys the adapter lacks are reported, not refused. For a model from
     ``inject_adapter_in_model`` a ``base_model.model.`` prefix on the keys is dropped.
-    ``low_cpu_mem_usage`` is accepted for peft's signature (no tensor here is on the meta device).
+    ``low_cpu_mem_usage=True`` warns (not honoured: no tensor here is on the meta device).
 
     Returns:
         ``LoadResult(missing_keys, unexpected_keys)``: ``missing_keys`` are ``model.state_dict()``
@@ -163,6 +165,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         RuntimeError: a tensor's shape differs from the adapter's (unless ``ignore_mismatched_sizes``,
             which skips it with a warning naming the key and both shapes).
     """
+    warn_unhonoured("set_peft_model_state_dict", low_cpu_mem_usage=low_cpu_mem_usage)
     tuner, prefix, _ = _adapter_tensors(model, adapter_name)
     if adapter_name in tuner.components:  # a file holds the encoder's result, not the encoder
         tuner.components[adapter_name].resolve()

@@ -170,6 +170,19 @@ def test_labels_ignore_virtual_positions():
     assert model.base_model.components["default"].embedding.weight.grad.abs().sum() > 0
 
 
+
+def test_forward_runs_the_virtual_tokens_once():
+    """peft's logits have the virtual positions first; they come from the prefix's own forward,
+    not a second forward of the virtual tokens (two decoder runs per call: prefix, real tokens)."""
+    model = deltatune.get_peft_model(tiny_llama(), _ours("prompt")).eval()
+    runs = []
+    model.base_model.model.model.register_forward_hook(lambda *_: runs.append(1))
+    ids = token_batch(length=8)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert len(runs) == 2 and out.logits.shape[:2] == (2, N + 8)
+    assert not hasattr(out.past_key_values, "prefix_logits")  # nothing of ours left on the user's cache
+
 def test_text_init_from_default_tokenizer_and_directory(tmp_path):
     from deltatune import models
 

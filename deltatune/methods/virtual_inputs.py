@@ -58,8 +58,13 @@ def _existing_cache(kwargs: dict):
     return None
 
 
-def prefix_cache(component, model: nn.Module, batch: int):
-    """A fresh ``DynamicCache`` holding ``component``'s prefix for ``batch`` rows (differentiable)."""
+def prefix_cache(component, model: nn.Module, batch: int, with_logits: bool = False):
+    """A fresh ``DynamicCache`` holding ``component``'s prefix for ``batch`` rows (differentiable).
+
+    ``with_logits`` (prompt tuning / P-tuning): the virtual embeddings run through the whole
+    model, head included, instead of its decoder body, and the cache keeps their logits as
+    ``cache.prefix_logits`` (1, n, V): ``PeftModel.forward`` returns them as peft does
+    (``peft_model.virtual``) without a second forward of the virtual tokens."""
     from transformers import DynamicCache
 
     config = getattr(model, "config", None)
@@ -69,8 +74,10 @@ def prefix_cache(component, model: nn.Module, batch: int):
         for layer, (k, v) in enumerate(component.key_values()):
             cache.update(k.to(dtype).expand(batch, -1, -1, -1), v.to(dtype).expand(batch, -1, -1, -1), layer)
         return cache
-    body = getattr(model, "base_model", model)
-    body(inputs_embeds=component().to(dtype)[None], **{cache_argument(body) or "cache": cache}, use_cache=True)
+    body = model if with_logits else getattr(model, "base_model", model)
+    out = body(inputs_embeds=component().to(dtype)[None], **{cache_argument(body) or "cache": cache}, use_cache=True)
+    if with_logits:
+        cache.prefix_logits = out.logits                                    # (1, n, V)
     if batch > 1:
         cache.batch_repeat_interleave(batch)
     return cache
@@ -111,7 +118,7 @@ def prepare(component, model: nn.Module, kwargs: dict, callee: nn.Module | None 
     cache = _existing_cache(kwargs)
     fresh = cache is None or cache.get_seq_length() == 0
     if fresh:  # a cache given back by an earlier call already holds the prefix
-        cache = prefix_cache(component, model, batch)
+        cache = prefix_cache(component, model, batch, with_logits=callee is model)  # the full model: logits
     mask = kwargs.get("attention_mask")
     if mask is not None:
         mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)

@@ -60,15 +60,15 @@ class Call:
             return kwargs
         return self._component.generation_kwargs(self._model, kwargs)
 
-    def finish(self, kwargs: dict, out):
-        """The output of ``forward`` (``out``, of a call given ``kwargs``) as peft shapes it: prompt
-        and P-tuning logits on a decoder gain the virtual positions (``peft_model.virtual``)."""
-        prompt = getattr(self._component, "module", None)
-        if prompt is None:
+    def finish(self, kwargs: dict, prepared: dict, out):
+        """The output of ``forward`` (``out``, of ``model(**prepared)`` for a call given ``kwargs``)
+        as peft shapes it: prompt and P-tuning logits on a decoder gain the virtual positions
+        (``peft_model.virtual``)."""
+        if self._component is None:
             return out
         from deltatune.peft_model.virtual import with_virtual_positions
 
-        return with_virtual_positions(prompt, self._model, kwargs, out)
+        return with_virtual_positions(self._model, kwargs, prepared, out)
 
     def matches(self, names: list[str] | None, version: int) -> bool:
         """True if this call routed rows ``names`` under slot version ``version``."""

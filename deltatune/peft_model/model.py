@@ -56,7 +56,8 @@ class PeftModel(PeftSurface, nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         """``autocast_adapter_dtype`` (peft's): adapter tensors on a float16/bfloat16 base are float32
-        (True) or the base's dtype (False); see ``add_adapter``. ``low_cpu_mem_usage``: accepted."""
+        (True) or the base's dtype (False); see ``add_adapter``. ``low_cpu_mem_usage=True`` warns
+        (``warn_unhonoured``)."""
         from deltatune.quant import prepare_4bit_layers
 
         super().__init__()
@@ -65,7 +66,7 @@ class PeftModel(PeftSurface, nn.Module):
         self._mixing_problems: tuple[int, dict] = (-1, {})   # cache of ``call.mixing_problem``
         self.base_model = TunerModel(model, self.adapter_set)
         object.__setattr__(self.base_model, "_peft", self)  # the tuner's peft surface acts here (not a submodule)
-        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     # -- attribute pass-through ----------------------------------------------------------------
@@ -100,7 +101,8 @@ class PeftModel(PeftSurface, nn.Module):
         with self.applying(adapter_names) as call:
             if call.prepares_inputs:  # the method prepares the inputs (by name); outputs as peft's
                 given = _call.named(model, args, kwargs)
-                return call.finish(given, model(**call.prepare(given)))
+                prepared = call.prepare(given)
+                return call.finish(given, prepared, model(**prepared))
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -154,6 +156,7 @@ class PeftModel(PeftSurface, nn.Module):
         Raises:
             ValueError: ``adapter_name`` exists already, or the config is invalid for this model.
         """
+        warn_unhonoured(f"add_adapter({adapter_name!r})", low_cpu_mem_usage=low_cpu_mem_usage)
         if adapter_name in self.adapter_set:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         peft_config = _for_task(peft_config)
@@ -343,7 +346,7 @@ class PeftModel(PeftSurface, nn.Module):
                         selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
-                        **_ignored) -> None:
+                        **unhonoured) -> None:
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``
         (``adapter_model.bin`` with ``safe_serialization=False``), and a ``README.md`` model card
         (``peft_model.card``; an existing one is updated).
@@ -359,6 +362,7 @@ class PeftModel(PeftSurface, nn.Module):
         rank-2r LoRA on the original base (``checkpoint.convert.pissa_to_lora``), which any LoRA
         loader (peft, vLLM, ``deltatune serve``) applies correctly.
         """
+        warn_unhonoured("save_pretrained", **unhonoured)
         if is_main_process:
             _files.save_pretrained(self, save_directory, selected_adapters, path_initial_model_for_weight_conversion,
                                    safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
@@ -366,31 +370,52 @@ class PeftModel(PeftSurface, nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        autocast_adapter_dtype: bool = True, **_ignored) -> "PeftModel":
+                        autocast_adapter_dtype: bool = True, **unhonoured) -> "PeftModel":
         """Wrap ``model`` with the adapter saved in directory ``model_id`` (a ``.safetensors`` or
         peft's ``.bin`` file). ``PeftModel.from_pretrained`` gives the class of the config's
-        ``task_type`` (``PeftModelForCausalLM``...), as peft does.
+        ``task_type`` (``PeftModelForCausalLM``...), as peft does. ``subfolder=``: the adapter is in
+        ``model_id/subfolder``; other peft keywords warn (``warn_unhonoured``).
 
         Raises:
             FileNotFoundError, ConfigError, CheckpointError: the message names the file and key;
                 ``model`` is left as it was.
         """
+        model_id = _in_subfolder(model_id, unhonoured.pop("subfolder", None))
+        warn_unhonoured("PeftModel.from_pretrained", **unhonoured)
         return _files.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, autocast_adapter_dtype)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     autocast_adapter_dtype: bool = True, **_ignored) -> _files.LoadResult:
-        """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``).
+                     autocast_adapter_dtype: bool = True, **unhonoured) -> _files.LoadResult:
+        """Load another saved adapter under ``adapter_name`` (not activated; see ``set_adapter``);
+        ``subfolder=`` as in ``from_pretrained``, other peft keywords warn.
 
         Returns:
             ``LoadResult(missing_keys, unexpected_keys)`` as peft does; both empty, since a load
             that does not match the adapter exactly raises (naming the key) and changes nothing.
         """
+        model_id = _in_subfolder(model_id, unhonoured.pop("subfolder", None))
+        warn_unhonoured(f"load_adapter({adapter_name!r})", **unhonoured)
         return _files.load_adapter(self, model_id, adapter_name, is_trainable, autocast_adapter_dtype)
 
     def _load_weights(self, adapter_name: str, tensors: dict, source) -> None:
         """Copy ``tensors`` (model-relative keys) into adapter ``adapter_name``, strictly
         (``files.load_weights``)."""
         _files.load_weights(self, adapter_name, tensors, source)
+
+
+def warn_unhonoured(where: str, **options) -> None:
+    """Warn, naming them, about peft keyword arguments of ``where`` that deltatune does not honour,
+    given a value other than their no-op (None or False): a peft option is never ignored silently.
+    ``low_cpu_mem_usage``: adapter tensors are always made initialised on the base layers' device."""
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    if given:
+        listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        warnings.warn(f"{where}: {listed} not supported by deltatune; ignored", stacklevel=3)
+
+
+def _in_subfolder(model_id: str | os.PathLike, subfolder: str | None) -> str | os.PathLike:
+    """peft's ``subfolder=``: the adapter lies in ``model_id/subfolder``."""
+    return os.path.join(model_id, subfolder) if subfolder else model_id
 
 
 def _for_task(config: PeftConfig) -> PeftConfig:

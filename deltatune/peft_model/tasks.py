@@ -65,7 +65,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     The result is the task class of ``peft_config.task_type`` (``PeftModelForCausalLM``...), a
     ``PeftModel`` without one. Only the adapter's parameters (and the biases/modules its config
     names) are trainable afterwards. ``autocast_adapter_dtype``: see ``PeftModel.add_adapter``.
-    ``revision`` is recorded in the config as peft does; ``low_cpu_mem_usage`` is accepted.
+    ``revision`` is recorded in the config as peft does; ``low_cpu_mem_usage=True`` warns (not honoured).
 
     Raises:
         ConfigError: an invalid config (naming the field or module).
@@ -77,6 +77,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if revision is not None and getattr(peft_config, "revision", None) is None:
         peft_config.revision = revision
     cls = TASK_CLASSES.get(getattr(peft_config.task_type, "value", peft_config.task_type) or "", PeftModel)
-    wrapped = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    wrapped = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                  low_cpu_mem_usage=low_cpu_mem_usage)
     warn_at_wrap(peft_config)
     return wrapped

@@ -22,19 +22,19 @@ from deltatune.methods.virtual_inputs import cache_argument
 IGNORE_INDEX = -100
 
 
-def with_virtual_positions(prompt: nn.Module, model: nn.Module, kwargs: dict, out):
-    """``out`` of ``model(**prepared kwargs)`` with the virtual positions of ``prompt`` (a prompt
-    module of kind ``"inputs"``) in its logits, and peft's loss when ``kwargs`` (as the caller
-    gave them) has ``labels``; ``out`` unchanged where peft has no virtual positions either."""
+def with_virtual_positions(model: nn.Module, kwargs: dict, prepared: dict, out):
+    """``out`` of ``model(**prepared)`` with the virtual positions' logits in front, and peft's
+    loss when ``kwargs`` (as the caller gave them) has ``labels``; ``out`` unchanged where peft has
+    no virtual positions either. The virtual logits are those ``methods.virtual_inputs.prepare``
+    kept from the prefix's own forward (``cache.prefix_logits``): the tokens are run once."""
+    cache = prepared.get(cache_argument(model) or "cache")
+    virtual = getattr(cache, "__dict__", {}).pop("prefix_logits", None)  # (1, n, V); not left on the user's cache
     logits = getattr(out, "logits", None)
     x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if (getattr(prompt, "kind", None) != "inputs" or cache_argument(model) is None or x is None
-            or not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != x.shape[1]
-            or any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))):  # a decode step
-        return out
+    if (virtual is None or x is None or not isinstance(logits, torch.Tensor) or logits.dim() != 3
+            or logits.shape[1] != x.shape[1]):
+        return out  # not a fresh prefix on a decoder (prefix tuning, an encoder, a decode step)
     batch = x.shape[0]
-    dtype = model.get_input_embeddings().weight.dtype
-    virtual = model(inputs_embeds=prompt().to(dtype)[None], use_cache=False).logits   # (1, n, V)
     out.logits = torch.cat([virtual.to(logits.dtype).expand(batch, -1, -1), logits], dim=1)  # (B, n+T, V)
     labels = kwargs.get("labels")
     if labels is not None and getattr(out, "loss", None) is not None:
