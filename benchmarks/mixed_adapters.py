@@ -402,15 +402,19 @@ def chart(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's 'model name'), for results and captions."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    cpu = cpu_name()
     import peft
     import transformers
 

@@ -83,18 +83,6 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_name() -> str:
-    """The CPU's model name (lscpu's 'Model name'), for the figures' caption."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def build_calls(args, base, tokenizer, batch, prompt_ids, dirs, base_path, stack) -> tuple[dict, dict]:
     """(config, contender) -> call(new_tokens) -> token ids (rows, new_tokens); and setup facts."""
     n = max(args.ks) if args.ks else 1
@@ -241,7 +229,7 @@ def report(args, keys, tokens, times, facts, stats) -> dict:
         "setup": {"model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (default)",
                   "prompts": args.prompts, "new_tokens": args.new_tokens, "rank": args.rank, "reps": args.reps,
                   "contenders": args.contenders, "dtype": "float32", "device": "cpu",
-                  "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+                  "threads": torch.get_num_threads(), "cpu": mixed.cpu_name(), "cpu_count": os.cpu_count(),
                   "load_average_1min_end": round(os.getloadavg()[0], 2), "torch": torch.__version__,
                   "vllm": facts.get("vllm")},
         "seconds": seconds, "all_seconds": {f"{k}|{lib}": v for (k, lib), v in times.items()},

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import serve_http  # noqa: E402  (run_load, percentile: the same client as the throughput benchmark)
-from serve import cpu_name  # noqa: E402
+from mixed_adapters import cpu_name  # noqa: E402
 from vllm_contender import VLLM_ENV, vllm_python  # noqa: E402
 
 RESULTS = HERE / "results"

@@ -50,6 +50,7 @@ for extra in (ROOT, ROOT / "benchmarks"):
 import httpx  # noqa: E402
 
 from fuzz import rss_bytes  # noqa: E402
+from serve_http import percentile  # noqa: E402  (the throughput and latency benchmarks' percentile)
 from tests.serving_fixtures import KEY, Server, make_adapter, make_base  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,12 +61,6 @@ PROMPTS = [[5, 9, 17, 33], [40, 41, 42], [7, 100, 3, 64, 12], "w88 w21 w9", "w60
 GREEDY_TOKENS = 12
 SPEC = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"])  # flip's two versions share it
 BOUNDS = {"rss_growth": 0.05, "health_p99_s": 0.100}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 # -- the world: base, adapters, references ----------------------------------------------------------
@@ -96,8 +91,6 @@ def references(world: dict) -> dict:
     """``(model name, prompt index) -> [(token ids, top-2 logit gaps), ...]``: each prompt decoded
     greedily alone by ``PeftModel`` (HF ``generate``), one entry per version the name may answer
     with (two for ``flip``)."""
-    import torch
-
     from deltatune import PeftModel, models
 
     tokenizer = models.load_tokenizer(world["base"])

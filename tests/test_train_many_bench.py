@@ -1,4 +1,5 @@
-"""``benchmarks/train_many.py`` end to end on a tiny model: both contenders run, results written."""
+"""``benchmarks/train_many.py`` end to end on a tiny model: both contenders run, train the same
+adapters (equal losses per task), results written."""
 from __future__ import annotations
 
 import json
@@ -27,4 +28,8 @@ def test_benchmark_smoke(tmp_path):
         for name in ("add", "reverse"):
             task = result[who]["tasks"][name]
             assert task["steps"] == 1 and task["total"] == 2 and 0 <= task["exact_match"] <= 1
+    for name in ("add", "reverse"):  # one run of both tasks trains each adapter as its own run does
+        multi, solo = result["multi"]["tasks"][name], result["solo"]["tasks"][name]
+        for key in ("final_loss", "eval_loss"):
+            assert abs(multi[key] - solo[key]) <= 1e-4 * abs(solo[key]), (name, key, multi[key], solo[key])
     assert result["time_ratio"] > 0 and (tmp_path / "out" / "train_many.png").stat().st_size > 0

@@ -134,7 +134,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainState, dic
             if saved[n].shape != p.shape:
                 raise CheckpointError(f"{path}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
             p.copy_(saved[n])
-    optimizer.load_state_dict(optimizer_state_dict(load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
+    load_optimizer_state(optimizer, load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
     restore_rng(path, meta)
     return TrainState(**meta["state"]), meta.get("config", {})
 
@@ -161,6 +161,14 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load a saved optimizer state, keeping this run's choice of kernel (``fused``), not the saved run's."""
+    fused = [g.get("fused") for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state_dict(tensors, meta))
+    for group, flag in zip(optimizer.param_groups, fused):
+        group["fused"] = flag
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -192,11 +200,3 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):  # leftovers of a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Load a saved optimizer state, keeping this run's choice of kernel (``fused``), not the saved run's."""
-    fused = [g.get("fused") for g in optimizer.param_groups]
-    optimizer.load_state_dict(optimizer_state_dict(tensors, meta))
-    for group, flag in zip(optimizer.param_groups, fused):
-        group["fused"] = flag

@@ -26,11 +26,13 @@ from deltatune.devices import onednn_linear, onednn_linear_available
 
 # ``DELTATUNE_ONEDNN_LINEAR=0`` keeps every matmul on PyTorch's default kernel (A/B runs, bugs).
 ENV = "DELTATUNE_ONEDNN_LINEAR"
+# probed once: ``wants`` runs on every frozen linear's forward, and the probe costs ~5 us a call
+_KERNEL = onednn_linear_available()
 
 
 def available() -> bool:
     """Whether oneDNN's linear kernel exists in this torch build (and is not switched off by ``ENV``)."""
-    return os.environ.get(ENV, "1") != "0" and onednn_linear_available()
+    return os.environ.get(ENV, "1") != "0" and _KERNEL
 
 
 def wants(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -87,12 +89,13 @@ class FastLinears:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = frozen_linears(model)
+        self._forwards = [_forward(m) for m in self.layers]  # made once: active() is entered every pass
 
     @contextmanager
     def active(self):
         """Within this context the frozen linear layers compute through oneDNN."""
-        for m in self.layers:
-            m.forward = _forward(m)
+        for m, forward in zip(self.layers, self._forwards):
+            m.forward = forward
         try:
             yield
         finally:

@@ -171,7 +171,7 @@ def _lm_loss_sum(model: nn.Module, batch: Batch, call, weights=None, token_losse
     w = None if weights is None else weights[sel]                               # (N,)
     ce_out = None if token_losses is None else torch.empty(targets.shape, dtype=torch.float32,
                                                            device=targets.device)  # (N,)
-    total = _label_loss(model, hf, batch, call, sel, targets, w, ce_out)
+    total = _label_loss(hf, batch, call, sel, targets, w, ce_out)
     if token_losses is not None:
         token_losses[sel] = ce_out
     return total
@@ -184,15 +184,15 @@ def _weighted_sum(ce: torch.Tensor, w: torch.Tensor | None, ce_out: torch.Tensor
     return (ce if w is None else ce * w).sum()
 
 
-def _label_loss(model, hf, batch: Batch, call, sel, targets, w, ce_out) -> torch.Tensor:
+def _label_loss(hf, batch: Batch, call, sel, targets, w, ce_out) -> torch.Tensor:
     parts = _fast_parts(hf)
-    if parts is None:
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        logits = out.logits[:, -sel.shape[1]:]  # a PeftModel puts virtual positions first, as peft
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if parts is None:  # the whole model, called as PeftModel.forward calls it, without peft's extra
+        # forward of the virtual tokens alone (their logits would be sliced away here)
+        logits = hf(**call.prepare(kwargs)).logits[:, -sel.shape[1]:]  # (R, L, V)
         return _weighted_sum(F.cross_entropy(logits[sel].float(), targets, reduction="none"), w, ce_out)
     decoder, head, plain = parts
-    inputs = call.prepare(dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False),
-                          callee=decoder)                               # the method's inputs (virtual tokens)
+    inputs = call.prepare(kwargs, callee=decoder)                       # the method's inputs (virtual tokens)
     with cpu_bf16_attention(hf, batch.input_ids):
         hidden = decoder(**inputs).last_hidden_state                            # (R, L, d)
     hidden = hidden[sel]                                                        # (N, d)

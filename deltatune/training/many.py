@@ -34,7 +34,6 @@ import torch
 from deltatune.training.api import adapter_config, make_config
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import DataError, Dataset, load_dataset
-from deltatune.training.many_loop import save_task_adapter  # noqa: F401  (public here too)
 from deltatune.training.tasks import TaskRun
 
 
