@@ -293,6 +293,9 @@ def _pad(layer, name: str, rank: int) -> None:
             old = getattr(layer, attr)[name]
             getattr(layer, attr)[name] = nn.Parameter(_padded(old, dim, rank), requires_grad=old.requires_grad)
     else:
+        if getattr(layer.lora_B[name], "groups", 1) > 1:   # B is one block per group: a rank is not one dim
+            raise ValueError(f"adapter {name!r} is on a {type(layer.base_layer).__name__} with groups="
+                             f"{layer.lora_B[name].groups}: its factors cannot be padded for a compiled hot-swap")
         for attr, dim in (("lora_A", 0), ("lora_B", 1)):
             old = getattr(layer, attr)[name]
             new = _resized(old, dim, rank)
@@ -314,11 +317,13 @@ def _padded(t: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
 
 
 def _resized(module: nn.Module, dim: int, rank: int) -> nn.Module:
-    """An empty factor module like ``module`` with ``rank`` outputs (dim 0) or inputs (dim 1)."""
+    """An empty factor module like ``module`` (Linear or Conv1d/2d/3d, its kernel, stride and padding
+    kept) with ``rank`` outputs (dim 0) or inputs (dim 1)."""
     w = module.weight
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.modules.conv._ConvNd):
         ins, outs = (module.in_channels, rank) if dim == 0 else (rank, module.out_channels)
-        return nn.Conv2d(ins, outs, module.kernel_size, module.stride, module.padding, module.dilation, bias=False,
-                         device="meta")
+        return type(module)(ins, outs, module.kernel_size, module.stride, module.padding, module.dilation,
+                            bias=False, padding_mode=module.padding_mode, device="meta",
+                            dtype=w.dtype)
     ins, outs = (module.in_features, rank) if dim == 0 else (rank, module.out_features)
     return nn.Linear(ins, outs, bias=False, device="meta", dtype=w.dtype)

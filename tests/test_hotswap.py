@@ -228,3 +228,42 @@ def test_swapped_biases_go_live_while_another_adapters_are_live_too(tmp_path):
     fresh.set_adapter("b")
     fresh.merge_adapter(["m"])
     torch.testing.assert_close(_logits(model), _logits(fresh))
+
+
+class _Convs(torch.nn.Module):
+    """One convolution of each dimension (``groups`` for the 2-d one)."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular")
+        self.c2 = torch.nn.Conv2d(4, 6, 3, padding=1, groups=groups)
+        self.c3 = torch.nn.Conv3d(4, 6, 1)
+
+    def forward(self, x1, x2, x3):
+        return torch.cat([self.c1(x1).flatten(), self.c2(x2).flatten(), self.c3(x3).flatten()])
+
+
+def test_convolutions_of_every_dimension_are_padded_and_swapped(tmp_path):
+    """prepare_model_for_compiled_hotswap pads Conv1d/2d/3d factors (kernel and padding mode kept) without
+    changing the output, and a swap then gives the other adapter's output; a grouped convolution is refused
+    and left as it was."""
+    torch.manual_seed(1)
+    xs = (torch.randn(2, 4, 5), torch.randn(2, 4, 5, 5), torch.randn(2, 4, 2, 3, 3))
+    kw = dict(target_modules=["c1", "c2", "c3"], lora_alpha=4)
+    x = save_perturbed_adapter(tmp_path / "x", LoraConfig(r=2, **kw), 1, _Convs)
+    y = save_perturbed_adapter(tmp_path / "y", LoraConfig(r=4, **kw), 2, _Convs)
+    want_x, want_y = (PeftModel.from_pretrained(_Convs(), p).eval()(*xs).detach() for p in (x, y))
+    model = PeftModel.from_pretrained(_Convs(), x).eval()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert model.base_model.model.c3.lora_A["default"].weight.shape == (8, 4, 1, 1, 1)
+    assert model.base_model.model.c1.lora_A["default"].padding_mode == "circular"
+    torch.testing.assert_close(model(*xs).detach(), want_x, rtol=0, atol=1e-5)
+    hotswap_adapter(model, y)
+    torch.testing.assert_close(model(*xs).detach(), want_y, rtol=0, atol=1e-5)
+    grouped = PeftModel.from_pretrained(_Convs(groups=2), save_perturbed_adapter(
+        tmp_path / "g", LoraConfig(r=2, **kw), 3, lambda: _Convs(groups=2))).eval()
+    before = grouped(*xs).detach()
+    with pytest.raises(ValueError, match="groups=2"):
+        prepare_model_for_compiled_hotswap(grouped, target_rank=8)
+    torch.testing.assert_close(grouped(*xs).detach(), before, rtol=0, atol=0)
