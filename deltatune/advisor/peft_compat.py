@@ -263,7 +263,7 @@ class _Checker(ast.NodeVisitor):
                 self.add("peft-keyword", "error", kw.value.lineno, f"{short}({kw.arg}=...) is not supported by "
                          "deltatune", f"deltatune's {short} has no parameter {kw.arg!r}: a TypeError",
                          f"remove {kw.arg}=..." + _default_note(obj, kw))
-            elif catch_all.startswith("_"):
+            elif catch_all.startswith("_") or catch_all == "unhonoured":   # accepted; `unhonoured` also warns
                 self.add("peft-ignored", "warning", kw.value.lineno, f"{short}({kw.arg}=...) is accepted and "
                          "ignored by deltatune", f"deltatune's {short} does not implement {kw.arg!r}",
                          f"check that the code does not rely on {kw.arg}")
