@@ -164,6 +164,16 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
             close(mixed[i:i + 1], alone)
 
 
+def test_combining_refuses_bdlora_adapters_instead_of_mixing_their_blocks():
+    # concatenating compact factors along the rank would put one adapter's blocks in another's place
+    model = deltatune.get_peft_model(base(), config(deltatune, "both"), adapter_name="a")
+    model.add_adapter("b", config(deltatune, "both"))
+    for kind in ("cat", "linear", "svd"):
+        with pytest.raises(ValueError, match="adapter 'a' uses BD-LoRA"):
+            model.add_weighted_adapter(["a", "b"], [1.0, 1.0], f"c_{kind}", combination_type=kind)
+        assert f"c_{kind}" not in model.peft_config
+
+
 def test_peft_errors_are_raised_with_peft_words():
     with pytest.raises(ValueError, match="Found overlapping modules in target_modules_bd lists"):
         deltatune.BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin0"])
