@@ -174,6 +174,16 @@ def test_combining_refuses_bdlora_adapters_instead_of_mixing_their_blocks():
         assert f"c_{kind}" not in model.peft_config
 
 
+def test_hotswap_refuses_bdlora_by_name(tmp_path):
+    # compact factors carry no rank to compare or pad: hot-swap's rank rules would misread them
+    model = deltatune.get_peft_model(base(), config(deltatune, "both"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="BD-LoRA adapters \\(use_bdlora\\) cannot be hot-swapped"):
+        deltatune.hotswap_adapter(model, tmp_path, adapter_name="default")
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] use BD-LoRA"):
+        deltatune.prepare_model_for_compiled_hotswap(model, target_rank=8)
+
+
 def test_peft_errors_are_raised_with_peft_words():
     with pytest.raises(ValueError, match="Found overlapping modules in target_modules_bd lists"):
         deltatune.BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin0"])
