@@ -245,3 +245,27 @@ def test_config_keeps_what_it_was_given_and_writes_peft_schema(tmp_path):
     # when given one), turned into a BdLoraConfig when the adapter is added
     assert dataclasses.asdict(peft.LoraConfig.from_pretrained(tmp_path).use_bdlora) == loaded.use_bdlora
     assert copy.deepcopy(cfg).to_dict() == cfg.to_dict()
+
+
+def test_16bit_inference_caches_cast_factors_by_the_stored_weights(monkeypatch):
+    # the accelerator path (16-bit input, fp32 factors cast once and cached) keys its cache on the
+    # stored compact weights: BD-LoRA's dense views are new tensors each call, so they cannot key it
+    from deltatune.methods import lora as lora_module
+
+    monkeypatch.setattr(lora_module, "cast_factors_on", lambda device: True)
+    model = deltatune.get_peft_model(base().to(torch.bfloat16), config(deltatune, "both"))
+    perturb_trainable(model, scale=0.3)
+    model.eval()
+    h = x().to(torch.bfloat16)
+    layer = model.base_model.model.lin1
+    for step in range(3):
+        with torch.no_grad():
+            got = layer(torch.relu(model.base_model.model.lin0(h)))
+            inner = torch.relu(model.base_model.model.lin0(h))
+            A, B = layer.factors("default")
+            want = layer.base_layer(inner).float() + (inner.float() @ A.T @ B.T) * layer.scaling["default"]
+            close(got.float(), want, atol=0.1)
+            cached = layer._cast["default"]
+            layer(inner)                                        # unchanged factors: the cached copies serve
+            assert layer._cast["default"] is cached
+            layer.lora_B["default"].weight.add_(0.5)            # an optimizer step between calls

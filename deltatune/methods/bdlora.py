@@ -109,6 +109,8 @@ class BlockDiagonalLinear(nn.Module):
         """The full (out, in) matrix: the blocks on the diagonal, zeros elsewhere (differentiable)."""
         return torch.block_diag(*self.weight.chunk(self.nblocks, dim=0))
 
+    weight_as_blockdiagonal_matrix = dense_weight   # peft's name for it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Each block on its own slice of the input: (..., in) -> (..., out)."""
         k = self.nblocks

@@ -286,7 +286,8 @@ class LoraLinear(LoraLayer):
         return lora_matmul(self.lora_dropout[name](x) if dropout else x, A.T, B.T, self.scaling[name])
 
     def _factors_in(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight   # the stored parameters: BD-LoRA's dense A, B
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)   # are new tensors on every call
         hit = self._cast.get(name)
         if hit is None or hit[0] != key:
             hit = self._cast[name] = (key, A.to(dtype), B.to(dtype))
