@@ -4,6 +4,7 @@ from deltatune.advisor import plan
 from deltatune.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from deltatune.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from deltatune.methods.bdlora import BdLoraConfig
 from deltatune.methods.bottleneck import AdapterConfig, BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
@@ -17,7 +18,7 @@ from deltatune.training import train
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterConfig", "BottleneckConfig", "IA3Config", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftModel",
+__all__ = ["AdapterConfig", "BdLoraConfig", "BottleneckConfig", "IA3Config", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftModel",
            "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
            "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
            "PeftType", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",

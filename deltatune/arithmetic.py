@@ -239,6 +239,9 @@ def _check_lora_source(config: LoraConfig, name: str) -> None:
         raise CombineError(f"adapter {name!r} was initialised with {config.init_lora_weights!r}: its factors apply "
                            "to a base PiSSA changed; save it as plain LoRA first (save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=...)) and combine that")
+    if getattr(config, "use_bdlora", None) is not None:   # compact block-diagonal factors (methods/bdlora.py)
+        raise CombineError(f"adapter {name!r} uses BD-LoRA (use_bdlora): its block-diagonal factors do not combine "
+                           "factor-wise; merge it into the base (merge_and_unload) instead")
     if config.bias != "none":
         raise CombineError(f"adapter {name!r} trains biases (bias={config.bias!r}): combining adapters with "
                            "trained biases is not supported")

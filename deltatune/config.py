@@ -144,7 +144,7 @@ class PeftConfig(metaclass=_ConfigType):
             value = getattr(self, f.name)
             if isinstance(value, (set, tuple)):
                 value = sorted(value) if isinstance(value, set) else list(value)
-            out[f.name] = value
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value  # BdLoraConfig
         out["peft_type"] = self.peft_type.value
         out.setdefault("auto_mapping", None)
         return out
@@ -316,16 +316,15 @@ class LoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict to these layer indices (list-form targets).
         fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
             Conv1D by type; the field is kept for file compatibility.
-        use_dora: weight-decomposed LoRA (DoRA); requires the DoRA method to be registered.
+        use_dora / use_bdlora: DoRA (its method registered) / BD-LoRA, a ``BdLoraConfig`` or dict (methods/bdlora.py).
     """
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
     peft_extra_defaults: ClassVar[dict[str, Any]] = {
-        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
-        "eva_config": None, "kasa_config": None,
-        "layer_replication": None, "lora_ga_config": None,
-        "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
-        "qalora_group_size": 16, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
+        "kasa_config": None, "layer_replication": None, "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
+        "use_qalora": False, "velora_config": None,
     }
 
     r: int = 8
@@ -343,6 +342,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
+    use_bdlora: Optional[Any] = None   # kept as given (object or file's dict), as peft; read by methods/bdlora.py
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
     # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
     ensure_weight_tying: bool = False

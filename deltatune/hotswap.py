@@ -117,6 +117,9 @@ def _check_configs(old, new, source) -> None:
     if old.peft_type not in CHECKED_FIELDS:
         raise HotswapError(f"{source}: hot-swapping supports {[t.value for t in CHECKED_FIELDS]}, "
                            f"not {old.peft_type.value}")
+    if getattr(old, "use_bdlora", None) is not None or getattr(new, "use_bdlora", None) is not None:
+        raise HotswapError(f"{source}: BD-LoRA adapters (use_bdlora) cannot be hot-swapped: their block-diagonal "
+                           "factors are stored compactly, with no rank to pad; use load_adapter")
     for field in CHECKED_FIELDS[old.peft_type]:
         if getattr(old, field) != getattr(new, field):
             raise HotswapError(f"{source}: {field}={getattr(new, field)!r}, the loaded adapter has "
@@ -263,6 +266,10 @@ def prepare_model_for_compiled_hotswap(model, *, target_rank: int | None = None,
     if not layers:
         raise ValueError("prepare_model_for_compiled_hotswap: the model has no LoRA adapter; load the first "
                          "adapter before preparing")
+    bd = sorted(n for n, c in peft_model.peft_config.items() if getattr(c, "use_bdlora", None) is not None)
+    if bd:
+        raise ValueError(f"prepare_model_for_compiled_hotswap: adapter(s) {bd} use BD-LoRA, whose block-diagonal "
+                         "factors cannot be padded to another rank")
     for module, layer in layers.items():
         if getattr(layer, MAGNITUDE, None):
             raise ValueError(f"{module}: DoRA adapters cannot be prepared for compiled hot-swap (the DoRA norm "

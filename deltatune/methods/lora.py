@@ -29,6 +29,7 @@ from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
 from deltatune.methods.base import AdapterLayer
+from deltatune.methods.bdlora import add_block_diagonal, dense_weight
 from deltatune.methods.dora import MAGNITUDE, DoraMixin
 from deltatune.methods.lora_kernel import (cast_factors_on, gather_embedding, gather_lora, gather_lora_as,
                                            lora_matmul, may_add_in_place, row_dropout)
@@ -208,6 +209,15 @@ class LoraLinear(LoraLayer):
     def per_adapter_tables(self) -> list[dict]:
         return super().per_adapter_tables() + [self._cast]
 
+    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        """LoRA's adapter; with ``use_bdlora`` one factor then becomes block-diagonal (``methods/bdlora.py``)."""
+        super().add_adapter(name, config, module_name)
+        add_block_diagonal(self, name, config, module_name)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s ``A`` (r, in) and ``B`` (out, r) as full matrices (BD-LoRA's expanded)."""
+        return dense_weight(self.lora_A[name]), dense_weight(self.lora_B[name])
+
     def init_factors(self, name: str, init, module_name: str) -> None:
         if isinstance(init, str) and init.startswith("pissa"):
             with torch.no_grad():
@@ -252,7 +262,7 @@ class LoraLinear(LoraLayer):
         self._undo_init.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])  # (out, in)
+        return lora_delta(*self.factors(name), self.scaling[name])  # (out, in)
 
     def _one(self, name: str, x: torch.Tensor, out: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """One adapter: ``s·x Aᵀ Bᵀ`` (..., in) -> (..., out).
@@ -263,7 +273,7 @@ class LoraLinear(LoraLayer):
         factors' dtype, except under autocast (the GEMMs cast it themselves: a cast to fp32 here
         would be cast straight back).
         """
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight          # (r, in), (out, r)
+        A, B = self.factors(name)                                          # (r, in), (out, r)
         if out is not None:
             if (dropout and self.training and _dropout_p(self.lora_dropout[name]) > 0) or not (
                     A.dtype == x.dtype or cast_factors_on(x.device)):
@@ -276,7 +286,8 @@ class LoraLinear(LoraLayer):
         return lora_matmul(self.lora_dropout[name](x) if dropout else x, A.T, B.T, self.scaling[name])
 
     def _factors_in(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight   # the stored parameters: BD-LoRA's dense A, B
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype)   # are new tensors on every call
         hit = self._cast.get(name)
         if hit is None or hit[0] != key:
             hit = self._cast[name] = (key, A.to(dtype), B.to(dtype))
@@ -307,8 +318,9 @@ class LoraLinear(LoraLayer):
         p = torch.zeros(S, device=like.device)
         for name in self.held:
             slot, r = self.adapter_set.slots[name], self.r[name]
-            A[slot, :r] = self.lora_A[name].weight.to(A.dtype)
-            B[slot, :, :r] = self.lora_B[name].weight.to(B.dtype) * self.scaling[name]
+            A_n, B_n = self.factors(name)                            # (r, in), (out, r)
+            A[slot, :r] = A_n.to(A.dtype)
+            B[slot, :, :r] = B_n.to(B.dtype) * self.scaling[name]
             p[slot] = _dropout_p(self.lora_dropout[name])
         bank = {"A": A, "B": B, "p": p}
         if self.lora_magnitude_vector:
