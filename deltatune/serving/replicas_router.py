@@ -10,12 +10,14 @@ a request goes to a replica without its adapter, which loads it and evicts anoth
 LRU of ``max_loras`` adapters per replica, the same size as each replica's multiplexed LRU, merged with
 what the replicas report. A request for an adapter goes to the replicas holding it; a holder that is
 slow to answer is waited for, and only a holder whose queue is full makes the request spill to
-another replica. An adapter held nowhere goes to the replica holding the fewest. Requests without an
+another replica. An adapter held nowhere goes to the replica holding the fewest, ties broken by
+rendezvous hashing so that it comes back to the same replica each time. Requests without an
 adapter (the base, or ``affine=False``) take Serve's power of two choices among all replicas.
 """
 from __future__ import annotations
 
 import random
+import zlib
 from collections import OrderedDict
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
@@ -61,8 +63,14 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         others = self.select_available_replicas([r for r in candidate_replicas if r not in holders])
         if not others:                     # every replica is full: Serve probes them all and backs off
             return [list(candidate_replicas)]
-        fewest = min(len(set(self._held(r)) | set(r.multiplexed_model_ids)) for r in others)
-        pick = random.choice([r for r in others
-                              if len(set(self._held(r)) | set(r.multiplexed_model_ids)) == fewest])
+        pick = min(others, key=lambda r: (len(set(self._held(r)) | set(r.multiplexed_model_ids)),
+                                          _home_rank(adapter, r)))
         self._send(pick, adapter)
         return [[pick]]
+
+
+def _home_rank(adapter: str, replica: RunningReplica) -> int:
+    """Rendezvous hashing: among replicas holding as many adapters, each adapter has a fixed order of
+    preference, so once every replica is full an adapter evicted everywhere comes back to the same one
+    (each replica's LRU then sees about 1/N of the adapters, not a random share of all of them)."""
+    return zlib.crc32(f"{adapter}\0{getattr(replica.replica_id, 'unique_id', replica.replica_id)}".encode())
