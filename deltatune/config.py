@@ -317,6 +317,7 @@ class LoraConfig(PeftConfig):
         fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
             Conv1D by type; the field is kept for file compatibility.
         use_dora: weight-decomposed LoRA (DoRA); requires the DoRA method to be registered.
+        trainable_token_indices: token ids (input embedding) or {module: ids}; ``tuner.trainable_tokens``.
     """
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
@@ -391,7 +392,6 @@ _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
     "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
     "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
     "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
-    "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
 }
 
 

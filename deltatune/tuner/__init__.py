@@ -27,6 +27,7 @@ from deltatune.tuner import inits as _inits  # noqa: F401  registers init_lora_w
 from deltatune.tuner.biases import BiasBook
 from deltatune.tuner.components import Component, PromptEncoder, SavedModule, WrappedLayer, wrapped
 from deltatune.tuner.embeddings import EMBEDDING_NAMES  # peft saves these layers' base weights when targeted
+from deltatune.tuner.trainable_tokens import TrainableTokensWrapper, tied_head_names, token_targets
 
 __all__ = ["EMBEDDING_NAMES", "Component", "TunerModel"]
 
@@ -160,8 +161,27 @@ class TunerModel(nn.Module):
                 layer.train(layer.base_layer.training)  # new dropout follows the model's mode
         for name in targeting.select_saved(self.model, getattr(config, "modules_to_save", None)):
             self._layer_at(name, lambda m: ModulesToSaveWrapper, config).add_adapter(adapter_name)
+        self._add_tokens(adapter_name, config)
         trained = self.bias_names(adapter_name, getattr(config, "bias", "none"))
         self.biases.register(adapter_name, [n.replace(".base_layer.", ".") for n in trained])
+
+    def _add_tokens(self, adapter_name: str, config: PeftConfig) -> None:
+        """``trainable_token_indices``: wrap each named embedding (``tuner.trainable_tokens``); an
+        output head tied to the input embedding is wrapped too and uses the embedding's rows."""
+        targets = token_targets(self.model, config)
+        for name, indices in targets.items():
+            self._layer_at(name, lambda m: TrainableTokensWrapper, config).add_adapter(
+                adapter_name, config, name, indices=indices)
+        get = getattr(self.model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        if not isinstance(embedding, TrainableTokensWrapper) or adapter_name not in embedding.held:
+            return
+        for name in tied_head_names(self.model, embedding.base_layer):
+            if name in targets:
+                continue  # named explicitly: its own rows
+            head = self._layer_at(name, lambda m: TrainableTokensWrapper, config)
+            head.tie_to(embedding.token_adapter, name)
+            head.add_adapter(adapter_name, config, name)
 
     def _add_encoder(self, adapter_name: str, module: nn.Module) -> None:
         param = next(self.model.parameters(), None)
@@ -230,8 +250,8 @@ class TunerModel(nn.Module):
             return {}
         out = {}
         for name, layer in self.adapter_layers():
-            if isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.held:
-                continue  # a modules-to-save copy is saved whole already
+            if isinstance(layer, (ModulesToSaveWrapper, TrainableTokensWrapper)) or adapter_name not in layer.held:
+                continue  # a modules-to-save copy is saved whole already; trainable tokens save their rows
             if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES and hasattr(layer.get_base_layer(), "weight"):
                 out[f"{name}.base_layer.weight"] = layer.get_base_layer().weight
         return out

@@ -1,0 +1,131 @@
+"""LoRA's ``trainable_token_indices``: a few embedding rows trained in full beside LoRA.
+
+Against peft 0.21 (installed as a yardstick): the same rows give the same logits, files cross in
+both directions with the same keys, on an untied model (Llama) and a tied one (GPT-2, whose head
+follows the embedding's rows). Within deltatune: training moves only the named rows, merging
+equals the unmerged output and unmerging restores the base, disable gives the base, errors name
+the module.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import deltatune
+from deltatune.adapter_set import MixingError
+from deltatune.config import ConfigError
+from deltatune.tuner.trainable_tokens import TrainableTokensWrapper
+from tests.conftest import logits_of, tiny_gpt2, tiny_llama, train_steps
+
+peft = pytest.importorskip("peft")
+
+ROWS = [1, 5, 7]
+IDS = torch.tensor([[1, 2, 5, 7, 9, 1], [7, 7, 3, 5, 1, 0]])
+BUILDS = {"llama": tiny_llama, "gpt2-tied": tiny_gpt2}
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2-tied": ["c_attn"]}
+
+
+def config(lib, model: str, indices=None):
+    return lib.LoraConfig(target_modules=TARGETS[model], init_lora_weights=False,
+                          trainable_token_indices=ROWS if indices is None else indices)
+
+
+def set_rows(peft_model, seed: int = 3) -> torch.Tensor:
+    """Stand-in for training: new values for the adapter's rows (same values in either library)."""
+    delta = peft_model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+    values = torch.randn(delta.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        delta.copy_(values)
+    return values
+
+
+def close(a, b, atol=1e-5):
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("model", BUILDS)
+def test_same_rows_give_peft_logits_and_files_cross_both_ways(model, tmp_path):
+    build = BUILDS[model]
+    torch.manual_seed(11)
+    ours = deltatune.get_peft_model(build(), config(deltatune, model)).eval()
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(build(), config(peft, model)).eval()
+    set_rows(ours), set_rows(theirs)
+    theirs.load_state_dict(ours.state_dict(), strict=False)  # the same LoRA factors (same parameter names)
+    close(logits_of(ours, IDS), logits_of(theirs, IDS))
+    assert not torch.allclose(logits_of(ours, IDS), logits_of(build(), IDS))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    mine, reference = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
+    assert any(k.endswith("token_adapter.trainable_tokens_delta") for k in mine)
+    loaded_peft = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    close(logits_of(loaded_peft, IDS), logits_of(ours, IDS))
+    loaded_ours = deltatune.PeftModel.from_pretrained(build(), tmp_path / "theirs").eval()
+    close(logits_of(loaded_ours, IDS), logits_of(theirs, IDS))
+
+
+def test_training_changes_only_the_named_rows_and_the_tied_head_follows():
+    model = deltatune.get_peft_model(tiny_gpt2(), config(deltatune, "gpt2-tied"))
+    wrapper = model.get_input_embeddings()
+    assert isinstance(wrapper, TrainableTokensWrapper)
+    head = model.base_model.model.lm_head
+    assert isinstance(head, TrainableTokensWrapper) and head.token_adapter.tied_adapter is wrapper.token_adapter
+    base_weight = wrapper.base_layer.weight.detach().clone()
+    losses = train_steps(model, IDS, steps=4)
+    assert losses[-1] < losses[0]
+    assert torch.equal(wrapper.base_layer.weight, base_weight)            # the base stays frozen
+    delta = wrapper.token_adapter.trainable_tokens_delta["default"]
+    assert not torch.allclose(delta, base_weight[ROWS])                   # the named rows trained
+    seen = wrapper.weight.detach()                                         # the weight the model sees
+    others = [i for i in range(seen.shape[0]) if i not in ROWS]
+    assert torch.equal(seen[others], base_weight[others])
+    # one set of rows saved once, under the embedding (the head reads the same Parameter)
+    keys = [k for k in model.base_model.adapter_state("default") if "trainable_tokens" in k]
+    assert keys == ["transformer.wte.token_adapter.trainable_tokens_delta"]
+
+
+@pytest.mark.parametrize("model", BUILDS)
+def test_merge_equals_unmerged_and_unmerge_restores_the_base(model):
+    build = BUILDS[model]
+    peft_model = deltatune.get_peft_model(build(), config(deltatune, model)).eval()
+    set_rows(peft_model)
+    base_weight = peft_model.get_input_embeddings().base_layer.weight.detach().clone()
+    expected = logits_of(peft_model, IDS)
+    with peft_model.disable_adapter():
+        close(logits_of(peft_model, IDS), logits_of(build(), IDS))
+    peft_model.merge_adapter()
+    close(logits_of(peft_model, IDS), expected, atol=1e-4)
+    peft_model.unmerge_adapter()
+    assert torch.equal(peft_model.get_input_embeddings().base_layer.weight, base_weight)
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged.get_input_embeddings(), nn.Embedding)
+    close(logits_of(merged, IDS), expected, atol=1e-4)
+
+
+def test_dict_form_names_modules_and_errors_name_them():
+    model = deltatune.get_peft_model(tiny_llama(), config(deltatune, "llama", {"embed_tokens": [0, 2]}))
+    assert model.base_model.model.model.embed_tokens.token_adapter.token_indices == {"default": [0, 2]}
+    with pytest.raises(ValueError, match="nope"):
+        deltatune.get_peft_model(tiny_llama(), config(deltatune, "llama", {"nope": [0]}))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(
+            target_modules=["q_proj"], modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [0]}))
+    with pytest.raises(ConfigError, match="out of range"):
+        deltatune.get_peft_model(tiny_llama(), config(deltatune, "llama", [1000]))
+
+
+def test_delete_adapter_unwraps_and_mixed_batches_are_refused_by_name():
+    model = deltatune.get_peft_model(tiny_gpt2(), config(deltatune, "gpt2-tied"))
+    model.add_adapter("other", config(deltatune, "gpt2-tied", [2, 3]))
+    wrapper = model.get_input_embeddings()
+    assert set(wrapper.token_adapter.trainable_tokens_delta) == {"default", "other"}
+    with pytest.raises(MixingError, match="trainable tokens"):
+        model(input_ids=IDS, adapter_names=["default", "other"])
+    model.delete_adapter("other")
+    assert set(wrapper.token_adapter.trainable_tokens_original) == {"default"}
+    model.delete_adapter("default")
+    assert isinstance(model.base_model.model.transformer.wte, nn.Embedding)
+    assert isinstance(model.base_model.model.lm_head, nn.Linear)
