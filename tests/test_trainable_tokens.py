@@ -16,6 +16,7 @@ from torch import nn
 import deltatune
 from deltatune.adapter_set import MixingError
 from deltatune.config import ConfigError
+from deltatune.peft_model.call import mixing_problem
 from deltatune.tuner.trainable_tokens import TrainableTokensWrapper
 from tests.conftest import logits_of, tiny_gpt2, tiny_llama, train_steps
 
@@ -124,6 +125,7 @@ def test_delete_adapter_unwraps_and_mixed_batches_are_refused_by_name():
     assert set(wrapper.token_adapter.trainable_tokens_delta) == {"default", "other"}
     with pytest.raises(MixingError, match="trainable tokens"):
         model(input_ids=IDS, adapter_names=["default", "other"])
+    assert "trainable tokens" in mixing_problem(model, "other")  # the rule the server refuses an adapter by
     model.delete_adapter("other")
     assert set(wrapper.token_adapter.trainable_tokens_original) == {"default"}
     model.delete_adapter("default")
