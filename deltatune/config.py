@@ -318,6 +318,7 @@ class LoraConfig(PeftConfig):
             Conv1D by type; the field is kept for file compatibility.
         use_dora: weight-decomposed LoRA (DoRA); requires the DoRA method to be registered.
         trainable_token_indices: token ids (input embedding) or {module: ids}; ``tuner.trainable_tokens``.
+        ensure_weight_tying: adapters on tied embeddings stay tied (``tuner.tying``).
     """
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
@@ -389,7 +390,6 @@ class LoraConfig(PeftConfig):
 
 # LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
-    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
     "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
     "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
 }

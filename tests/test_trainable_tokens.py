@@ -131,3 +131,80 @@ def test_delete_adapter_unwraps_and_mixed_batches_are_refused_by_name():
     model.delete_adapter("default")
     assert isinstance(model.base_model.model.transformer.wte, nn.Embedding)
     assert isinstance(model.base_model.model.lm_head, nn.Linear)
+
+
+# -- ensure_weight_tying (deltatune.tuner.tying) ------------------------------------------------------
+class _Config:
+    def __init__(self, tie: bool) -> None:
+        self.tie_word_embeddings = tie
+
+    def to_dict(self) -> dict:
+        return {"tie_word_embeddings": self.tie_word_embeddings}
+
+
+class TiedLM(nn.Module):
+    """An LM whose head is the input embedding's weight (tie_word_embeddings, as transformers ties)."""
+
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Module()
+        self.model.embed_tokens, self.model.linear = nn.Embedding(50, 16), nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+        self.config = _Config(tie)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, x):
+        return self.lm_head(self.model.linear(self.model.embed_tokens(x)))
+
+
+TYING = {"saved": dict(target_modules=["linear"], modules_to_save=["embed_tokens"]),
+         "target": dict(target_modules=["linear", "lm_head"])}
+
+
+def _move_embedding_adapter(model, seed: int = 5) -> None:
+    """Stand-in for training, on the embedding's side only (the tied head must follow)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = model.base_model.model.model.embed_tokens
+    tensors = [emb.modules_to_save["default"].weight] if hasattr(emb, "modules_to_save") else \
+        [emb.lora_embedding_A["default"], emb.lora_embedding_B["default"]]
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", TYING)
+def test_tied_head_follows_the_embedding_like_peft_and_files_cross(kind, tmp_path):
+    x = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    ours = deltatune.get_peft_model(TiedLM(), deltatune.LoraConfig(ensure_weight_tying=True, **TYING[kind]))
+    theirs = peft.get_peft_model(TiedLM(), peft.LoraConfig(ensure_weight_tying=True, **TYING[kind]))
+    theirs.load_state_dict(ours.state_dict(), strict=False)  # the same linear LoRA factors
+    _move_embedding_adapter(ours), _move_embedding_adapter(theirs)
+    close(ours(x), theirs(x), atol=1e-4)
+    assert not torch.allclose(ours(x), TiedLM()(x))
+    head = ours.base_model.model.lm_head
+    if kind == "target":  # the head's factors are the embedding's, transposed: one storage, trained once
+        emb = ours.base_model.model.model.embed_tokens
+        assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()
+        assert not any("lm_head" in n for n, p in ours.named_parameters() if p.requires_grad)
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=False)  # peft's "auto" reads the base's
+    theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)  # config.json; none here
+    mine, reference = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
+    close(peft.PeftModel.from_pretrained(TiedLM(), tmp_path / "ours")(x), ours(x), atol=1e-4)
+    close(deltatune.PeftModel.from_pretrained(TiedLM(), tmp_path / "theirs")(x), theirs(x), atol=1e-4)
+
+
+def test_tying_warnings_name_what_is_missing():
+    with pytest.warns(UserWarning, match="no tied modules were found"):
+        deltatune.get_peft_model(TiedLM(tie=False), deltatune.LoraConfig(ensure_weight_tying=True, **TYING["saved"]))
+    with pytest.warns(UserWarning, match="no tied modules are added"):
+        deltatune.get_peft_model(TiedLM(), deltatune.LoraConfig(ensure_weight_tying=True, target_modules=["linear"]))
+    with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
+        model = deltatune.get_peft_model(TiedLM(), deltatune.LoraConfig(**TYING["saved"]))
+    assert isinstance(model.base_model.model.lm_head, nn.Linear)  # not asked: not tied

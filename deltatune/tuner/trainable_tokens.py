@@ -252,16 +252,3 @@ def _input_embedding_name(model: nn.Module) -> str:
     if layer is not None:
         return next((n for n, m in model.named_modules() if m is layer), "embed_tokens")
     return "embed_tokens"
-
-
-def tied_head_names(model: nn.Module, embedding: nn.Module) -> list[str]:
-    """Names of plain modules whose weight *is* ``embedding``'s weight (a tied output head). The
-    embedding itself and anything inside an adapter layer (a head LoRA wraps) are left out."""
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return []
-    modules = list(model.named_modules(remove_duplicate=False))
-    inside = [n for n, m in modules if getattr(m, "is_adapter_layer", False)]
-    return [n for n, m in modules
-            if m is not embedding and isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is weight
-            and not any(n == p or n.startswith(p + ".") for p in inside)]
