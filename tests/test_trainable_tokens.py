@@ -208,3 +208,22 @@ def test_tying_warnings_name_what_is_missing():
     with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
         model = deltatune.get_peft_model(TiedLM(), deltatune.LoraConfig(**TYING["saved"]))
     assert isinstance(model.base_model.model.lm_head, nn.Linear)  # not asked: not tied
+
+
+def test_tied_module_names_match_peft_and_follow_the_config_flag():
+    from peft.utils.other import _get_module_names_tied_with_embedding as theirs
+
+    from deltatune.tuner.tying import _get_module_names_tied_with_embedding as ours
+
+    for build in (tiny_gpt2, TiedLM, tiny_llama):
+        assert ours(build()) == theirs(build())
+    assert ours(TiedLM()) == ["lm_head"]
+    assert ours(TiedLM(tie=False)) == []
+    wrapped = deltatune.get_peft_model(TiedLM(), deltatune.LoraConfig(target_modules=["linear"]))
+    assert wrapped._get_module_names_tied_with_embedding() == ["lm_head"] == ours(wrapped)
+
+
+def test_rows_of_an_embedding_lora_already_wraps_are_refused_by_name():
+    with pytest.raises(ConfigError, match="embed_tokens already holds a LoraEmbedding"):
+        deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(target_modules=["embed_tokens"],
+                                                                    trainable_token_indices=[0, 1]))

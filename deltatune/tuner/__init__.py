@@ -135,6 +135,10 @@ class TunerModel(nn.Module):
             if isinstance(component, WrappedLayer):
                 yield component.name, component.layer
 
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        """Modules tied to the input embedding (peft's method; ``tuner.tying.tied_names``), sorted."""
+        return sorted(tying.tied_names(self.model))
+
     def component_for(self, adapter_name: str) -> Component | None:
         """The component that prepares adapter ``adapter_name``'s inputs (None: a layer method)."""
         if adapter_name not in self.components:  # prompt encoders, the components with inputs, are kept by name
@@ -196,14 +200,17 @@ class TunerModel(nn.Module):
         """``trainable_token_indices``: wrap each named embedding (``tuner.trainable_tokens``); an
         output head tied to the input embedding is wrapped too and uses the embedding's rows."""
         targets = token_targets(self.model, config)
+        layers = dict(self.adapter_layers())
         for name, indices in targets.items():
+            if name in layers and not isinstance(layers[name], TrainableTokensWrapper):
+                raise ConfigError(f"trainable_token_indices: {name} already holds a {type(layers[name]).__name__} "
+                                  "adapter (target_modules); its rows cannot be trained apart from it")
             self._layer_at(name, lambda m: TrainableTokensWrapper, config).add_adapter(
                 adapter_name, config, name, indices=indices)
         get = getattr(self.model, "get_input_embeddings", None)
         embedding = get() if callable(get) else None
         if not isinstance(embedding, TrainableTokensWrapper) or adapter_name not in embedding.held:
             return
-        layers = dict(self.adapter_layers())
         for name in tying.tied_names(self.model):
             if name in targets or (name in layers and not isinstance(layers[name], TrainableTokensWrapper)):
                 continue  # named explicitly (its own rows), or another method's layer (LoRA on the head)

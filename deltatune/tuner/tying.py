@@ -32,7 +32,10 @@ _UNTIED_WARNING = ("Model has `tie_word_embeddings=True` and a tied layer is par
 
 
 def model_ties(model: nn.Module) -> bool:
-    """True when the model's config asks for tied input and output embeddings."""
+    """True when the model declares tied weights (``_tied_weights_keys``, as transformers models do)
+    and its config does not turn tying off (``tie_word_embeddings``), peft's rule."""
+    if not hasattr(model, "_tied_weights_keys"):
+        return False
     cfg = getattr(model, "config", None)
     tie = getattr(cfg, "tie_word_embeddings", None)
     if tie is None and callable(getattr(cfg, "to_dict", None)):
@@ -67,6 +70,14 @@ def tied_names(model: nn.Module) -> list[str]:
                 and isinstance(base, (nn.Linear, nn.Embedding)) and base.weight is weight:
             out.append(name)
     return out
+
+
+def _get_module_names_tied_with_embedding(model: nn.Module) -> list[str]:
+    """peft's helper of this name: ``tied_names`` of the user's model, sorted (a PeftModel or tuner
+    is unwrapped first)."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
+    return sorted(tied_names(getattr(model, "model", model) if hasattr(model, "adapter_set") else model))
 
 
 def _base(module: nn.Module) -> nn.Module:
