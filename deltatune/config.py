@@ -317,6 +317,8 @@ class LoraConfig(PeftConfig):
         fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
             Conv1D by type; the field is kept for file compatibility.
         use_dora / use_bdlora: DoRA (its method registered) / BD-LoRA, a ``BdLoraConfig`` or dict (methods/bdlora.py).
+        trainable_token_indices: token ids (input embedding) or {module: ids}; ``tuner.trainable_tokens``.
+        ensure_weight_tying: adapters on tied embeddings stay tied (``tuner.tying``).
     """
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
@@ -388,10 +390,8 @@ class LoraConfig(PeftConfig):
 
 # LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
-    "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
     "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
     "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
-    "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
 }
 
 

@@ -24,9 +24,11 @@ from deltatune.config import ConfigError, PeftConfig
 from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper
 from deltatune.surgery import replace_module
 from deltatune.tuner import inits as _inits  # noqa: F401  registers init_lora_weights="olora" / "orthogonal"
+from deltatune.tuner import tying
 from deltatune.tuner.biases import BiasBook
 from deltatune.tuner.components import Component, PromptEncoder, SavedModule, WrappedLayer, wrapped
 from deltatune.tuner.embeddings import EMBEDDING_NAMES  # peft saves these layers' base weights when targeted
+from deltatune.tuner.trainable_tokens import TrainableTokensWrapper, token_targets
 
 __all__ = ["EMBEDDING_NAMES", "Component", "TunerModel"]
 
@@ -133,6 +135,10 @@ class TunerModel(nn.Module):
             if isinstance(component, WrappedLayer):
                 yield component.name, component.layer
 
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        """Modules tied to the input embedding (peft's method; ``tuner.tying.tied_names``), sorted."""
+        return sorted(tying.tied_names(self.model))
+
     def component_for(self, adapter_name: str) -> Component | None:
         """The component that prepares adapter ``adapter_name``'s inputs (None: a layer method)."""
         if adapter_name not in self.components:  # prompt encoders, the components with inputs, are kept by name
@@ -149,19 +155,68 @@ class TunerModel(nn.Module):
         left empty.
         """
         method = registry.method_for(config.peft_type.value)
+        tie = tying.plan(self.model, config)  # before wrapping: which modules follow the input embedding
         if method.component is not None:
             self._add_encoder(adapter_name, method.component(config, self.model))
         else:
             names = targeting.select(self.model, config,
                                      is_supported=lambda m: method.layer_class_for(m, config) is not None)
+            if tie is not None and tie[0] == "target":  # the embedding gets LoRA; tied modules read its factors
+                names = [n for n in dict.fromkeys([tie[1], *names]) if n not in tie[2]]
             for name in names:
                 layer = self._layer_at(name, lambda m: method.layer_class_for(m, config), config)
                 layer.add_adapter(adapter_name, config, name)
                 layer.train(layer.base_layer.training)  # new dropout follows the model's mode
-        for name in targeting.select_saved(self.model, getattr(config, "modules_to_save", None)):
+        saved = getattr(config, "modules_to_save", None)
+        if tie is not None and tie[0] == "saved":
+            saved = tying.saved_entries(saved or [], tie[1], tie[2])
+        for name in targeting.select_saved(self.model, saved):
             self._layer_at(name, lambda m: ModulesToSaveWrapper, config).add_adapter(adapter_name)
+        if tie is not None:
+            self._tie(adapter_name, config, tie)
+        self._add_tokens(adapter_name, config)
         trained = self.bias_names(adapter_name, getattr(config, "bias", "none"))
         self.biases.register(adapter_name, [n.replace(".base_layer.", ".") for n in trained])
+
+    def _tie(self, adapter_name: str, config: PeftConfig, tie: tuple[str, str, list[str]]) -> None:
+        """``ensure_weight_tying``: wrap each module tied to the input embedding so that it uses the
+        embedding's modules-to-save copy or LoRA factors (``tuner.tying``)."""
+        kind, embedding, tied = tie
+        source = dict(self.adapter_layers())[embedding]
+        method = registry.method_for(config.peft_type.value)
+        for name in tied:
+            if kind == "saved":
+                layer = self._layer_at(name, lambda m: ModulesToSaveWrapper, config)
+                layer.add_adapter(adapter_name)
+                tying.tie_copy(layer.modules_to_save[adapter_name], source.modules_to_save[adapter_name])
+                continue
+            layer = self._layer_at(name, lambda m: method.layer_class_for(m, config), config)
+            layer.add_adapter(adapter_name, config, name)
+            tying.tie_lora(layer, source, adapter_name)
+            i = next(i for i, c in enumerate(self.component_list) if isinstance(c, WrappedLayer) and c.name == name)
+            self.component_list[i] = tying.TiedLoraLayer(name, layer)
+
+    def _add_tokens(self, adapter_name: str, config: PeftConfig) -> None:
+        """``trainable_token_indices``: wrap each named embedding (``tuner.trainable_tokens``); an
+        output head tied to the input embedding is wrapped too and uses the embedding's rows."""
+        targets = token_targets(self.model, config)
+        layers = dict(self.adapter_layers())
+        for name, indices in targets.items():
+            if name in layers and not isinstance(layers[name], TrainableTokensWrapper):
+                raise ConfigError(f"trainable_token_indices: {name} already holds a {type(layers[name]).__name__} "
+                                  "adapter (target_modules); its rows cannot be trained apart from it")
+            self._layer_at(name, lambda m: TrainableTokensWrapper, config).add_adapter(
+                adapter_name, config, name, indices=indices)
+        get = getattr(self.model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        if not isinstance(embedding, TrainableTokensWrapper) or adapter_name not in embedding.held:
+            return
+        for name in tying.tied_names(self.model):
+            if name in targets or (name in layers and not isinstance(layers[name], TrainableTokensWrapper)):
+                continue  # named explicitly (its own rows), or another method's layer (LoRA on the head)
+            head = self._layer_at(name, lambda m: TrainableTokensWrapper, config)
+            head.tie_to(embedding.token_adapter, name)
+            head.add_adapter(adapter_name, config, name)
 
     def _add_encoder(self, adapter_name: str, module: nn.Module) -> None:
         param = next(self.model.parameters(), None)
@@ -207,8 +262,9 @@ class TunerModel(nn.Module):
     # -- which tensors are adapter X's ---------------------------------------------------------
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """What adapter ``adapter_name`` trains: its tensors in every component and its live biases."""
-        return [p for c in self.component_list for p in c.parameters_of(adapter_name)] + \
+        params = [p for c in self.component_list for p in c.parameters_of(adapter_name)] + \
             self.biases.live_parameters(adapter_name)
+        return list({id(p): p for p in params}.values())  # tied modules share their embedding's Parameters
 
     def adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Model-relative key -> tensor for everything adapter ``adapter_name`` saves, under the keys
@@ -230,8 +286,8 @@ class TunerModel(nn.Module):
             return {}
         out = {}
         for name, layer in self.adapter_layers():
-            if isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.held:
-                continue  # a modules-to-save copy is saved whole already
+            if isinstance(layer, (ModulesToSaveWrapper, TrainableTokensWrapper)) or adapter_name not in layer.held:
+                continue  # a modules-to-save copy is saved whole already; trainable tokens save their rows
             if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES and hasattr(layer.get_base_layer(), "weight"):
                 out[f"{name}.base_layer.weight"] = layer.get_base_layer().weight
         return out
