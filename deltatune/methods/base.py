@@ -62,6 +62,20 @@ class AdapterLayer(nn.Module):
         """The wrapped module."""
         return self.base_layer
 
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """peft's name for ``adapter_containers``: the attributes holding per-adapter tensors."""
+        return tuple(self.adapter_containers)
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """peft's name for the other per-adapter attributes: the tables of ``per_adapter_tables``
+        and child ``ModuleDict``s keyed by adapter (LoRA's ``r``, ``scaling``, ``lora_dropout``)."""
+        tables = {id(t) for t in self.per_adapter_tables()}
+        names = [n for n, v in vars(self).items() if id(v) in tables]
+        return tuple(names + [n for n, m in self._modules.items()
+                              if isinstance(m, nn.ModuleDict) and n not in self.adapter_containers])
+
     # -- views of the shared state (read-only) -------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
