@@ -158,7 +158,7 @@ class PeftModel(PeftSurface, nn.Module):
         """
         warn_unhonoured(f"add_adapter({adapter_name!r})", low_cpu_mem_usage=low_cpu_mem_usage)
         if adapter_name in self.adapter_set:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists (delete_adapter() it first)")
         peft_config = _for_task(peft_config)
         complete = registry.method_of(peft_config).complete_config
         if complete is not None:  # fields that depend on the base, as peft writes them
