@@ -166,6 +166,13 @@ class AdapterSet:
                             dtype=torch.long, device=device)
 
 
+def length_error(names: int, rows: int) -> MixingError:
+    """``adapter_names`` of ``names`` entries for a batch of ``rows`` rows (peft's words first)."""
+    return MixingError(f"Length of `adapter_names` should be the same as the number of inputs, but got {names} "
+                       f"and {rows} respectively (adapter_names has {names} entries but the batch has {rows} rows; "
+                       "give one name per row)")
+
+
 def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
     """Per-row ``slots`` (R,) fitted to an input with ``n`` leading rows.
 
@@ -177,7 +184,5 @@ def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
     if n == R:
         return slots
     if n % R:
-        raise MixingError(f"Length of `adapter_names` should be the same as the number of inputs, but got {R} "
-                          f"and {n} respectively (adapter_names has {R} entries but the batch has {n} rows; "
-                          "give one name per row)")
+        raise length_error(R, n)
     return slots.repeat_interleave(n // R)

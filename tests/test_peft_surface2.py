@@ -142,3 +142,60 @@ def test_adapter_attribute_names_hold_every_adapter_and_forget_deleted():
         for attr in target.adapter_layer_names + target.other_param_names:
             assert "gone" not in attrgetter(attr)(target), attr
             assert "default" in attrgetter(attr)(target) or attr.startswith("_"), attr
+
+
+class Tower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.fc1 = nn.Linear(5, 10)
+        self.fc2 = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.emb(x))))
+
+
+def _trainable(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_mica_init_matches_peft_and_trains_only_a(tmp_path):
+    torch.manual_seed(0)
+    base, x = Tower(), torch.arange(7).unsqueeze(0)
+    config = dict(target_modules=["emb", "fc1"], init_lora_weights="mica", r=3)
+    ours = deltatune.get_peft_model(copy.deepcopy(base), deltatune.LoraConfig(**config))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    assert _trainable(ours) == _trainable(theirs) == ["base_model.model.emb.lora_embedding_A.default",
+                                                      "base_model.model.fc1.lora_A.default.weight"]
+    got, want = deltatune.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(got) == sorted(want)
+    for key in got:
+        if ".lora_A" in key or "lora_embedding_A" in key:
+            assert not got[key].any(), key
+        else:  # B: the same minor subspace (singular vectors are defined up to sign)
+            assert torch.allclose(got[key] @ got[key].T, want[key] @ want[key].T, atol=1e-5), key
+    assert torch.allclose(ours(x), base(x))
+    # a training step moves A only; B stays the minor components
+    b_before = ours.base_model.model.fc1.lora_B["default"].weight.clone()
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    ours(x).pow(2).sum().backward()
+    optimizer.step()
+    assert torch.equal(ours.base_model.model.fc1.lora_B["default"].weight, b_before)
+    assert ours.base_model.model.fc1.lora_A["default"].weight.any()
+    # the file loads in peft with the same outputs and B frozen there too
+    ours.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert torch.allclose(loaded(x), ours(x), atol=1e-6)
+    assert _trainable(loaded) == _trainable(ours)
+
+
+def test_mica_keeps_b_frozen_across_adapters_and_refuses_a_large_rank():
+    ours = deltatune.get_peft_model(Tower(), deltatune.LoraConfig(target_modules=["fc1"], init_lora_weights="mica",
+                                                                  r=4))
+    ours.add_adapter("other", deltatune.LoraConfig(target_modules=["fc1", "fc2"], init_lora_weights="mica", r=4))
+    ours.set_adapter("other")
+    assert _trainable(ours) == ["base_model.model.fc1.lora_A.other.weight", "base_model.model.fc2.lora_A.other.weight"]
+    ours.set_adapter("default")
+    assert _trainable(ours) == ["base_model.model.fc1.lora_A.default.weight"]
+    with pytest.raises(ValueError, match=r"MiCA requires `r` <= min.*fc1"):
+        deltatune.get_peft_model(Tower(), deltatune.LoraConfig(target_modules=["fc1"], init_lora_weights="mica", r=6))

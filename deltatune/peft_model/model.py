@@ -27,6 +27,7 @@ from deltatune.peft_model import merge as _merge
 from deltatune.peft_model.signature import new_signed, signed_class
 from deltatune.peft_model.surface import PeftSurface
 from deltatune.tuner import TunerModel
+from deltatune.tuner.inits import frozen_parameters
 
 
 class PeftModel(PeftSurface, nn.Module):
@@ -433,8 +434,9 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
         p.requires_grad_(False)
     if adapter_name is None or config is None or config.inference_mode:
         return
+    frozen = frozen_parameters(tuner, adapter_name, config)      # e.g. MiCA's B: saved, never trained
     for p in tuner.adapter_parameters(adapter_name):
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) not in frozen)
 
 
 def warn_at_wrap(config: PeftConfig) -> None:
