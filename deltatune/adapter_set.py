@@ -152,17 +152,25 @@ class AdapterSet:
             raise MixingError("adapter_names is empty; give one adapter name per row")
         unknown = sorted({n for n in names if n != BASE_NAME and n not in self.slots})
         if unknown:
-            raise MixingError(f"adapter_names has unknown adapter(s) {unknown}; loaded: "
-                              f"{sorted(self.slots)} (or {BASE_NAME!r} for no adapter)")
+            raise MixingError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
+                              f"(adapter_names has unknown adapter(s) {unknown}; loaded: "
+                              f"{sorted(self.slots)} or {BASE_NAME!r} for no adapter)")
         if self.merged:
-            raise MixingError(f"adapter_names cannot be used while adapter(s) {self.merged} are merged "
-                              "into the base weights; call unmerge_adapter() first")
+            raise MixingError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                              f"`unmerge_adapter` first (adapter(s) {self.merged} are merged into the base weights)")
         if self.disabled:
             return None
         if len(set(names)) == 1:
             return None if names[0] == BASE_NAME else names[0]
         return torch.tensor([0 if n == BASE_NAME else self.slots[n] for n in names],
                             dtype=torch.long, device=device)
+
+
+def length_error(names: int, rows: int) -> MixingError:
+    """``adapter_names`` of ``names`` entries for a batch of ``rows`` rows (peft's words first)."""
+    return MixingError(f"Length of `adapter_names` should be the same as the number of inputs, but got {names} "
+                       f"and {rows} respectively (adapter_names has {names} entries but the batch has {rows} rows; "
+                       "give one name per row)")
 
 
 def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
@@ -176,5 +184,5 @@ def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
     if n == R:
         return slots
     if n % R:
-        raise MixingError(f"adapter_names has {R} entries but the batch has {n} rows; give one name per row")
+        raise length_error(R, n)
     return slots.repeat_interleave(n // R)

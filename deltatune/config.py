@@ -366,11 +366,11 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq", "olora", "orthogonal")
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "loftq", "olora", "orthogonal", "mica")
                 or (isinstance(init, str) and init.startswith("pissa_niter_")
                     and init[len("pissa_niter_"):].isdigit())):
             raise ConfigError(f"init_lora_weights={init!r} must be True, False, 'gaussian', "
-                              "'pissa', 'pissa_niter_N', 'olora', 'orthogonal' or 'loftq'")
+                              "'pissa', 'pissa_niter_N', 'olora', 'orthogonal', 'mica' or 'loftq'")
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)

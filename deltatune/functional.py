@@ -29,6 +29,7 @@ from deltatune import registry
 from deltatune.checkpoint.peft_format import PREFIX, drop_peft_artefacts, to_file_keys
 from deltatune.config import PeftConfig
 from deltatune.generation import adapter_model
+from deltatune.methods.base import AdapterLayer
 from deltatune.peft_model import PeftModel
 from deltatune.peft_model.model import warn_unhonoured
 from deltatune.peft_model.files import LoadResult
@@ -203,3 +204,86 @@ def _relative(state_dict: dict[str, torch.Tensor], prefix: str, tuner: TunerMode
     kept = drop_peft_artefacts({cut[k]: state_dict[k] for k in cut}, tuner.saved_module_names())
     dropped = {k for k, rel in cut.items() if rel not in kept}
     return {k: v for k, v in state_dict.items() if k not in dropped}
+
+
+def _base_key(root: nn.Module, key: str) -> str | None:
+    """``key`` of ``root.state_dict()`` under the name the model had before adapters were added,
+    or None when the tensor is an adapter's.
+
+    Walks the key's parts through the live modules: inside an ``AdapterLayer`` only ``base_layer``
+    (the wrapped module, skipped as a name part) leads to base tensors; its other children and
+    tensors (factors, magnitudes, modules-to-save copies) are the adapters'.
+    """
+    parts, kept, module = key.split("."), [], root
+    for part in parts:
+        if isinstance(module, AdapterLayer):
+            if part != "base_layer":
+                return None
+            module = module.base_layer
+            continue
+        child = module._modules.get(part) if module is not None else None
+        kept.append(part)
+        module = child
+    return ".".join(kept)
+
+
+def _base_names(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """The user's model inside ``model`` and its state-dict key -> original key, adapters' left out."""
+    tuner, _ = _tuner_and_prefix(model)
+    names = {}
+    for key in tuner.model.state_dict(keep_vars=True):
+        original = _base_key(tuner.model, key)
+        if original is not None:
+            names[key] = original
+    return tuner.model, names
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original (pre-adapter) keys, without adapter tensors (peft's API).
+
+    ``model``: a ``PeftModel``, its ``base_model``, or a model given adapters by
+    ``inject_adapter_in_model``. A wrapped layer's ``q_proj.base_layer.weight`` is reported as
+    ``q_proj.weight``; a modules-to-save wrapper's original as the module's own name. The values
+    are the live tensors (detached, as ``state_dict()`` gives them), so with adapters merged they
+    hold the merged weights.
+    """
+    inner, names = _base_names(model)
+    state = inner.state_dict()
+    return {original: state[key] for key, original in names.items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load ``state_dict``, keyed as the model was before adapters were added (``get_base_model_state_dict``'s
+    keys), into the base tensors of ``model`` (peft's API); adapter tensors are untouched.
+
+    Returns:
+        ``LoadResult(missing_keys, unexpected_keys)`` in original key names.
+
+    Raises:
+        RuntimeError: with ``strict`` (default), when a base key is missing from ``state_dict`` or
+            ``state_dict`` has a key that names no base tensor ("Missing key(s) in state_dict: ..." /
+            "Unexpected key(s) in state_dict: ..."); nothing is loaded then.
+    """
+    inner, names = _base_names(model)
+    current = {original: key for key, original in names.items()}
+    missing = [k for k in current if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in current]
+    if strict and (missing or unexpected):
+        errors = ([f"Missing key(s) in state_dict: {missing}"] if missing else []) + \
+                 ([f"Unexpected key(s) in state_dict: {unexpected}"] if unexpected else [])
+        raise RuntimeError(f"Error(s) in loading the base state dict of {type(inner).__name__}:\n\t"
+                           + "\n\t".join(errors))
+    inner.load_state_dict({current[k]: v for k, v in state_dict.items() if k in current}, strict=False)
+    return LoadResult(missing, unexpected)
+
+
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """``(parent, target, target_name)`` for the module at dotted path ``key`` of ``model`` (peft's
+    ``peft.utils.other._get_submodules``, which integrations and peft's tests call). ``key=""``
+    gives ``(model, model, "")``.
+
+    Raises:
+        AttributeError: no module at ``key`` (``nn.Module.get_submodule``'s message names the part).
+    """
+    parent_path, _, target_name = key.rpartition(".")
+    return model.get_submodule(parent_path), model.get_submodule(key), target_name

@@ -26,6 +26,12 @@ from deltatune import registry
 from deltatune.adapter_set import AdapterSet, rows_for
 
 
+def _not_finite(name: str) -> ValueError:
+    """The error of a safe merge that would write NaN or inf (peft's words first)."""
+    return ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                      f"(merging adapter {name!r} gives non-finite weights; not merged)")
+
+
 def tensor_versions(tensors) -> tuple:
     """``(address, version counter)`` of each tensor: any in-place write bumps the counter."""
     return tuple((t.data_ptr(), t._version) for t in tensors)
@@ -61,6 +67,20 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         """The wrapped module."""
         return self.base_layer
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """peft's name for ``adapter_containers``: the attributes holding per-adapter tensors."""
+        return tuple(self.adapter_containers)
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """peft's name for the other per-adapter attributes: the tables of ``per_adapter_tables``
+        and child ``ModuleDict``s keyed by adapter (LoRA's ``r``, ``scaling``, ``lora_dropout``)."""
+        tables = {id(t) for t in self.per_adapter_tables()}
+        names = [n for n, v in vars(self).items() if id(v) in tables]
+        return tuple(names + [n for n, m in self._modules.items()
+                              if isinstance(m, nn.ModuleDict) and n not in self.adapter_containers])
 
     # -- views of the shared state (read-only) -------------------------------------------------
     @property
@@ -181,7 +201,7 @@ class AdapterLayer(nn.Module):
                 base = registry.get_weight(self.base_layer)
                 new = self.merged_weight(base.float(), name)
                 if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
+                    raise _not_finite(name)
                 registry.set_weight(self.base_layer, new)
 
     def check_merge(self, name: str) -> None:
@@ -189,7 +209,7 @@ class AdapterLayer(nn.Module):
         if name in self.held:
             with torch.no_grad():
                 if not torch.isfinite(self.merged_weight(registry.get_weight(self.base_layer).float(), name)).all():
-                    raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
+                    raise _not_finite(name)
 
     def unmerge(self, names: list[str]) -> None:
         """Undo the merges of ``names`` (merge order given), last merged first."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from deltatune import registry
-from deltatune.adapter_set import MixingError
+from deltatune.adapter_set import MixingError, length_error
 
 
 class Call:
@@ -168,8 +168,7 @@ def check_rows(adapter_names: Sequence[str] | str | None, args: tuple, kwargs: d
     preferred = [kwargs.get(k) for k in ("input_ids", "inputs_embeds")]
     first = next((v for v in (*args, *preferred, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
     if first is not None and first.shape[0] != len(adapter_names):
-        raise MixingError(f"adapter_names has {len(adapter_names)} entries but the batch has {first.shape[0]} "
-                          "rows; give one name per row")
+        raise length_error(len(adapter_names), first.shape[0])
 
 
 def named(model: nn.Module, args: tuple, kwargs: dict) -> dict:

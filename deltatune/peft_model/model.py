@@ -27,6 +27,7 @@ from deltatune.peft_model import merge as _merge
 from deltatune.peft_model.signature import new_signed, signed_class
 from deltatune.peft_model.surface import PeftSurface
 from deltatune.tuner import TunerModel
+from deltatune.tuner.inits import frozen_parameters
 
 
 class PeftModel(PeftSurface, nn.Module):
@@ -158,7 +159,7 @@ class PeftModel(PeftSurface, nn.Module):
         """
         warn_unhonoured(f"add_adapter({adapter_name!r})", low_cpu_mem_usage=low_cpu_mem_usage)
         if adapter_name in self.adapter_set:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists (delete_adapter() it first)")
         peft_config = _for_task(peft_config)
         complete = registry.method_of(peft_config).complete_config
         if complete is not None:  # fields that depend on the base, as peft writes them
@@ -433,8 +434,9 @@ def mark_trainable(tuner: TunerModel, adapter_name: str | None, config: PeftConf
         p.requires_grad_(False)
     if adapter_name is None or config is None or config.inference_mode:
         return
+    frozen = frozen_parameters(tuner, adapter_name, config)      # e.g. MiCA's B: saved, never trained
     for p in tuner.adapter_parameters(adapter_name):
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) not in frozen)
 
 
 def warn_at_wrap(config: PeftConfig) -> None:

@@ -1,4 +1,4 @@
-"""LoRA initialisations peft users set by name: ``init_lora_weights="olora"`` and ``"orthogonal"``.
+"""LoRA initialisations peft users set by name: ``init_lora_weights="olora"``, ``"orthogonal"`` and ``"mica"``.
 
 Registered with ``registry.register_init`` when ``deltatune.tuner`` is imported (every
 ``PeftModel`` imports it), so the adapter layers call them without importing this module. Each
@@ -8,6 +8,9 @@ sets adapter ``name``'s factors of a linear-like ``layer`` whose factors exist a
   base weight keeps the residual ``W - s·B A``, so the wrapped layer starts unchanged.
 - Orthogonal: a random orthogonal ``r x r`` matrix ``Q``; A is built on its even rows, B on its
   odd rows, so ``B A = 0`` (the rows are orthogonal) while both factors are non-zero.
+- MiCA (Minor Component Adaptation, arXiv:2604.01694): ``B`` = the ``r`` left singular vectors of
+  ``W`` with the *smallest* singular values, ``A = 0`` (so the layer starts unchanged), and ``B``
+  stays frozen in training: only ``A`` learns (``frozen_parameters``). Linear and embedding layers.
 """
 from __future__ import annotations
 
@@ -64,5 +67,50 @@ def orthogonal_init(layer: nn.Module, name: str, config, module_name: str) -> No
         B.copy_(torch.randn(B.shape[0], r // 2) @ Q[1::2])            # (out, r): B A = X Q_odd Q_evenᵀ Y = 0
 
 
+def _mica_factors(layer: nn.Module, name: str, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W (out, in) in fp32, A factor, B factor)`` of a linear or embedding LoRA layer."""
+    base = layer.get_base_layer()
+    if hasattr(layer, "lora_embedding_A") and isinstance(base, nn.Embedding):
+        return base.weight.detach().float().T, layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    weight = _dense_linear(layer, "mica", module_name)                 # (out, in)
+    return weight.detach().float(), layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def mica_init(layer: nn.Module, name: str, config, module_name: str) -> None:
+    """MiCA's factors for adapter ``name``: ``B`` from ``W``'s minor left singular vectors, ``A = 0``.
+
+    Raises:
+        ValueError: ``r`` exceeds ``min(out, in)`` of the layer (peft's words first, then the module).
+        TypeError: the base weight is not float32, float16 or bfloat16.
+    """
+    W, A, B = _mica_factors(layer, name, module_name)                  # W: (out, in); A: (r, in); B: (out, r)
+    if B.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"Please initialize MiCA under float32, float16, or bfloat16 ({module_name} is {B.dtype})")
+    r = layer.r[name]
+    if r > min(W.shape):
+        raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for {module_name} "
+                         f"with weight shape {tuple(W.shape)} (max usable r is {min(W.shape)})")
+    U, _, _ = torch.linalg.svd(W, full_matrices=False)                 # (out, k), singular values descending
+    with torch.no_grad():
+        B.copy_(U[:, -r:].to(B.dtype))                                 # (out, r): the minor components
+        A.zero_()
+
+
+def frozen_parameters(tuner, adapter_name: str, config) -> set[int]:
+    """``id``s of adapter ``adapter_name``'s parameters that its initialisation keeps frozen in
+    training (MiCA's ``B``); they are saved and loaded like any other adapter tensor."""
+    if getattr(config, "init_lora_weights", None) != "mica":
+        return set()
+    frozen = set()
+    for _, layer in tuner.adapter_layers():
+        for attr in ("lora_B", "lora_embedding_B"):
+            container = getattr(layer, attr, None)
+            if container is not None and adapter_name in container:
+                item = container[adapter_name]
+                frozen.update(id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item]))
+    return frozen
+
+
 registry.register_init("olora", olora_init)
 registry.register_init("orthogonal", orthogonal_init)
+registry.register_init("mica", mica_init)
