@@ -189,3 +189,24 @@ def test_refusals_name_the_cause(pair, tmp_path):
 
     with pytest.raises(AdapterLoadError, match="aLoRA"):
         check_servable(deltatune.LoraConfig(alora_invocation_tokens=INVOKE), tmp_path)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_with_the_calls_positions(reentrant):
+    """Backward recomputes checkpointed layers outside the call: they must still mask as it did."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        d = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(**config_kwargs())).train()
+        if checkpointing:
+            d.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            d.base_model.model.enable_input_require_grads()
+        d(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: t.grad.clone() for n, t in d.named_parameters() if t.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-4, atol=1e-6)
+    d(input_ids=IDS, labels=IDS)          # a second call before backward: its recomputation would be ambiguous
+    with pytest.raises(ValueError, match="before .backward"):
+        d(input_ids=IDS, labels=IDS)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Sequence
@@ -43,6 +44,9 @@ ALL_POSITIONS = sys.maxsize  # ``keep`` of a row whose adapter is plain LoRA: ev
 _ACTIVATIONS: ContextVar[dict | None] = ContextVar("deltatune_alora", default=None)
 _LOCK = threading.Lock()
 _running = 0
+# adapter set -> [activation, used]: the activation of the last call run with gradients under
+# gradient checkpointing, which the layers' recomputation in backward (outside the call) applies.
+_RECOMPUTE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def invocation_tokens(config) -> list[int] | None:
@@ -201,10 +205,18 @@ def _row_names(adapter_set, names: list[str] | None, route) -> str | list[str]:
 
 
 @contextmanager
-def activating(adapter_set, names: list[str] | None, route) -> Iterator[Activation | None]:
+def activating(adapter_set, names: list[str] | None, route, checkpointed=lambda: False) -> Iterator[Activation | None]:
     """The call entry's aLoRA part: an ``Activation`` for the body when ``route`` (with rows
     ``names``; None: the current route) reaches an aLoRA adapter, else None. A call that keeps the
-    current route inside an activated one shares its activation."""
+    current route inside an activated one shares its activation.
+
+    ``checkpointed()``: True when the model trains with gradient checkpointing; the activation
+    of a call with gradients is then kept for the layers' recomputation in backward.
+
+    Raises:
+        ValueError: under gradient checkpointing, a second call with gradients before the first
+            one's backward (its recomputation would not know which call's positions to use).
+    """
     global _running
     enclosing = _current(adapter_set) if names is None else None
     if route is None or enclosing is not None:
@@ -215,6 +227,8 @@ def activating(adapter_set, names: list[str] | None, route) -> Iterator[Activati
         yield None
         return
     activation = Activation(adapter_set.configs, rows)
+    if torch.is_grad_enabled() and checkpointed():
+        _keep_for_recompute(adapter_set, activation)
     token = _ACTIVATIONS.set({**(_ACTIVATIONS.get() or {}), id(adapter_set): activation})
     with _LOCK:
         _running += 1
@@ -224,6 +238,25 @@ def activating(adapter_set, names: list[str] | None, route) -> Iterator[Activati
         with _LOCK:
             _running -= 1
         _ACTIVATIONS.reset(token)
+
+
+def _keep_for_recompute(adapter_set, activation: Activation) -> None:
+    pending = _RECOMPUTE.get(adapter_set)
+    if pending is not None and not pending[1]:
+        del _RECOMPUTE[adapter_set]   # the next call starts afresh
+        raise ValueError("Multiple invocations of PEFT forward hooks before .backward() with enabled gradient "
+                         "checkpointing: an aLoRA adapter's recomputation in backward needs its own call's "
+                         "invocation positions. Disable gradient checkpointing or call backward after each forward.")
+    _RECOMPUTE[adapter_set] = [activation, False]
+
+
+def _recomputing(adapter_set) -> Activation | None:
+    """The activation a checkpointed layer recomputed in backward applies, or None."""
+    pending = _RECOMPUTE.get(adapter_set)
+    if pending is None or torch._C._current_graph_task_id() == -1:   # -1: not inside a backward pass
+        return None
+    pending[1] = True
+    return pending[0]
 
 
 def activation_mask(layer, route, x: torch.Tensor) -> torch.Tensor | None:
@@ -241,7 +274,7 @@ def activation_mask(layer, route, x: torch.Tensor) -> torch.Tensor | None:
             return None
     elif not any(invocation_tokens(c) for c in configs.values()):
         return None
-    activation = _current(layer.adapter_set)
+    activation = _current(layer.adapter_set) or _recomputing(layer.adapter_set)
     if activation is None:
         return x.new_zeros(()) if isinstance(route, str) else None
     if not isinstance(route, str) and layer.uses_dora(route):

@@ -141,7 +141,7 @@ def applying(peft, adapter_names: Sequence[str] | str | None = None, reuse: Call
     tuner, adapter_set = peft.base_model, peft.adapter_set
     if adapter_names is None:
         route = adapter_set.route()
-        with alora.activating(adapter_set, None, route) as activation:
+        with alora.activating(adapter_set, None, route, lambda: _checkpointed(tuner)) as activation:
             yield Call(None, route, adapter_set.version, *_component(tuner, route), activation=activation)
         return
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -157,10 +157,17 @@ def applying(peft, adapter_names: Sequence[str] | str | None = None, reuse: Call
     previous = tuner.live_biases()
     tuner.sync_biases([route] if isinstance(route, str) else [])
     try:
-        with adapter_set.routed(route), alora.activating(adapter_set, names, route) as activation:
+        with adapter_set.routed(route), alora.activating(adapter_set, names, route,
+                                                         lambda: _checkpointed(tuner)) as activation:
             yield Call(names, route, adapter_set.version, *_component(tuner, route), activation=activation)
     finally:
         tuner.sync_biases(previous)
+
+
+def _checkpointed(tuner) -> bool:
+    """True while the model trains with transformers' gradient checkpointing (a module walk: asked
+    only by calls that route an aLoRA adapter)."""
+    return tuner.training and any(getattr(m, "gradient_checkpointing", False) is True for m in tuner.modules())
 
 
 def _component(tuner, route) -> tuple:
