@@ -210,3 +210,13 @@ def test_gradient_checkpointing_recomputes_with_the_calls_positions(reentrant):
     d(input_ids=IDS, labels=IDS)          # a second call before backward: its recomputation would be ambiguous
     with pytest.raises(ValueError, match="before .backward"):
         d(input_ids=IDS, labels=IDS)
+
+
+def test_beam_search_keeps_each_prompts_positions(pair):
+    """peft refuses beams with aLoRA; here each prompt's beams share its positions (batch == alone)."""
+    _, _, d = pair
+    kw = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    batch = d.generate(input_ids=IDS, attention_mask=MASK, **kw)
+    for row in range(IDS.shape[0]):
+        alone = d.generate(input_ids=IDS[row:row + 1], attention_mask=MASK[row:row + 1], **kw)
+        assert torch.equal(batch[row:row + 1], alone), row
