@@ -271,12 +271,10 @@ def _hub_file(repo_id: str, subfolder, revision, cache_dir, token) -> Optional[s
 
 
 def _is_unused(value: Any, default: Any) -> bool:
-    if default is not _MISSING and value == default:
-        return True
-    return value in (None, False, {}, [], "")
+    return (default is not _MISSING and value == default) or value in (None, False, {}, [], "")
 
 
-def _validate_pattern_dict(name: str, value: Any, kind: type) -> dict:
+def _validate_pattern_dict(name: str, value: Any, kind: type) -> None:
     if not isinstance(value, dict):
         raise ConfigError(f"{name} must be a dict of module-name pattern -> {kind.__name__}, got {value!r}")
     for key, v in value.items():
@@ -284,7 +282,6 @@ def _validate_pattern_dict(name: str, value: Any, kind: type) -> dict:
             raise ConfigError(f"{name}[{key!r}]={v!r} must be a positive number")
         if kind is int and int(v) != v:
             raise ConfigError(f"{name}[{key!r}]={v!r} must be an integer")
-    return value
 
 
 @dataclass
@@ -323,8 +320,8 @@ class LoraConfig(PeftConfig):
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
     peft_extra_defaults: ClassVar[dict[str, Any]] = {
-        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
-        "kasa_config": None, "layer_replication": None, "lora_ga_config": None, "megatron_config": None,
+        "arrow_config": None, "corda_config": None, "eva_config": None, "kasa_config": None,
+        "layer_replication": None, "lora_ga_config": None, "megatron_config": None,
         "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
         "use_qalora": False, "velora_config": None,
     }
@@ -346,6 +343,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     use_bdlora: Optional[Any] = None   # kept as given (object or file's dict), as peft; read by methods/bdlora.py
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
+    alora_invocation_tokens: Optional[list[int]] = None  # aLoRA: the delta acts from their last occurrence on
     # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
     ensure_weight_tying: bool = False
     lora_bias: bool = False
@@ -374,8 +372,7 @@ class LoraConfig(PeftConfig):
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        self.modules_to_save = None if self.modules_to_save is None else list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
@@ -383,6 +380,9 @@ class LoraConfig(PeftConfig):
                               "not a regex string")
         _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
         _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+        if (tokens := self.alora_invocation_tokens) is not None and (self.use_dora or not tokens or any(type(t) is not int for t in tokens)):
+            raise ConfigError(f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids; aLoRA "
+                              f"does not combine with use_dora (use_dora={self.use_dora})")
         if init == "orthogonal" and (self.r % 2 or any(int(v) % 2 for v in self.rank_pattern.values())):
             raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (r={self.r}, "
                               f"rank_pattern={self.rank_pattern}): A and B take half of the rows each")

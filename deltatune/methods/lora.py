@@ -28,6 +28,7 @@ from deltatune import merging, registry
 from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
+from deltatune.methods.alora import activation_mask, check_layer
 from deltatune.methods.base import AdapterLayer
 from deltatune.methods.bdlora import add_block_diagonal, dense_weight
 from deltatune.methods.dora import MAGNITUDE, DoraMixin
@@ -100,6 +101,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         """Create adapter ``name`` for this layer from ``config`` (``module_name`` picks patterns);
         with ``use_dora`` it also gets its magnitude."""
+        check_layer(self, config, module_name)   # aLoRA: linear layers only
         r = int(pattern_value(config.rank_pattern, module_name, config.r))
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.r[name], self.lora_alpha[name] = r, alpha
@@ -153,6 +155,9 @@ class LoraLayer(DoraMixin, AdapterLayer):
         route = self.route()
         if route is None:
             return result
+        keep = activation_mask(self, route, x)                  # aLoRA: 0 before each row's invocation
+        if keep is not None:
+            return result + (self.delta(x, route) * keep).to(result.dtype)
         if self.uses_dora(route):
             return self.dora_forward(x, route, result)
         if self.adds_in_place and may_add_in_place(x, result):
@@ -196,6 +201,8 @@ class BaseWeightPassThrough:
 
 class LoraLinear(LoraLayer):
     """LoRA (and DoRA) on a linear-like layer: ``y = base(x) + s·x Aᵀ Bᵀ``."""
+
+    activatable: ClassVar[bool] = True       # aLoRA adapters allowed (``methods/alora.py``)
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)

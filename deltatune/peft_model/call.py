@@ -7,7 +7,8 @@
 - the one *mixing rule* (``mixing_problem``): which adapters may share a batch with others;
 - *trained biases*: the routed adapter's are live for the call;
 - *input preparation*: the ``Call`` it yields prepares a call's keyword arguments (virtual tokens,
-  their masks, positions and labels) for any callee, and ``generate``'s.
+  their masks, positions and labels) for any callee, and ``generate``'s; for aLoRA adapters it
+  finds each row's invocation in the input ids (``methods.alora``).
 
 ``forward``, ``generate``, the training loss and the serving engine all enter it::
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from deltatune import registry
 from deltatune.adapter_set import MixingError, length_error
+from deltatune.methods import alora
 
 
 class Call:
@@ -34,28 +36,39 @@ class Call:
         names: the rows' adapter names given (None: the active adapter).
         route: what the layers apply: None (base), an adapter name, or per-row slots (N,).
         version: the adapter set's slot version the route was resolved under.
+        activation: where the routed aLoRA adapters act (``alora.Activation``), or None.
     """
 
-    def __init__(self, names: list[str] | None, route, version: int, component=None, model=None) -> None:
+    def __init__(self, names: list[str] | None, route, version: int, component=None, model=None,
+                 activation: alora.Activation | None = None) -> None:
         self.names, self.route, self.version = names, route, version
         self._component, self._model = component, model
+        self.activation = activation
 
     @property
     def prepares_inputs(self) -> bool:
-        """True when the routed adapter's method changes the call's inputs (virtual tokens)."""
-        return self._component is not None
+        """True when the routed adapter's method reads or changes the call's inputs (virtual
+        tokens; aLoRA's invocation)."""
+        return self._component is not None or self.activation is not None
 
-    def prepare(self, kwargs: dict, callee: nn.Module | None = None) -> dict:
+    def prepare(self, kwargs: dict, callee: nn.Module | None = None, alora_offsets=None) -> dict:
         """``kwargs`` of a call to ``callee`` (default: the user's model; the training loss calls
         its decoder body) with the routed adapter's inputs in: virtual tokens with their mask,
-        positions and labels. Unchanged (the same dict) when the method adds no inputs."""
+        positions and labels. Unchanged (the same dict) when the method adds no inputs. An aLoRA
+        call reads where each row's invocation starts from ``input_ids`` (or peft's
+        ``alora_offsets``, one per row)."""
+        if self.activation is not None:
+            self.activation.read(kwargs, alora_offsets)
         if self._component is None:
             return kwargs
         return self._component.prepare(self._model, kwargs, callee)
 
-    def prepare_generate(self, kwargs: dict) -> dict:
+    def prepare_generate(self, kwargs: dict, alora_offsets=None) -> dict:
         """``generate``'s keyword arguments with the routed adapter's inputs in (virtual tokens in
-        the cache, the mask one longer per virtual token); unchanged for other methods."""
+        the cache, the mask one longer per virtual token); unchanged for other methods. aLoRA: as
+        ``prepare``; generated positions are past the invocation."""
+        if self.activation is not None:
+            self.activation.read(kwargs, alora_offsets)
         if self._component is None:
             return kwargs
         return self._component.generation_kwargs(self._model, kwargs)
@@ -128,7 +141,8 @@ def applying(peft, adapter_names: Sequence[str] | str | None = None, reuse: Call
     tuner, adapter_set = peft.base_model, peft.adapter_set
     if adapter_names is None:
         route = adapter_set.route()
-        yield Call(None, route, adapter_set.version, *_component(tuner, route))
+        with alora.activating(adapter_set, None, route, lambda: _checkpointed(tuner)) as activation:
+            yield Call(None, route, adapter_set.version, *_component(tuner, route), activation=activation)
         return
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     fresh = adapter_set.disabled or adapter_set.merged  # resolve says what these mean
@@ -143,10 +157,17 @@ def applying(peft, adapter_names: Sequence[str] | str | None = None, reuse: Call
     previous = tuner.live_biases()
     tuner.sync_biases([route] if isinstance(route, str) else [])
     try:
-        with adapter_set.routed(route):
-            yield Call(names, route, adapter_set.version, *_component(tuner, route))
+        with adapter_set.routed(route), alora.activating(adapter_set, names, route,
+                                                         lambda: _checkpointed(tuner)) as activation:
+            yield Call(names, route, adapter_set.version, *_component(tuner, route), activation=activation)
     finally:
         tuner.sync_biases(previous)
+
+
+def _checkpointed(tuner) -> bool:
+    """True while the model trains with transformers' gradient checkpointing (a module walk: asked
+    only by calls that route an aLoRA adapter)."""
+    return tuner.training and any(getattr(m, "gradient_checkpointing", False) is True for m in tuner.modules())
 
 
 def _component(tuner, route) -> tuple:

@@ -17,6 +17,9 @@ def check_mergeable(peft, names: list[str]) -> None:
     for name in names:
         config = peft.peft_config.get(name)
         method = registry.method_of(config) if config is not None else None
+        if config is not None and getattr(config, "alora_invocation_tokens", None):
+            raise NotImplementedError(f"adapter {name!r} is an aLoRA adapter (alora_invocation_tokens): merged, it "
+                                      "would act on every position, not only from its invocation on; keep it unmerged")
         if method is not None and not method.mergeable:
             why = f": {method.why_not_mergeable}" if method.why_not_mergeable else ""
             raise NotImplementedError(

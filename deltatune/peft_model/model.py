@@ -96,13 +96,14 @@ class PeftModel(PeftSurface, nn.Module):
         on row ``i`` (``"__base__"``: no adapter) — peft's mixed-batch keyword; a list of
         another length than the input's rows is a ValueError (``MixingError``) naming both.
         Prompt and P-tuning logits include the virtual positions first, as peft's
-        (``peft_model.virtual``)."""
-        model = self.base_model.model
+        (``peft_model.virtual``). aLoRA adapters act from each row's invocation on
+        (``methods.alora``; peft's ``alora_offsets=`` gives the positions instead)."""
+        model, offsets = self.base_model.model, kwargs.pop("alora_offsets", None)
         _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
             if call.prepares_inputs:  # the method prepares the inputs (by name); outputs as peft's
                 given = _call.named(model, args, kwargs)
-                prepared = call.prepare(given)
+                prepared = call.prepare(given, alora_offsets=offsets)
                 return call.finish(given, prepared, model(**prepared))
             return model(*args, **kwargs)
 
@@ -110,11 +111,11 @@ class PeftModel(PeftSurface, nn.Module):
         """``generate`` of the wrapped transformers model with the active adapter applied, or one
         adapter per prompt with ``adapter_names`` (beams and sampling included: each prompt's
         expanded rows keep its adapter)."""
-        model = self.base_model.model
+        model, offsets = self.base_model.model, kwargs.pop("alora_offsets", None)
         _call.check_rows(adapter_names, args, kwargs)
         with self.applying(adapter_names) as call:
-            if call.prepares_inputs:  # the method puts its virtual tokens in the cache
-                args, kwargs = (), call.prepare_generate(_call.named(model, args, kwargs))
+            if call.prepares_inputs:  # the method puts its virtual tokens in the cache (aLoRA: finds the invocation)
+                args, kwargs = (), call.prepare_generate(_call.named(model, args, kwargs), offsets)
             return model.generate(*args, **kwargs)
 
     def applying(self, adapter_names: Sequence[str] | str | None = None, *, reuse: _call.Call | None = None):

@@ -120,6 +120,9 @@ def check_servable(config, path) -> None:
         raise AdapterLoadError(
             f"{Path(path) / 'adapter_config.json'}: peft_type {method.peft_type} cannot be served by the engine; "
             "run this adapter with PeftModel.generate instead", "lora_path")
+    if getattr(config, "alora_invocation_tokens", None):  # the engine's packed rows have no per-row invocation
+        raise AdapterLoadError(f"{Path(path) / 'adapter_config.json'}: an aLoRA adapter (alora_invocation_tokens) "
+                               "cannot be served by the engine yet; run it with PeftModel.generate", "lora_path")
 
 
 def read_version_files(path) -> tuple[object, dict]:
