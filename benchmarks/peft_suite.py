@@ -119,7 +119,8 @@ _INDEX = None
 
 
 def _index():
-    """Every public class or function defined in a deltatune module: name -> object."""
+    """Every class or function defined in a deltatune module: name -> object (a private name too:
+    peft's tests import some of peft's private helpers, and deltatune defines a few under those names)."""
     global _INDEX
     if _INDEX is None:
         _INDEX = {{}}
@@ -131,7 +132,7 @@ def _index():
             except Exception:
                 continue
             for name, obj in vars(module).items():
-                if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)) \
+                if not name.startswith("__") and (inspect.isclass(obj) or inspect.isfunction(obj)) \
                         and getattr(obj, "__module__", "") == info.name:
                     _INDEX.setdefault(name, obj)
     return _INDEX
