@@ -300,8 +300,7 @@ class LoraConfig(PeftConfig):
             name, or ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: same forms as ``target_modules``; matches are never wrapped.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
-        bias: ``"none"``, ``"all"`` (every bias in the model trains) or ``"lora_only"`` (biases of
-            wrapped layers train).
+        bias: ``"none"``, ``"all"`` (every bias in the model trains) or ``"lora_only"`` (wrapped layers' biases).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
@@ -314,8 +313,8 @@ class LoraConfig(PeftConfig):
         rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the
             end of the module name.
         layers_to_transform / layers_pattern: restrict to these layer indices (list-form targets).
-        fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
-            Conv1D by type; the field is kept for file compatibility.
+        fan_in_fan_out: the base stores (in, out) weights (GPT-2's Conv1D; detected by type here; kept for files).
+        target_parameters: list of ``nn.Parameter`` names (MoE experts), matched as target_modules' lists are.
         use_dora: weight-decomposed LoRA (DoRA); requires the DoRA method to be registered.
     """
 
@@ -344,10 +343,10 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
+    target_parameters: Optional[list[str]] = None
     # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
     ensure_weight_tying: bool = False
     lora_bias: bool = False
-    target_parameters: Optional[list[str]] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
 
     def __post_init__(self) -> None:
@@ -372,6 +371,8 @@ class LoraConfig(PeftConfig):
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_parameters, str):  # peft's TypeError: target_modules takes a str, this does not
+            raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
@@ -390,7 +391,6 @@ class LoraConfig(PeftConfig):
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
     "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
     "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
     "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
 }
 
