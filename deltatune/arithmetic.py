@@ -239,6 +239,8 @@ def _check_lora_source(config: LoraConfig, name: str) -> None:
         raise CombineError(f"adapter {name!r} was initialised with {config.init_lora_weights!r}: its factors apply "
                            "to a base PiSSA changed; save it as plain LoRA first (save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=...)) and combine that")
+    if config.target_parameters:  # factors of several experts in one A, nested per parameter: no factor-wise sum
+        raise CombineError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}')")
     if config.bias != "none":
         raise CombineError(f"adapter {name!r} trains biases (bias={config.bias!r}): combining adapters with "
                            "trained biases is not supported")

@@ -288,3 +288,11 @@ def test_the_engine_refuses_it_at_load(tmp_path):
     with pytest.raises(AdapterLoadError, match="ParamWrapper does not support mixed adapter batches"):
         engine.add_adapter("a", tmp_path / "a")
     assert list(engine.adapters()) == []
+
+
+def test_combining_is_refused():
+    model = deltatune.get_peft_model(base("experts"), config(deltatune, "experts"))
+    model.add_adapter("other", config(deltatune, "experts"))
+    with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", combination_type="cat")
+    assert "both" not in model.peft_config
