@@ -2,7 +2,7 @@
 
 Against peft 0.21 (installed as a yardstick), on a 2-d parameter of a custom layer, on the 3-d
 expert weights of a mixture-of-experts block (both layouts, two parameters of one module nested)
-and on a tiny Mixtral: the same factors give the same outputs, and files cross in both directions
+and on tiny Mixtral and gpt-oss models: the same factors give the same outputs, and files cross in both directions
 with the same keys and shapes. Within deltatune: merged equals unmerged, disable and unload give
 the base, training moves only the factors, and what peft refuses is refused by name (dropout,
 DoRA, a module also in target_modules, different parameter sets across adapters, mixed batches,
@@ -200,27 +200,32 @@ def test_two_adapters_on_the_same_parameters_switch_like_peft(tmp_path):
     assert ours.base_model.model.experts.held == ours.base_model.model.experts.base_layer.held == ["default"]
 
 
-def test_tiny_mixtral_experts_equal_peft(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def tiny_moe(family: str):
+    """A random 2-layer Mixtral ((E, out, in) experts) or gpt-oss ((E, in, out), ``is_transposed``)."""
+    import transformers
 
-    cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=32)
+    shared = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    if family == "gpt_oss":
+        cfg, cls = transformers.GptOssConfig(head_dim=8, **shared), transformers.GptOssForCausalLM
+    else:
+        cfg, cls = transformers.MixtralConfig(**shared), transformers.MixtralForCausalLM
+    torch.manual_seed(0)
+    return cls(cfg).eval()
 
-    def mixtral():
-        torch.manual_seed(0)
-        return MixtralForCausalLM(cfg).eval()
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_tiny_moe_models_equal_peft(family, tmp_path):
     fields = dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"],
                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     torch.manual_seed(2)
-    theirs = peft.get_peft_model(mixtral(), peft.LoraConfig(**fields)).eval()
+    theirs = peft.get_peft_model(tiny_moe(family), peft.LoraConfig(**fields)).eval()
     theirs.save_pretrained(tmp_path)
-    ours = deltatune.PeftModel.from_pretrained(mixtral(), tmp_path).eval()
+    ours = deltatune.PeftModel.from_pretrained(tiny_moe(family), tmp_path).eval()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
-        assert (want - mixtral()(input_ids=ids).logits).abs().max() > 1e-3
+        assert (want - tiny_moe(family)(input_ids=ids).logits).abs().max() > 1e-3
         close(ours(input_ids=ids).logits, want, atol=1e-4)
         close(ours.merge_and_unload()(input_ids=ids).logits, want, atol=1e-4)
 
