@@ -301,3 +301,40 @@ def test_combining_is_refused():
     with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
         model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", combination_type="cat")
     assert "both" not in model.peft_config
+
+
+class TwoWeights(nn.Module):
+    """Two targeted parameters (nested wrappers) and a bias on one module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 8) / 3)
+        self.w2 = nn.Parameter(torch.randn(8, 8) / 3)
+        self.bias = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return x @ self.w1 @ self.w2 + self.bias
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_under_nested_wrappers_match_peft(bias, tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(TwoWeights(), nn.Linear(8, 2))
+
+    fields = dict(target_modules=[], target_parameters=["0.w1", "0.w2"], bias=bias, init_lora_weights=False)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**fields))
+    ours = deltatune.get_peft_model(build(), deltatune.LoraConfig(**fields))
+    trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert trained == sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
+    assert "base_model.model.0.base_layer.base_layer.bias" in trained
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1)                                          # a trained bias, a non-zero B
+    theirs.save_pretrained(tmp_path)
+    loaded = deltatune.PeftModel.from_pretrained(build(), tmp_path)
+    close(out(loaded), out(theirs))
+    with loaded.disable_adapter():
+        close(out(loaded), out(build()))                            # the bias is the adapter's own here

@@ -13,6 +13,7 @@ and unload: nothing walks the model to find them. Trained biases are per adapter
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import torch
@@ -168,7 +169,7 @@ class TunerModel(nn.Module):
         for name in targeting.select_saved(self.model, getattr(config, "modules_to_save", None)):
             self._layer_at(name, lambda m: ModulesToSaveWrapper, config).add_adapter(adapter_name)
         trained = self.bias_names(adapter_name, getattr(config, "bias", "none"))
-        self.biases.register(adapter_name, [n.replace(".base_layer.", ".") for n in trained])
+        self.biases.register(adapter_name, [re.sub(r"(\.base_layer)+\.", ".", n) for n in trained])
 
     def _add_encoder(self, adapter_name: str, module: nn.Module) -> None:
         param = next(self.model.parameters(), None)
@@ -275,7 +276,7 @@ class TunerModel(nn.Module):
                 b = getattr(layer.get_base_layer(), "bias", None)
                 if not isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.held \
                         and isinstance(b, nn.Parameter):
-                    out.append(f"{name}.base_layer.bias")
+                    out.append(self.biases.live_name(f"{name}.bias"))
             return out
         return []
 
