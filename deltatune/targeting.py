@@ -237,9 +237,14 @@ def select_saved(model: nn.Module, modules_to_save) -> list[str]:
 
 
 def dry_run(model: nn.Module, config) -> str:
-    """A printable list of the modules ``config`` would wrap, with their types."""
+    """A printable list of the modules ``config`` would wrap, with their types, then the parameters
+    it would adapt (``target_parameters``), with their shapes."""
     modules = dict(iter_candidates(model))
-    lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in select(model, config)]
+    names, params = select_targets(model, config)
+    lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in names]
+    for name, pname in params:
+        module = base_of(modules[name])
+        lines.append(f"{name}.{pname}  (parameter {tuple(getattr(module, pname).shape)} of {type(module).__name__})")
     return "\n".join(lines)
 
 

@@ -338,3 +338,11 @@ def test_trained_biases_under_nested_wrappers_match_peft(bias, tmp_path):
     close(out(loaded), out(theirs))
     with loaded.disable_adapter():
         close(out(loaded), out(build()))                            # the bias is the adapter's own here
+
+
+def test_dry_run_lists_parameters():
+    from deltatune.targeting import dry_run
+
+    text = dry_run(base("experts"), deltatune.LoraConfig(target_modules=["lin1"], target_parameters=BOTH))
+    assert text.splitlines() == ["lin1  (Linear)", "experts.gate_up_proj  (parameter (3, 12, 8) of Experts)",
+                                 "experts.down_proj  (parameter (3, 8, 6) of Experts)"]
