@@ -113,10 +113,10 @@ class ParamWrapper(LoraLayer):
                 initialisation that needs a linear base weight (the message names the parameter).
         """
         where = f"(parameter {module_name!r})"
-        for field, bad in (("lora_dropout != 0", config.lora_dropout), ("use_dora=True", config.use_dora),
+        for option, bad in (("lora_dropout != 0", config.lora_dropout), ("use_dora=True", config.use_dora),
                            ("fan_in_fan_out", config.fan_in_fan_out)):
             if bad:
-                raise ConfigError(f"lora.ParamWrapper does not work with {field}. {where}")
+                raise ConfigError(f"lora.ParamWrapper does not work with {option}. {where}")
         if config.init_lora_weights not in PARAM_INITS:
             raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is not supported for target_parameters "
                               f"{where}: use True, 'gaussian' or False")
