@@ -117,6 +117,8 @@ def _check_configs(old, new, source) -> None:
     if old.peft_type not in CHECKED_FIELDS:
         raise HotswapError(f"{source}: hot-swapping supports {[t.value for t in CHECKED_FIELDS]}, "
                            f"not {old.peft_type.value}")
+    if getattr(old, "target_parameters", None) or getattr(new, "target_parameters", None):  # nested per parameter
+        raise HotswapError(f"{source}: hot-swapping adapters with target_parameters is not supported; load_adapter it")
     for field in CHECKED_FIELDS[old.peft_type]:
         if getattr(old, field) != getattr(new, field):
             raise HotswapError(f"{source}: {field}={getattr(new, field)!r}, the loaded adapter has "

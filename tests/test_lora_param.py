@@ -346,3 +346,14 @@ def test_dry_run_lists_parameters():
     text = dry_run(base("experts"), deltatune.LoraConfig(target_modules=["lin1"], target_parameters=BOTH))
     assert text.splitlines() == ["lin1  (Linear)", "experts.gate_up_proj  (parameter (3, 12, 8) of Experts)",
                                  "experts.down_proj  (parameter (3, 8, 6) of Experts)"]
+
+
+def test_hotswap_is_refused_by_name(tmp_path):
+    from deltatune.hotswap import HotswapError, hotswap_adapter
+
+    model = deltatune.get_peft_model(base("experts"), config(deltatune, "experts")).eval()
+    deltatune.get_peft_model(base("experts"), config(deltatune, "experts")).save_pretrained(tmp_path)
+    before = out(model)
+    with pytest.raises(HotswapError, match="target_parameters"):
+        hotswap_adapter(model, tmp_path, adapter_name="default")
+    close(out(model), before)
