@@ -159,7 +159,8 @@ def select_parameters(model: nn.Module, config) -> list[tuple[str, str]]:
 
     top = [n for n, _ in model.named_parameters(recurse=False) if named(n)]
     if top:
-        raise ConfigError(f"Targeting an nn.Parameter on the top-level module is not supported (parameter '{top[0]}').")
+        raise ConfigError("Targeting an nn.Parameter on the top-level module is not supported "
+                          f"(parameter '{top[0]}').")
     saved = getattr(config, "modules_to_save", None)
     return [(name, pname) for name, module in iter_candidates(model) if not _under_saved(name, saved)
             for pname, _ in base_of(module).named_parameters(recurse=False) if named(f"{name}.{pname}")]
@@ -244,7 +245,8 @@ def dry_run(model: nn.Module, config) -> str:
     lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in names]
     for name, pname in params:
         module = base_of(modules[name])
-        lines.append(f"{name}.{pname}  (parameter {tuple(getattr(module, pname).shape)} of {type(module).__name__})")
+        shape = tuple(getattr(module, pname).shape)
+        lines.append(f"{name}.{pname}  (parameter {shape} of {type(module).__name__})")
     return "\n".join(lines)
 
 

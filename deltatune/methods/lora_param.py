@@ -118,8 +118,8 @@ class ParamWrapper(LoraLayer):
             if bad:
                 raise ConfigError(f"lora.ParamWrapper does not work with {option}. {where}")
         if config.init_lora_weights not in PARAM_INITS:
-            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is not supported for target_parameters "
-                              f"{where}: use True, 'gaussian' or False")
+            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is not supported for "
+                              f"target_parameters {where}: use True, 'gaussian' or False")
         super().add_adapter(name, config, module_name)
 
     def create_factors(self, name: str, r: int) -> None:

@@ -118,8 +118,9 @@ class TunerModel(nn.Module):
         for component in self.component_list:
             if not isinstance(component, WrappedLayer) or isinstance(component, SavedModule):
                 continue
-            layer = component.layer
-            weight = layer.get_param() if isinstance(layer, ParamWrapper) else getattr(layer.get_base_layer(), "weight", None)
+            layer = component.layer   # a ParamWrapper's factors follow the parameter they adapt
+            weight = layer.get_param() if isinstance(layer, ParamWrapper) else \
+                getattr(layer.get_base_layer(), "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
                 continue  # a quantized base: the adapter keeps its own (float32) dtype
             dtype = weight.dtype
