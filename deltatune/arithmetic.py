@@ -242,6 +242,8 @@ def _check_lora_source(config: LoraConfig, name: str) -> None:
     if getattr(config, "use_bdlora", None) is not None:   # compact block-diagonal factors (methods/bdlora.py)
         raise CombineError(f"adapter {name!r} uses BD-LoRA (use_bdlora): its block-diagonal factors do not combine "
                            "factor-wise; merge it into the base (merge_and_unload) instead")
+    if config.target_parameters:  # factors of several experts in one A, nested per parameter: no factor-wise sum
+        raise CombineError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{name}')")
     if config.bias != "none":
         raise CombineError(f"adapter {name!r} trains biases (bias={config.bias!r}): combining adapters with "
                            "trained biases is not supported")

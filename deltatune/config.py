@@ -297,8 +297,7 @@ class LoraConfig(PeftConfig):
             name, or ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: same forms as ``target_modules``; matches are never wrapped.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
-        bias: ``"none"``, ``"all"`` (every bias in the model trains) or ``"lora_only"`` (biases of
-            wrapped layers train).
+        bias: ``"none"``, ``"all"`` (every bias in the model trains) or ``"lora_only"`` (wrapped layers' biases).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base),
             ``"gaussian"`` (A normal with std 1/r), ``False`` (random B too: not an identity),
             ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors, Meng et al. 2024; the
@@ -311,8 +310,8 @@ class LoraConfig(PeftConfig):
         rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the
             end of the module name.
         layers_to_transform / layers_pattern: restrict to these layer indices (list-form targets).
-        fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D). deltatune detects
-            Conv1D by type; the field is kept for file compatibility.
+        fan_in_fan_out: the base stores (in, out) weights (GPT-2's Conv1D; detected by type here; kept for files).
+        target_parameters: list of ``nn.Parameter`` names (MoE experts), matched as target_modules' lists are.
         use_dora / use_bdlora: DoRA (its method registered) / BD-LoRA, a ``BdLoraConfig`` or dict (methods/bdlora.py).
         trainable_token_indices: token ids (input embedding) or {module: ids}; ``tuner.trainable_tokens``.
         ensure_weight_tying: adapters on tied embeddings stay tied (``tuner.tying``).
@@ -344,10 +343,9 @@ class LoraConfig(PeftConfig):
     use_bdlora: Optional[Any] = None   # kept as given (object or file's dict), as peft; read by methods/bdlora.py
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
     alora_invocation_tokens: Optional[list[int]] = None  # aLoRA: the delta acts from their last occurrence on
-    # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
+    target_parameters: Optional[list[str]] = None
     ensure_weight_tying: bool = False
     lora_bias: bool = False
-    target_parameters: Optional[list[str]] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
 
     def __post_init__(self) -> None:
@@ -372,6 +370,8 @@ class LoraConfig(PeftConfig):
         self.loftq_config = _loftq_dict(self.loftq_config, init)
         self.target_modules = _normalise_targets("target_modules", self.target_modules)
         self.exclude_modules = _normalise_targets("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_parameters, str):  # peft's TypeError: target_modules takes a str, this does not
+            raise TypeError("`target_parameters` must be a list of strings or None.")
         self.modules_to_save = None if self.modules_to_save is None else list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
@@ -380,7 +380,8 @@ class LoraConfig(PeftConfig):
                               "not a regex string")
         _validate_pattern_dict("rank_pattern", self.rank_pattern, int)
         _validate_pattern_dict("alpha_pattern", self.alpha_pattern, float)
-        if (tokens := self.alora_invocation_tokens) is not None and (self.use_dora or not tokens or any(type(t) is not int for t in tokens)):
+        if (tokens := self.alora_invocation_tokens) is not None and (
+                self.use_dora or not tokens or any(type(t) is not int for t in tokens)):
             raise ConfigError(f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids; aLoRA "
                               f"does not combine with use_dora (use_dora={self.use_dora})")
         if init == "orthogonal" and (self.r % 2 or any(int(v) % 2 for v in self.rank_pattern.values())):
@@ -391,7 +392,6 @@ class LoraConfig(PeftConfig):
 # LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
     "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
 }
 
 

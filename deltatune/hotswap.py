@@ -120,6 +120,8 @@ def _check_configs(old, new, source) -> None:
     if getattr(old, "use_bdlora", None) is not None or getattr(new, "use_bdlora", None) is not None:
         raise HotswapError(f"{source}: BD-LoRA adapters (use_bdlora) cannot be hot-swapped: their block-diagonal "
                            "factors are stored compactly, with no rank to pad; use load_adapter")
+    if getattr(old, "target_parameters", None) or getattr(new, "target_parameters", None):  # nested per parameter
+        raise HotswapError(f"{source}: hot-swapping adapters with target_parameters is not supported; load_adapter it")
     for field in CHECKED_FIELDS[old.peft_type]:
         if getattr(old, field) != getattr(new, field):
             raise HotswapError(f"{source}: {field}={getattr(new, field)!r}, the loaded adapter has "

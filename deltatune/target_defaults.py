@@ -124,6 +124,8 @@ def complete_targets(config, model: nn.Module):
         if config.target_modules is not None:
             return config
         if model_type not in LORA_TARGETS:
+            if getattr(config, "target_parameters", None):  # peft: parameters alone are a target
+                return config
             raise missing_targets_error(model, "LoRA")
         return dataclasses.replace(config, target_modules=_as_field(LORA_TARGETS[model_type]))
     targets, feedforward = IA3_TARGETS.get(model_type, (None, None))

@@ -6,11 +6,14 @@ The matching rules are peft's, so a config written for peft selects the same mod
 - ``"all-linear"`` selects every linear layer except the model's output head;
 - ``exclude_modules`` uses the same forms and wins over ``target_modules``;
 - modules inside a ``modules_to_save`` entry are never targeted;
-- ``layers_to_transform`` keeps only modules under a numbered layer with one of those indices.
+- ``layers_to_transform`` keeps only modules under a numbered layer with one of those indices;
+- ``target_parameters`` (LoRA) names bare parameters: ``"<module>.<param>"`` matched as a list of
+  module names is (``select_parameters``); ``select_targets`` answers for modules and parameters.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Iterator
 
 from torch import nn
@@ -133,6 +136,69 @@ def select(model: nn.Module, config, is_supported=None) -> list[str]:
     return chosen
 
 
+NO_TARGETS = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+              "these arguments.")
+
+
+def select_parameters(model: nn.Module, config) -> list[tuple[str, str]]:
+    """``(module name, parameter name)`` of every parameter ``config.target_parameters`` names, in
+    model order and, within a module, in its registration order (the order peft nests their
+    wrappers). A parameter is a module's own (not a child's); a wrapped module's are those of the
+    module it wraps; adapter internals and modules under ``modules_to_save`` are never candidates.
+
+    Raises:
+        ConfigError: an entry names a parameter of the top-level model itself (peft's refusal:
+            the model would have to be replaced inside itself).
+    """
+    targets = list(getattr(config, "target_parameters", None) or [])
+    if not targets:
+        return []
+
+    def named(key: str) -> bool:
+        return any(key == t or key.endswith("." + t) for t in targets)
+
+    top = [n for n, _ in model.named_parameters(recurse=False) if named(n)]
+    if top:
+        raise ConfigError("Targeting an nn.Parameter on the top-level module is not supported "
+                          f"(parameter '{top[0]}').")
+    saved = getattr(config, "modules_to_save", None)
+    return [(name, pname) for name, module in iter_candidates(model) if not _under_saved(name, saved)
+            for pname, _ in base_of(module).named_parameters(recurse=False) if named(f"{name}.{pname}")]
+
+
+def select_targets(model: nn.Module, config, is_supported=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """What ``config`` targets: ``(select(...), select_parameters(...))``.
+
+    With ``target_parameters``, ``target_modules`` may be None (the family default, or nothing
+    for a model without one), ``[]`` or ``""`` (no module), and one that matches no module name
+    warns instead of raising when a parameter matched, as peft does; nothing matched at all raises.
+
+    Raises:
+        ConfigError: as ``select``; ``NO_TARGETS`` when neither modules nor parameters are named.
+    """
+    params = select_parameters(model, config)
+    if not getattr(config, "target_parameters", None):
+        return select(model, config, is_supported), params
+    spec = config.target_modules
+    if spec is None:  # a known family's defaults, as peft fills them; else no module
+        config = complete_targets(config, model)
+        spec = config.target_modules
+    if not spec:
+        if not params:
+            raise ConfigError(NO_TARGETS)
+        return [], params
+    names = [n for n, _ in iter_candidates(model)]
+    if params and spec != "all-linear" and not any(_matches(spec, n) for n in names):
+        shown = spec if isinstance(spec, str) else set(spec)
+        warnings.warn(f"target_modules={shown!r} were set but no module was matched.", RuntimeWarning, stacklevel=3)
+        return [], params
+    modules = select(model, config, is_supported)
+    if not params:
+        warnings.warn(f"target_parameters={config.target_parameters!r} were set but no parameter was matched.",
+                      RuntimeWarning, stacklevel=3)
+    return modules, params
+
+
 def _check_all_matched(spec, names: list[str], original) -> None:
     if isinstance(spec, str):
         if not any(re.fullmatch(spec, n) for n in names):
@@ -172,9 +238,15 @@ def select_saved(model: nn.Module, modules_to_save) -> list[str]:
 
 
 def dry_run(model: nn.Module, config) -> str:
-    """A printable list of the modules ``config`` would wrap, with their types."""
+    """A printable list of the modules ``config`` would wrap, with their types, then the parameters
+    it would adapt (``target_parameters``), with their shapes."""
     modules = dict(iter_candidates(model))
-    lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in select(model, config)]
+    names, params = select_targets(model, config)
+    lines = [f"{name}  ({type(base_of(modules[name])).__name__})" for name in names]
+    for name, pname in params:
+        module = base_of(modules[name])
+        shape = tuple(getattr(module, pname).shape)
+        lines.append(f"{name}.{pname}  (parameter {shape} of {type(module).__name__})")
     return "\n".join(lines)
 
 

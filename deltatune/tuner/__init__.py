@@ -13,6 +13,7 @@ and unload: nothing walks the model to find them. Trained biases are per adapter
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import torch
@@ -22,6 +23,7 @@ from deltatune import registry, targeting
 from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, PeftConfig
 from deltatune.methods.base import AdapterLayer, ModulesToSaveWrapper
+from deltatune.methods.lora_param import ParamWrapper, check_same_parameters, wrap_parameter
 from deltatune.surgery import replace_module
 from deltatune.tuner import inits as _inits  # noqa: F401  registers init_lora_weights="olora" / "orthogonal"
 from deltatune.tuner import tying
@@ -118,7 +120,9 @@ class TunerModel(nn.Module):
         for component in self.component_list:
             if not isinstance(component, WrappedLayer) or isinstance(component, SavedModule):
                 continue
-            weight = getattr(component.layer.get_base_layer(), "weight", None)
+            layer = component.layer   # a ParamWrapper's factors follow the parameter they adapt
+            weight = layer.get_param() if isinstance(layer, ParamWrapper) else \
+                getattr(layer.get_base_layer(), "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
                 continue  # a quantized base: the adapter keeps its own (float32) dtype
             dtype = weight.dtype
@@ -159,14 +163,19 @@ class TunerModel(nn.Module):
         if method.component is not None:
             self._add_encoder(adapter_name, method.component(config, self.model))
         else:
-            names = targeting.select(self.model, config,
-                                     is_supported=lambda m: method.layer_class_for(m, config) is not None)
+            check_same_parameters(config, self.adapter_set.configs, adapter_name)
+            names, params = targeting.select_targets(
+                self.model, config, is_supported=lambda m: method.layer_class_for(m, config) is not None)
             if tie is not None and tie[0] == "target":  # the embedding gets LoRA; tied modules read its factors
                 names = [n for n in dict.fromkeys([tie[1], *names]) if n not in tie[2]]
             for name in names:
                 layer = self._layer_at(name, lambda m: method.layer_class_for(m, config), config)
                 layer.add_adapter(adapter_name, config, name)
                 layer.train(layer.base_layer.training)  # new dropout follows the model's mode
+            for name, parameter_name in params:  # peft's LoRA on bare parameters (MoE experts)
+                layer = self._param_layer_at(name, parameter_name)
+                layer.add_adapter(adapter_name, config, f"{name}.{parameter_name}")
+                layer.train(layer.get_base_layer().training)
         saved = getattr(config, "modules_to_save", None)
         if tie is not None and tie[0] == "saved":
             saved = tying.saved_entries(saved or [], tie[1], tie[2])
@@ -176,7 +185,7 @@ class TunerModel(nn.Module):
             self._tie(adapter_name, config, tie)
         self._add_tokens(adapter_name, config)
         trained = self.bias_names(adapter_name, getattr(config, "bias", "none"))
-        self.biases.register(adapter_name, [n.replace(".base_layer.", ".") for n in trained])
+        self.biases.register(adapter_name, [re.sub(r"(\.base_layer)+\.", ".", n) for n in trained])
 
     def _tie(self, adapter_name: str, config: PeftConfig, tie: tuple[str, str, list[str]]) -> None:
         """``ensure_weight_tying``: wrap each module tied to the input embedding so that it uses the
@@ -238,6 +247,21 @@ class TunerModel(nn.Module):
         layer = layer_class(module)(module, self.adapter_set)
         replace_module(self.model, name, layer)
         self.component_list.append(wrapped(name, layer))
+        return layer
+
+    def _param_layer_at(self, name: str, parameter_name: str) -> ParamWrapper:
+        """The ``ParamWrapper`` of parameter ``parameter_name`` of the module at ``name``; a new one
+        goes on top of what is there (nesting onto the module's other wrapped parameters), and the
+        component at ``name`` follows it."""
+        listed = next((c for c in self.component_list if isinstance(c, WrappedLayer) and c.name == name), None)
+        current = listed.layer if listed is not None else self.model.get_submodule(name)
+        layer, new = wrap_parameter(current, parameter_name, self.adapter_set, name)
+        if new:
+            replace_module(self.model, name, layer)
+            if listed is not None:
+                listed.layer = layer
+            else:
+                self.component_list.append(wrapped(name, layer))
         return layer
 
     def remove_adapter(self, adapter_name: str) -> None:
@@ -309,7 +333,7 @@ class TunerModel(nn.Module):
                 b = getattr(layer.get_base_layer(), "bias", None)
                 if not isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.held \
                         and isinstance(b, nn.Parameter):
-                    out.append(f"{name}.base_layer.bias")
+                    out.append(self.biases.live_name(f"{name}.bias"))
             return out
         return []
 

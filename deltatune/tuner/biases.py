@@ -45,7 +45,9 @@ class BiasBook:
         wraps its module (the saved key follows the current structure, as peft's does)."""
         module_path, _, leaf = canonical.rpartition(".")
         module = self.model.get_submodule(module_path) if module_path else self.model
-        return f"{module_path}.base_layer.{leaf}" if isinstance(module, AdapterLayer) else canonical
+        while isinstance(module, AdapterLayer):  # one level per wrapper (nested ParamWrappers: several)
+            module_path, module = f"{module_path}.base_layer", module.base_layer
+        return f"{module_path}.{leaf}" if module_path else leaf
 
     def param(self, canonical: str) -> nn.Parameter:
         return self.model.get_parameter(self.live_name(canonical))
