@@ -346,7 +346,7 @@ class LoraConfig(PeftConfig):
     loftq_config: Union["LoftQConfig", dict] = field(default_factory=dict)
     # peft options deltatune lacks: peft's defaults accepted, else a ConfigError (``_UNSUPPORTED_LORA``)
     ensure_weight_tying: bool = False
-    lora_bias: bool = False
+    lora_bias: bool = False    # a bias on B (methods/lora_bias.py); with inits True/False, no DoRA (as in peft)
     target_parameters: Optional[list[str]] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
 
@@ -361,6 +361,8 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.lora_bias and (self.init_lora_weights not in (True, False) or self.use_dora):  # (peft's words)
+            raise ConfigError("The argument lora_bias=True is only for init_lora_weights=True/False, without DoRA")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
@@ -389,7 +391,6 @@ class LoraConfig(PeftConfig):
 # LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
 _UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
     "ensure_weight_tying": (False, "adapters on tied embeddings are not kept tied; target one of the two"),
-    "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
     "target_parameters": (None, "LoRA on bare nn.Parameters (MoE experts) is not implemented; target modules"),
     "trainable_token_indices": (None, "training single embedding rows is not implemented; use modules_to_save"),
 }
