@@ -206,7 +206,7 @@ def test_olora_init_keeps_the_output_and_reads_qr():
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, W, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("option, value", [("lora_bias", True), ("ensure_weight_tying", True),
+@pytest.mark.parametrize("option, value", [("ensure_weight_tying", True),
                                            ("target_parameters", ["experts.gate_up_proj"]),
                                            ("trainable_token_indices", [1, 2])])
 def test_unsupported_lora_options_are_refused_by_name(option, value):
