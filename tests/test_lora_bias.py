@@ -9,9 +9,12 @@ without a bias) are kept with peft's message prefixes.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -183,3 +186,40 @@ def test_no_base_bias_warns_runs_and_refuses_to_merge(layer):
     with pytest.raises(RuntimeError, match="Impossible to merge LoRA with `lora_bias=True`"):
         model.merge_adapter()
     close(out(model, x), want)                                  # nothing was merged
+
+
+def test_the_engine_serves_a_lora_bias_adapter_beside_plain_lora(tmp_path):
+    """The server's mixed batches take each row's bias from the layer's bank: greedy tokens equal
+    the adapter run alone through PeftModel (Llama's projections have no bias: a warning, no merge)."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.serving import Engine
+    from tests.conftest import tiny_llama
+    from tests.test_cli import _tiny_tokenizer
+    from tests.test_serving_engine import GREEDY, assert_same_greedy, reference
+
+    dirs = {"base": tmp_path / "base"}
+    tiny_llama().save_pretrained(dirs["base"])
+    _tiny_tokenizer().save_pretrained(dirs["base"])
+    configs = {"bias": deltatune.LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "o_proj"]),
+               "plain": deltatune.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
+    for i, (name, cfg) in enumerate(configs.items()):
+        with pytest.warns(UserWarning, match="has no bias") if cfg.lora_bias else contextlib.nullcontext():
+            model = deltatune.PeftModel(AutoModelForCausalLM.from_pretrained(dirs["base"]), cfg)
+        perturb_trainable(model, seed=i + 1, scale=0.3)
+        model.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    engine = Engine(str(dirs["base"]), max_num_seqs=3)
+    for name in configs:
+        engine.add_adapter(name, dirs[name])
+    prompts, route = [[5, 6, 7], [9, 12], [3, 4], [20, 21]], ["bias", "plain", None, "bias"]
+    outs = engine.generate(prompts, adapter=route, sampling=GREEDY)
+    for prompt, name, got in zip(prompts, route, outs):
+        assert_same_greedy(got.outputs[0].token_ids, *reference(dirs, name, prompt, GREEDY.max_tokens))
+    # the bias matters here: with it zeroed in the file, the reference's tokens change
+    shutil.copytree(dirs["bias"], tmp_path / "zeroed")
+    file = tmp_path / "zeroed" / "adapter_model.safetensors"
+    save_file({k: v.zero_() if k.endswith("lora_B.bias") else v for k, v in load_file(file).items()}, file)
+    dirs["zeroed"] = tmp_path / "zeroed"
+    assert any(reference(dirs, "zeroed", p, GREEDY.max_tokens)[0] != o.outputs[0].token_ids
+               for p, name, o in zip(prompts, route, outs) if name == "bias")
