@@ -223,3 +223,14 @@ def test_the_engine_serves_a_lora_bias_adapter_beside_plain_lora(tmp_path):
     dirs["zeroed"] = tmp_path / "zeroed"
     assert any(reference(dirs, "zeroed", p, GREEDY.max_tokens)[0] != o.outputs[0].token_ids
                for p, name, o in zip(prompts, route, outs) if name == "bias")
+
+
+def test_padding_ranks_for_compiled_hotswap_keeps_the_bias():
+    """``prepare_model_for_compiled_hotswap`` pads the factors to a larger rank: B's bias stays."""
+    model = deltatune.get_peft_model(build("linear"), config(deltatune)).eval()
+    perturb_trainable(model)
+    x = inputs("linear")
+    want = out(model, x)
+    deltatune.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert lora_B(model).weight.shape == (5, 8) and lora_B(model).bias.shape == (5,)
+    close(out(model, x), want)
