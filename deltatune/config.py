@@ -345,20 +345,19 @@ class LoraConfig(PeftConfig):
     alora_invocation_tokens: Optional[list[int]] = None  # aLoRA: the delta acts from their last occurrence on
     target_parameters: Optional[list[str]] = None
     ensure_weight_tying: bool = False
-    lora_bias: bool = False
+    lora_bias: bool = False    # a bias on B (methods/lora_bias.py); with inits True/False, no DoRA (as in peft)
     trainable_token_indices: Optional[Union[list[int], dict]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, (default, why) in _UNSUPPORTED_LORA.items():  # a peft option set: refused by name
-            if getattr(self, name) != default and getattr(self, name) not in (None, False, [], {}):
-                raise ConfigError(f"LoraConfig({name}={getattr(self, name)!r}) is not supported by deltatune: {why}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} must be a positive integer")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.lora_bias and (self.init_lora_weights not in (True, False) or self.use_dora):  # (peft's words)
+            raise ConfigError("The argument lora_bias=True is only for init_lora_weights=True/False, without DoRA")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
@@ -387,12 +386,6 @@ class LoraConfig(PeftConfig):
         if init == "orthogonal" and (self.r % 2 or any(int(v) % 2 for v in self.rank_pattern.values())):
             raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (r={self.r}, "
                               f"rank_pattern={self.rank_pattern}): A and B take half of the rows each")
-
-
-# LoraConfig options peft has and deltatune does not implement -> (peft's default, why).
-_UNSUPPORTED_LORA: dict[str, tuple[Any, str]] = {
-    "lora_bias": (False, "B has no bias here; bias='lora_only' trains the wrapped layers' own biases"),
-}
 
 
 @dataclass

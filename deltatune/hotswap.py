@@ -309,6 +309,7 @@ def _pad(layer, name: str, rank: int) -> None:
             old = getattr(layer, attr)[name]
             new = _resized(old, dim, rank)
             new.weight = nn.Parameter(_padded(old.weight, dim, rank), requires_grad=old.weight.requires_grad)
+            new.bias = old.bias      # lora_bias: B's bias (out,) does not depend on the rank; None otherwise
             getattr(layer, attr)[name] = new
     rslora, old_rank = _rslora(layer, name), layer.r[name]
     layer.r[name] = rank

@@ -157,7 +157,7 @@ def test_cli_doctor_peft_compat(tmp_path, capsys):
     from deltatune.cli import main
 
     bad = tmp_path / "train.py"
-    bad.write_text("from peft import LoraConfig\nconfig = LoraConfig(r=8,\n    lora_bias=True)\n")
+    bad.write_text("from peft import LoraConfig\nconfig = LoraConfig(r=8,\n    lora_bias=True, use_dora=True)\n")
     assert main(["doctor", "--peft-compat", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "line 3" in out and "lora_bias" in out  # the keyword's own line

@@ -206,13 +206,6 @@ def test_olora_init_keeps_the_output_and_reads_qr():
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, W, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("option, value", [("lora_bias", True)])
-def test_unsupported_lora_options_are_refused_by_name(option, value):
-    assert getattr(dt.LoraConfig(), option) == getattr(peft.LoraConfig(), option)  # defaults accepted
-    with pytest.raises(ConfigError, match=option):
-        dt.LoraConfig(**{option: value})
-
-
 # -- 6. bugs ----------------------------------------------------------------------------------------
 class _KwHead(nn.Module):
     """A head called with keywords only, returning a tuple (a transformers-style output)."""

@@ -32,8 +32,10 @@ from deltatune.methods.alora import activation_mask, check_layer
 from deltatune.methods.base import AdapterLayer
 from deltatune.methods.bdlora import add_block_diagonal, dense_weight
 from deltatune.methods.dora import MAGNITUDE, DoraMixin
-from deltatune.methods.lora_kernel import (cast_factors_on, gather_embedding, gather_lora, gather_lora_as,
-                                           lora_matmul, may_add_in_place, row_dropout)
+from deltatune.methods.lora_bias import LoraBiasMixin
+from deltatune.methods.lora_kernel import (add_bias, add_row_bias, bank_bias, cast_factors_on, gather_bias,
+                                           gather_embedding, gather_lora, gather_lora_as, lora_matmul,
+                                           may_add_in_place, row_dropout)
 from deltatune.target_defaults import complete_targets
 
 
@@ -63,7 +65,7 @@ def init_pair(A: torch.Tensor, B: torch.Tensor, init, r: int) -> None:
         nn.init.zeros_(B)
 
 
-class LoraLayer(DoraMixin, AdapterLayer):
+class LoraLayer(DoraMixin, LoraBiasMixin, AdapterLayer):
     """The LoRA layer of one base type: rank, alpha, scaling and dropout per adapter; an adapter
     with a magnitude (``use_dora``) is a DoRA adapter (``DoraMixin``).
 
@@ -81,6 +83,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}   # peft's table: adapter -> whether its B has a bias
         self._init_dora()
 
     def hyper_key(self) -> tuple:
@@ -90,7 +93,7 @@ class LoraLayer(DoraMixin, AdapterLayer):
                      for s in self.scaling.values())
 
     def per_adapter_tables(self) -> list[dict]:
-        return super().per_adapter_tables() + [self.r, self.lora_alpha, self.scaling]
+        return super().per_adapter_tables() + [self.r, self.lora_alpha, self.scaling, self.lora_bias]
 
     def delete_adapter(self, name: str) -> None:
         """Also drop the adapter's dropout module (a ModuleDict, not a per-adapter table)."""
@@ -100,14 +103,23 @@ class LoraLayer(DoraMixin, AdapterLayer):
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         """Create adapter ``name`` for this layer from ``config`` (``module_name`` picks patterns);
-        with ``use_dora`` it also gets its magnitude."""
+        with ``use_dora`` it also gets its magnitude, with ``lora_bias`` a zero-start bias on B.
+
+        Raises:
+            ConfigError: ``lora_bias`` on a layer type that cannot apply it (``takes_lora_bias``).
+        """
         check_layer(self, config, module_name)   # aLoRA: linear layers only
+        if config.lora_bias:
+            self._check_lora_bias(module_name)
+        self.lora_bias[name] = bool(config.lora_bias)
         r = int(pattern_value(config.rank_pattern, module_name, config.r))
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = merging.lora_scaling(alpha, r, config.use_rslora)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_factors(name, r)
+        if config.lora_bias:
+            self._add_B_bias(name, zero=config.init_lora_weights is not False)
         init = registry.init_for(config.init_lora_weights)   # e.g. LoftQ (deltatune.quant.loftq)
         if init is not None:
             init(self, name, config, module_name)
@@ -200,7 +212,10 @@ class BaseWeightPassThrough:
 
 
 class LoraLinear(LoraLayer):
-    """LoRA (and DoRA) on a linear-like layer: ``y = base(x) + s·x Aᵀ Bᵀ``."""
+    """LoRA (and DoRA) on a linear-like layer: ``y = base(x) + s·(x Aᵀ Bᵀ + b)`` (``b``, B's bias,
+    only with ``lora_bias``)."""
+
+    takes_lora_bias = True
 
     activatable: ClassVar[bool] = True       # aLoRA adapters allowed (``methods/alora.py``)
 
@@ -281,16 +296,17 @@ class LoraLinear(LoraLayer):
         would be cast straight back).
         """
         A, B = self.factors(name)                                          # (r, in), (out, r)
+        s, b = self.scaling[name], self.B_bias(name)                         # b: (out,) or None
         if out is not None:
             if (dropout and self.training and _dropout_p(self.lora_dropout[name]) > 0) or not (
                     A.dtype == x.dtype or cast_factors_on(x.device)):
                 return out + self._one(name, x, None, dropout).to(out.dtype)
             if A.dtype != x.dtype:
                 A, B = self._factors_in(name, A, B, x.dtype)
-            return lora_matmul(x, A.T, B.T, self.scaling[name], out)
+            return add_bias(lora_matmul(x, A.T, B.T, s, out), b, s, in_place=True)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
-        return lora_matmul(self.lora_dropout[name](x) if dropout else x, A.T, B.T, self.scaling[name])
+        return add_bias(lora_matmul(self.lora_dropout[name](x) if dropout else x, A.T, B.T, s), b, s)
 
     def _factors_in(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight   # the stored parameters: BD-LoRA's dense A, B
@@ -307,12 +323,13 @@ class LoraLinear(LoraLayer):
             if self.training or not (self.lora_A[self.held[0]].weight.dtype == x.dtype or cast_factors_on(x.device)):
                 return out + self._rows(route, x, None).to(out.dtype)
             A, B, _ = self.gathered(route, n, gather_lora_as(x.dtype))    # (n, in, r), (n, r, out)
-            return lora_matmul(x, A, B, out=out)
+            return add_row_bias(lora_matmul(x, A, B, out=out), self.gathered(route, n, gather_bias), in_place=True)
         A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
         h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)           # (n, T, in)
         if self.training and bool((p > 0).any()):
             h = row_dropout(h, p)
-        return lora_matmul(h, A, B).reshape(*x.shape[:-1], -1)  # (..., out)
+        y = add_row_bias(lora_matmul(h, A, B), self.gathered(route, n, gather_bias))    # (n, T, out)
+        return y.reshape(*x.shape[:-1], -1)                     # (..., out)
 
     def build_bank(self) -> dict[str, torch.Tensor]:
         """``A (slots, r_max, in)``, ``B (slots, out, r_max)`` with the scaling folded into B,
@@ -330,6 +347,9 @@ class LoraLinear(LoraLayer):
             B[slot, :, :r] = B_n.to(B.dtype) * self.scaling[name]
             p[slot] = _dropout_p(self.lora_dropout[name])
         bank = {"A": A, "B": B, "p": p}
+        b = bank_bias(self, like, self.out_features)
+        if b is not None:
+            bank["b"] = b                                       # (slots, out), scaled
         if self.lora_magnitude_vector:
             bank["g"] = self.dora_gains(A)
         return bank

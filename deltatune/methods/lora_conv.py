@@ -26,7 +26,7 @@ from deltatune.adapter_set import AdapterSet
 from deltatune.config import ConfigError, LoraConfig, PeftType
 from deltatune.merging import lora_delta
 from deltatune.methods.lora import BaseWeightPassThrough, LoraLayer, _dropout_p, init_pair, pattern_value
-from deltatune.methods.lora_kernel import lora_matmul, row_dropout
+from deltatune.methods.lora_kernel import add_bias, add_row_bias, bank_bias, gather_bias, lora_matmul, row_dropout
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -55,9 +55,11 @@ def conv_per_row(conv: nn.Module, x: torch.Tensor, kernels: torch.Tensor) -> tor
 
 
 class LoraConv(BaseWeightPassThrough, LoraLayer):
-    """LoRA (and DoRA) on a 1-, 2- or 3-d convolution: ``y = base(x) + s·B(A(x))``."""
+    """LoRA (and DoRA) on a 1-, 2- or 3-d convolution: ``y = base(x) + s·B(A(x))`` (with
+    ``lora_bias``, B's 1x1 convolution has a bias per output channel, scaled with it)."""
 
     adds_in_place = False                    # the convolution by A makes a new tensor anyway
+    takes_lora_bias = True
 
     def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None) -> None:
         super().__init__(base_layer, adapter_set)
@@ -111,7 +113,9 @@ class LoraConv(BaseWeightPassThrough, LoraLayer):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.weight.dtype)
         h = A(self.lora_dropout[name](x) if dropout else x).movedim(-self.nd - 1, -1)   # (N, *S', r)
-        return lora_matmul(h, None, self.dense_B(name).T, self.scaling[name]).movedim(-1, -self.nd - 1)
+        s = self.scaling[name]
+        y = add_bias(lora_matmul(h, None, self.dense_B(name).T, s), self.B_bias(name), s)  # (N, *S', out)
+        return y.movedim(-1, -self.nd - 1)
 
     def _rows(self, route: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Each row's own adapter: its ``A`` kernels in one grouped convolution, then its ``B``."""
@@ -123,6 +127,7 @@ class LoraConv(BaseWeightPassThrough, LoraLayer):
         h = conv_per_row(self.base_layer, h, A)                              # (n, r, *S')
         spatial = h.shape[2:]
         y = lora_matmul(h.flatten(2).transpose(1, 2), None, B)               # (n, T, out)
+        y = add_row_bias(y, self.gathered(route, n, gather_bias))
         return y.transpose(1, 2).reshape(n, -1, *spatial)                    # (n, out, *S')
 
     def build_bank(self) -> dict[str, torch.Tensor]:
@@ -140,6 +145,9 @@ class LoraConv(BaseWeightPassThrough, LoraLayer):
             B[slot, :, :r] = self.dense_B(name).to(B.dtype) * self.scaling[name]
             p[slot] = _dropout_p(self.lora_dropout[name])
         bank = {"A": A, "B": B, "p": p}
+        b = bank_bias(self, like, self.base_layer.out_channels)
+        if b is not None:
+            bank["b"] = b                                                    # (slots, out), scaled
         if self.lora_magnitude_vector:
             bank["g"] = self.dora_gains(A)
         return bank

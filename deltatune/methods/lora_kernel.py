@@ -39,6 +39,47 @@ def lora_matmul(x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor, scale=
     return out
 
 
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None, scale=1.0, in_place: bool = False) -> torch.Tensor:
+    """``y + scale·bias`` over the last dimension (``lora_bias``: B's bias is scaled like the rest
+    of the delta); ``y`` (..., out), ``bias`` (out,) or None (returns ``y``). ``in_place``: add
+    into ``y`` (inference, ``y`` the base output)."""
+    if bias is None:
+        return y
+    b = (bias * scale).to(y.dtype)                                             # (out,)
+    return y.add_(b) if in_place else y + b
+
+
+def add_row_bias(y: torch.Tensor, bias: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    """Each row's own bias (scale folded in, gathered by ``gather_bias``): ``y`` (N, ..., out),
+    ``bias`` (N, out) or None (no adapter in the bank has one: returns ``y``)."""
+    if bias is None:
+        return y
+    b = bias.to(y.dtype)[:, None, :]                                           # (N, 1, out)
+    rows = y.view(y.shape[0], -1, y.shape[-1]) if in_place else y.reshape(y.shape[0], -1, y.shape[-1])
+    if in_place:
+        rows.add_(b)
+        return y
+    return (rows + b).view(y.shape)
+
+
+def gather_bias(bank: dict[str, torch.Tensor], rows: torch.Tensor):
+    """Each row's scaled B bias ``(N, out)`` from a bank's ``b`` (slots, out); None when the bank
+    has none (no held adapter with ``lora_bias``)."""
+    return bank["b"][rows] if "b" in bank else None
+
+
+def bank_bias(layer, like: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """A bank's ``b`` (slots, out): each ``lora_bias`` adapter's B bias times its scaling, zeros
+    elsewhere (slot 0, adapters without one); None when no held adapter has one."""
+    names = [n for n in layer.held if layer.B_bias(n) is not None]
+    if not names:
+        return None
+    b = like.new_zeros(layer.adapter_set.num_slots, out_features)
+    for name in names:
+        b[layer.adapter_set.slots[name]] = layer.B_bias(name).to(b.dtype) * layer.scaling[name]
+    return b
+
+
 def gather_lora(bank: dict[str, torch.Tensor], rows: torch.Tensor):
     """Each row's factors from a linear layer's bank: ``A (N, in, r)``, ``B (N, r, out)`` (scale
     folded in), dropout probability ``p (N,)``."""
