@@ -31,7 +31,10 @@ from deltatune.arithmetic import LORA_KEYS, lora_config_for, module_scaling
 from deltatune.config import PeftType
 from deltatune.methods.dora import MAGNITUDE
 
-CHECKED_FIELDS = {PeftType.LORA: ("use_rslora", "lora_dropout", "use_dora"), PeftType.IA3: ()}
+# Fields a swap must keep (alora_invocation_tokens: which positions the delta acts on; methods/alora.py
+# caches per adapter-set version whether any adapter has them).
+CHECKED_FIELDS = {PeftType.LORA: ("use_rslora", "lora_dropout", "use_dora", "alora_invocation_tokens"),
+                  PeftType.IA3: ()}
 
 
 class HotswapError(ValueError):

@@ -259,6 +259,17 @@ def _recomputing(adapter_set) -> Activation | None:
     return pending[0]
 
 
+def _any_activated(adapter_set) -> bool:
+    """Whether any adapter of ``adapter_set`` is an aLoRA adapter: read per layer call of a mixed
+    batch, so cached per ``adapter_set.version`` (adapters come and go only through add/remove, and a
+    config replaced in place keeps its invocation tokens: hot-swap checks them)."""
+    hit = getattr(adapter_set, "_alora_any", None)
+    if hit is None or hit[0] != adapter_set.version:
+        hit = adapter_set._alora_any = (adapter_set.version,
+                                        any(invocation_tokens(c) for c in adapter_set.configs.values()))
+    return hit[1]
+
+
 def activation_mask(layer, route, x: torch.Tensor) -> torch.Tensor | None:
     """For a LoRA layer's call on ``x`` under ``route``: None when the delta acts on every position
     (no aLoRA adapter routed: the common case, one dictionary lookup), else the mask to multiply
@@ -272,7 +283,7 @@ def activation_mask(layer, route, x: torch.Tensor) -> torch.Tensor | None:
     if isinstance(route, str):
         if invocation_tokens(configs.get(route)) is None:
             return None
-    elif not any(invocation_tokens(c) for c in configs.values()):
+    elif not _any_activated(layer.adapter_set):
         return None
     activation = _current(layer.adapter_set) or _recomputing(layer.adapter_set)
     if activation is None:
