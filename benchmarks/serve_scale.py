@@ -121,12 +121,15 @@ def drive(engine, adapters: list[str], clients: int, sampling) -> dict:
             "p99_s": round(p99, 3) if p99 is not None else None}
 
 
-def load_counts(engine) -> tuple[int, float, int]:
-    """(loads, seconds spent loading, reloads) summed over the live replicas' reports."""
+def load_counts(engine) -> dict:
+    """Counters summed over the live replicas' reports: ``loads`` (multiplexed misses: the adapter's files
+    read into the engine), ``seconds`` spent on them, ``file_reads`` (every read of adapter files by the
+    engines, reloads and re-reads from disk included) and ``ready_swaps`` (host memory -> ready)."""
     time.sleep(0.6)  # a report every 0.2 s
     reports = engine.replica_reports()
-    return (sum(sum(r["loads"].values()) for r in reports), sum(r["load_seconds"] for r in reports),
-            sum(sum(r["reloads"].values()) for r in reports))
+    return {"loads": sum(sum(r["loads"].values()) for r in reports), "seconds": sum(r["load_seconds"] for r in reports),
+            "file_reads": sum(r.get("file_reads", 0) for r in reports),
+            "ready_swaps": sum(r.get("ready_swaps", 0) for r in reports)}
 
 
 def reset(engine, dirs: dict[str, Path]) -> None:
@@ -137,12 +140,13 @@ def reset(engine, dirs: dict[str, Path]) -> None:
 
 
 def run_config(base: str, dirs: dict, replicas: int, threads: int, modes: list[str], sequence: list[str],
-               args) -> list[dict]:
+               args, cpu_loras: int) -> list[dict]:
     from deltatune.serving.replicas import launch
 
-    kwargs = dict(max_loras=args.max_loras, max_num_seqs=args.max_num_seqs, max_waiting=256)
+    kwargs = dict(max_loras=args.max_loras, max_cpu_loras=cpu_loras, max_num_seqs=args.max_num_seqs, max_waiting=256)
     t0 = time.perf_counter()
-    engine = launch(base, replicas=replicas, threads=threads, engine_kwargs=kwargs, name=f"scale-{replicas}x{threads}")
+    engine = launch(base, replicas=replicas, threads=threads, engine_kwargs=kwargs, spill_below=args.spill_below,
+                    name=f"scale-{replicas}x{threads}-{cpu_loras}")
     started = time.perf_counter() - t0
     sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     rows = []
@@ -155,20 +159,50 @@ def run_config(base: str, dirs: dict, replicas: int, threads: int, modes: list[s
         for mode in modes:
             reset(engine, dirs)
             engine.affine = mode == "affine"
-            loads0, secs0, _ = load_counts(engine)
+            c0 = load_counts(engine)
             drive(engine, sequence[:warm], args.clients, sampling)   # from cold: every router loads here
-            loads1, secs1, _ = load_counts(engine)
+            c1 = load_counts(engine)
             figures = drive(engine, sequence[warm:], args.clients, sampling)
-            loads2, secs2, _ = load_counts(engine)
-            loads = loads2 - loads0
-            rows.append({"config": f"{replicas}x{threads} {mode}", "replicas": replicas, "threads_per_replica": threads,
-                         "routing": mode, **figures, "cold_loads": loads1 - loads0, "steady_loads": loads2 - loads1,
-                         "load_cost_s": round((secs2 - secs0) / loads, 4) if loads else None,
+            c2 = load_counts(engine)
+            loads = c2["loads"] - c0["loads"]
+            rows.append({"config": f"{replicas}x{threads} {mode} cpu{cpu_loras}", "replicas": replicas,
+                         "threads_per_replica": threads, "routing": mode, "max_loras": args.max_loras,
+                         "max_cpu_loras": cpu_loras, "adapters_per_replica": args.max_loras + cpu_loras,
+                         "spill_below": args.spill_below, **figures,
+                         "cold_loads": c1["loads"] - c0["loads"], "steady_loads": c2["loads"] - c1["loads"],
+                         "steady_file_reads": c2["file_reads"] - c1["file_reads"],
+                         "steady_ready_swaps": c2["ready_swaps"] - c1["ready_swaps"],
+                         "load_cost_s": round((c2["seconds"] - c0["seconds"]) / loads, 4) if loads else None,
                          "lone_request_step_s": round(step_s, 5), "replica_start_s": round(started, 1)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         engine.shutdown()
     return rows
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per host tier: steady-state file loads (and engine file reads) of any-replica routing over affine."""
+    out = {}
+    for cpu in sorted({r["max_cpu_loras"] for r in rows if r["replicas"] > 1}):
+        pair = {r["routing"]: r for r in rows if r["max_cpu_loras"] == cpu and r["replicas"] > 1}
+        if {"affine", "any"} <= set(pair):
+            a, b = pair["affine"], pair["any"]
+            out[f"cpu{cpu}"] = {"loads_any_over_affine": round(b["steady_loads"] / max(a["steady_loads"], 1), 2),
+                                "file_reads_any_over_affine": round(b["steady_file_reads"] /
+                                                                    max(a["steady_file_reads"], 1), 2),
+                                "target_4x_fewer_loads": bool(b["steady_loads"] >= 4 * a["steady_loads"])}
+    return out
 
 
 def main(argv=None) -> int:
@@ -178,7 +212,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=384, help="requests per configuration")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--max-loras", type=int, default=8)
+    ap.add_argument("--max-loras", type=int, default=8, help="each engine's ready tier")
+    ap.add_argument("--max-cpu-loras", type=int, nargs="+", default=[0, 8],
+                    help="each engine's host-memory tier; one deployment per value (replica LRU: max-loras + this)")
+    ap.add_argument("--spill-below", type=float, default=0.5, help="the router's spill rule (1.0: the rule before)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--zipf", type=float, default=1.0, help="exponent s of the adapters' Zipf law (0: uniform)")
     ap.add_argument("--replicas", type=int, default=2, help="replicas (1 thread each) of the routing comparison")
@@ -187,39 +224,41 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import ray
 
+    load_before = os.getloadavg()
     ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas, 2), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         base, dirs = make_world(args.model, args.adapters, Path(tmp))
         sequence = traffic(args.requests, list(dirs), args.zipf)
-        rows = run_config(base, dirs, args.replicas, 1, ["affine", "any"], sequence, args)
+        rows = []
+        for cpu in args.max_cpu_loras:
+            rows += run_config(base, dirs, args.replicas, 1, ["affine", "any"], sequence, args, cpu)
         if not args.skip_1x2:
-            rows += run_config(base, dirs, 1, 2, ["affine"], sequence, args)
+            rows += run_config(base, dirs, 1, 2, ["affine"], sequence, args, args.max_cpu_loras[-1])
     ray.shutdown()
-    affine, anyr = rows[0]["steady_loads"], rows[1]["steady_loads"]
     result = {
-        "what": "replicas on Ray Serve: throughput, p99 latency and adapter loads (issue 28)",
+        "what": "replicas on Ray Serve: throughput, p99 latency, adapter file loads and ready swaps (issue 28)",
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "setup": {"model": "tiny random Llama (hidden 64, 2 layers, SmolLM2's tokenizer)" if args.model == "tiny"
                   else "SmolLM2-135M-Instruct", "adapters": args.adapters, "rank": 8, "clients": args.clients,
                   "requests": args.requests, "new_tokens": args.new_tokens, "max_loras": args.max_loras,
-                  "zipf_s": args.zipf, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "zipf_s": args.zipf, "cpu": cpu_name(), "cores": os.cpu_count(),
+                  "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                   "torch": torch.__version__, "ray": ray.__version__},
         "rows": rows,
-        "steady_loads_any_over_affine": round(anyr / affine, 2) if affine else None,
-        "target_4x_fewer_loads": bool(anyr >= 4 * affine),
-        "load_cost_s": rows[0]["load_cost_s"] or rows[1]["load_cost_s"],
+        "steady_any_over_affine": ratios(rows),
+        "load_cost_s": next((r["load_cost_s"] for r in rows if r["load_cost_s"]), None),
         "step_s": rows[0]["lone_request_step_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | loads after |\n|---|---|---|---|---|---|---|")
+    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | file loads after | ready swaps after |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p99_s']} | "
-              f"{r['cold_loads']} | {r['steady_loads']} |")
-    print(f"loads after the first third, any-replica routing / affine: {result['steady_loads_any_over_affine']}x; "
-          f"wrote {args.out}")
+              f"{r['cold_loads']} | {r['steady_loads']} | {r['steady_ready_swaps']} |")
+    print(f"after the first third, any-replica routing / affine: {json.dumps(result['steady_any_over_affine'])}; "
+          f"load average {result['setup']['load_average_before_after']}; wrote {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
