@@ -281,6 +281,27 @@ def test_a_full_holder_keeps_its_adapter_unless_another_replica_is_far_less_busy
     assert len(homes) == 1
 
 
+
+def test_new_adapters_go_where_the_traffic_is_lighter_within_each_replicas_room():
+    """A hot adapter's replica gets no new adapter while the other has room in its LRU (2 here)."""
+    import types
+
+    r1, r2 = _Replica("r1"), _Replica("r2")
+    router, route = _router({})
+    (hot,) = route([r1, r2], "hot")
+    other = r2 if hot[0] is r1 else r1
+    for _ in range(10):
+        router.on_request_routed(types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id="hot")),
+                                 hot[0].replica_id, None)
+    assert route([r1, r2], "x") == [[other]] and route([r1, r2], "y") == [[other]]
+    assert route([r1, r2], "z") == [[hot[0]]]           # the other replica's 2 slots are taken
+    for name in "xyz":
+        router.on_request_routed(types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id=name)),
+                                 None, None)
+    router.select_available_replicas = lambda rs: [r for r in rs if r is not hot[0]]   # hot's replica is full
+    assert route([r1, r2], "z") == [[hot[0]]]           # a cold adapter waits for its holder: no second load
+    assert route([r1, r2], "hot") == [[other]]          # the hot one spills: a second copy takes load off
+
 def test_requests_go_to_the_replica_holding_their_adapter(world):
     """2 replicas, 4 adapters, 1 ready + 1 in host memory each: each adapter's files are read at most twice
     (once per replica), not once per request; switching the ready adapter comes from host memory. A

@@ -13,8 +13,11 @@ replicas holding it; a holder that is slow to answer is waited for, and a holder
 is waited for too (the request queues in Serve's router) unless another replica is far less busy:
 its queue below ``spill_below`` of its limit. Spilling at once to any replica with room (the rule
 before) made the other replica load the adapter as well whenever both ran full, which with 64 clients
-on 2 replicas of 32 was nearly always. An adapter held nowhere goes to the replica with room holding
-the fewest, ties broken by rendezvous hashing so that it comes back to the same replica each time.
+on 2 replicas of 32 was nearly always. An adapter held nowhere goes to the replica it belongs to:
+assigned when first seen to the replica whose adapters had the least traffic of late, among those
+with fewer assigned than their LRU holds (ties: rendezvous hashing), and kept there: the split stays
+within each replica's LRU, balances the load the hot adapters bring (with Zipf traffic the hottest
+adapter alone is a quarter of it), and an adapter evicted everywhere comes back to the same replica.
 Requests without an adapter (the base, or ``affine=False``) take Serve's power of two choices.
 """
 from __future__ import annotations
@@ -24,6 +27,9 @@ import zlib
 from collections import OrderedDict
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+
+DECAY_EVERY = 1000   # requests routed between halvings of the adapters' traffic counts
+HOT = 2.0            # an adapter with this many times the mean traffic may spill to a second replica
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
@@ -43,6 +49,9 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         self.max_adapters = max(1, int(size))
         self.spill_below = float(spill_below)
         self.homes: dict = {}   # replica id -> OrderedDict of the adapters sent there, least recent first
+        self.assigned: dict = {}  # adapter -> the replica id it belongs to (``_home``)
+        self.traffic: dict = {}   # adapter -> requests routed for it (decayed: ``on_request_routed``)
+        self.routed = 0
 
     def _held(self, replica: RunningReplica) -> OrderedDict:
         return self.homes.setdefault(replica.replica_id, OrderedDict())
@@ -64,34 +73,66 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         n = self._queue_len(replica)
         return n is None or n < self.spill_below * replica.max_ongoing_requests
 
-    def _count(self, replica: RunningReplica) -> int:
-        """Adapters ``replica`` holds, as far as this router knows (sent there, or reported)."""
-        return len(set(self._held(replica)) | set(replica.multiplexed_model_ids))
+    def _hot(self, adapter: str) -> bool:
+        """Whether ``adapter`` has at least ``HOT`` times the mean traffic of late: worth a second copy. A
+        hot adapter spilled once stays on both replicas and takes load off its first one for good; a
+        cold one spilled pays a load (and an eviction) for a request or two."""
+        if not self.traffic:
+            return True
+        return self.traffic.get(adapter, 0.0) * len(self.traffic) >= HOT * sum(self.traffic.values())
+
+    def _home(self, adapter: str, candidates: list[RunningReplica]) -> RunningReplica:
+        """The replica ``adapter`` belongs to: assigned once (see the module text) and kept while that
+        replica lives. The room rule matters once the LRUs are nearly full: 32 adapters on 2 replicas
+        of 16 fit only as 16 + 16."""
+        by_id = {r.replica_id: r for r in candidates}
+        home = by_id.get(self.assigned.get(adapter))
+        if home is None:
+            counts, traffic = dict.fromkeys(by_id, 0), dict.fromkeys(by_id, 0.0)
+            for name, rid in self.assigned.items():
+                if rid in counts:
+                    counts[rid] += 1
+                    traffic[rid] += self.traffic.get(name, 0.0)
+            room = [r for r in candidates if counts[r.replica_id] < self.max_adapters] or candidates
+            home = min(room, key=lambda r: (traffic[r.replica_id], counts[r.replica_id], _home_rank(adapter, r)))
+            self.assigned[adapter] = home.replica_id
+        return home
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        """Serve's hook, once per request a replica accepted: count it for its adapter (halved every
+        ``DECAY_EVERY`` requests, so the counts follow the traffic of late)."""
+        adapter = pending_request.metadata.multiplexed_model_id
+        if adapter and hasattr(self, "traffic"):
+            self.traffic[adapter] = self.traffic.get(adapter, 0.0) + 1.0
+            self.routed += 1
+            if self.routed % DECAY_EVERY == 0:
+                self.traffic = {name: n / 2 for name, n in self.traffic.items() if n >= 0.5}
+
+    def _forget_gone(self, candidates: list[RunningReplica]) -> None:
+        live = {r.replica_id for r in candidates}
+        for gone in [rid for rid in self.homes if rid not in live]:
+            del self.homes[gone]
+        for adapter in [a for a, rid in self.assigned.items() if rid not in live]:
+            del self.assigned[adapter]
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """One routing attempt: the ranked replicas Serve probes in turn (rank 0 first)."""
         if not hasattr(self, "homes"):      # a router built without request_router_kwargs
             self.initialize_state()
-        live = {r.replica_id for r in candidate_replicas}
-        for gone in [rid for rid in self.homes if rid not in live]:
-            del self.homes[gone]
+        self._forget_gone(candidate_replicas)
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if not adapter or not candidate_replicas:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         holders = [r for r in candidate_replicas if adapter in self._held(r) or adapter in r.multiplexed_model_ids]
-        if not holders:   # held nowhere: whichever replica loads it, loads it once; prefer one with room
-            room = self.select_available_replicas(candidate_replicas) or candidate_replicas
-            pick = min(room, key=lambda r: (self._count(r), _home_rank(adapter, r)))
-            self._send(pick, adapter)
-            return [[pick]]
+        holders = holders or [self._home(adapter, candidate_replicas)]   # held nowhere: where it belongs
         # select_available_replicas counts a replica whose queue length is unknown as open: a holder that
         # is slow to answer its probe is waited for (Serve backs off and asks again).
         open_holders = self.select_available_replicas(holders)
         if not open_holders:   # every holder is full: queue there, unless another replica is far less busy
             light = [r for r in candidate_replicas if r not in holders and self._light(r)]
-            if light:
-                pick = min(light, key=lambda r: (self._count(r), _home_rank(adapter, r)))
+            if light and self._hot(adapter):
+                pick = min(light, key=lambda r: (self._queue_len(r) or 0, _home_rank(adapter, r)))
                 self._send(pick, adapter)
                 return [[pick]]
             open_holders = holders
@@ -99,8 +140,8 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             self._send(r, adapter)
         return [open_holders]
 
+
 def _home_rank(adapter: str, replica: RunningReplica) -> int:
-    """Rendezvous hashing: among replicas holding as many adapters, each adapter has a fixed order of
-    preference, so once every replica is full an adapter evicted everywhere comes back to the same one
-    (each replica's LRU then sees about 1/N of the adapters, not a random share of all of them)."""
+    """Rendezvous hashing: among replicas with as many adapters assigned, each adapter has a fixed
+    order of preference (the same adapter goes to the same replica in every run)."""
     return zlib.crc32(f"{adapter}\0{getattr(replica.replica_id, 'unique_id', replica.replica_id)}".encode())
