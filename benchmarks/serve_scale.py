@@ -1,32 +1,39 @@
 """Replicas on Ray Serve (issue 28): 2 replicas x 1 thread against 1 replica x 2 threads, and routing by
 adapter against routing to any replica, in one run on one machine.
 
-64 client threads send requests over 32 LoRA adapters (``max_loras=8`` per replica) through the
-replicated server's request path (``deltatune.serving.replicas``: the entry point's stand-in engine,
-Ray Serve deployment handles, one Engine per replica), each waiting for its answer before sending the
-next. The adapter of each request is drawn from a Zipf law (``--zipf``, exponent s; 0 = uniform) with a
+64 client threads send requests over 32 LoRA adapters through the replicated server's request path
+(``deltatune.serving.replicas``: the entry point's stand-in engine, Ray Serve deployment handles, one
+Engine per replica), each waiting for its answer before sending the next. Each engine has
+``--max-loras`` (8) adapters ready and ``--max-cpu-loras`` more in host memory; a replica's multiplexed
+LRU holds both tiers (``max_loras + max_cpu_loras``), one deployment per ``--max-cpu-loras`` value.
+The adapter of each request is drawn from a Zipf law (``--zipf``, exponent s; 0 = uniform) with a
 fixed seed, so every configuration sees the same sequence. Each configuration starts from empty
 replicas (every adapter unloaded and registered again); the first third of the requests warms them
 up, and the figures are those of the other two thirds: requests/s, generated tokens/s, p50 and p99
-latency (submit to last token). Adapter loads into the engines (from the replicas' reports) are
-given for both parts (``cold_loads``, ``steady_loads``), with the mean wall time of one load.
+latency (submit to last token). Counted from the replicas' reports for both parts: *file loads*
+(``cold_loads``, ``steady_loads``: a replica's multiplexed miss reads the adapter's files), the
+engines' file reads (``steady_file_reads``: the same plus reloads and re-reads from the disk tier) and
+*ready swaps* (``steady_ready_swaps``: an adapter made ready from host memory, no file read), with the
+mean wall time of one load.
 
 - ``2x1 affine``: 2 replicas with 1 torch thread each, the request's adapter as Serve's
-  ``multiplexed_model_id`` (Serve routes to a replica that holds it; each replica an LRU of 8);
+  ``multiplexed_model_id``, routed by ``AdapterAffinityRouter`` (``--spill-below``: its spill rule);
 - ``2x1 any``: the same replicas, no model id: Serve's default power-of-two-choices routing, which
   ignores the adapter (the round-robin-like baseline the issue asks for);
-- ``1x2 affine``: 1 replica with 2 torch threads.
+- ``1x2 affine``: 1 replica with 2 torch threads (with the last ``--max-cpu-loras``).
 
 Also measured: the latency of one lone request per generated token (the per-step cost that
 ``benchmarks/router_sim.py`` takes, with the mean load time, from this file's JSON).
 
-Why Zipf by default: uniform traffic over 32 adapters cannot show a 4x cut in loads with any router.
-Two replicas hold 16 of them at once; with uniform requests even a perfect partition misses half the
+Why Zipf by default: with uniform traffic and replica LRUs of 8 (``--max-cpu-loras 0``), no router can
+cut loads 4x: two replicas hold 16 of 32 adapters at once; even a perfect partition misses half the
 time (an 8-slot LRU over 16 equally likely adapters), against three quarters for a router that ignores
-the adapter (8 slots over 32): 1.5x at most. Real adapter traffic is skewed; ``--zipf 0`` shows the
-uniform case.
+the adapter (8 slots over 32): 1.5x at most. What makes the difference is the host tier: with
+``--max-cpu-loras 8`` each replica keeps 16 and the pair can hold all 32 once, if routing is by
+adapter. Real adapter traffic is skewed; ``--zipf 0`` shows the uniform case.
 
-    .venv/bin/python benchmarks/serve_scale.py                   # tiny random Llama, ~4 min on 2 cores
+    .venv/bin/python benchmarks/serve_scale.py --skip-1x2 --max-cpu-loras 0 8 16   # ~4 min on 2 cores
+    .venv/bin/python benchmarks/serve_scale.py                   # tiny random Llama, host tiers 0 and 8, and 1x2
     .venv/bin/python benchmarks/serve_scale.py --replicas 4 --skip-1x2 --out benchmarks/results/serve_scale_4replicas.json
     .venv/bin/python benchmarks/serve_scale.py --model default   # SmolLM2-135M-Instruct
 """

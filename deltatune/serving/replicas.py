@@ -18,6 +18,7 @@ Ray is imported only here and in ``replicas_worker``, and only when replicas are
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -291,6 +292,18 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+class _QueueingIsNormal(logging.Filter):
+    """Drops Serve's "Failed to route request after N attempts" warnings: with routing by adapter a
+    request waits for the replica holding its adapter while that one is full, by design (the router
+    spills only hot adapters), and Serve logs each such wait every 50 attempts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to route request after")
+
+
+_QUIET = _QueueingIsNormal()   # one instance: addFilter adds it once however often launch runs
+
+
 def check_counts(replicas: int | None, threads: int | None) -> None:
     """Raise ValueError naming the flag unless ``replicas`` and ``threads`` are None or integers >= 1."""
     for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
@@ -338,6 +351,7 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     elif owns:  # logical CPUs: each replica asks for `threads`, and all of them must fit on this machine
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas * threads), include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")   # the entry point is deltatune's own server, not Serve's proxy
+    logging.getLogger("ray.serve").addFilter(_QUIET)
     board = ray.remote(num_cpus=0)(AdapterBoard).remote()
     kwargs = dict(engine_kwargs or {})
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
