@@ -136,7 +136,15 @@ def load_counts(engine) -> dict:
     reports = engine.replica_reports()
     return {"loads": sum(sum(r["loads"].values()) for r in reports), "seconds": sum(r["load_seconds"] for r in reports),
             "file_reads": sum(r.get("file_reads", 0) for r in reports),
-            "ready_swaps": sum(r.get("ready_swaps", 0) for r in reports)}
+            "ready_swaps": sum(r.get("ready_swaps", 0) for r in reports),
+            "by_adapter": {f"{r['replica']}:{a}": n for r in reports for a, n in r["loads"].items()}}
+
+
+def first_loads(c1: dict, c2: dict) -> int:
+    """Adapters loaded between ``c1`` and ``c2`` that no replica had loaded before ``c1``: their first
+    request came after the warm-up (the rare ones of the Zipf tail), a load every router pays."""
+    before = {key.split(":", 1)[1] for key in c1["by_adapter"]}
+    return len({key.split(":", 1)[1] for key in c2["by_adapter"]} - before)
 
 
 def reset(engine, dirs: dict[str, Path]) -> None:
@@ -179,6 +187,10 @@ def run_config(base: str, dirs: dict, replicas: int, threads: int, modes: list[s
                          "cold_loads": c1["loads"] - c0["loads"], "steady_loads": c2["loads"] - c1["loads"],
                          "steady_file_reads": c2["file_reads"] - c1["file_reads"],
                          "steady_ready_swaps": c2["ready_swaps"] - c1["ready_swaps"],
+                         "steady_first_loads": first_loads(c1, c2),
+                         "steady_loads_by_replica_adapter": {k: n - c1["by_adapter"].get(k, 0) for k, n in
+                                                             sorted(c2["by_adapter"].items())
+                                                             if n > c1["by_adapter"].get(k, 0)},
                          "load_cost_s": round((c2["seconds"] - c0["seconds"]) / loads, 4) if loads else None,
                          "lone_request_step_s": round(step_s, 5), "replica_start_s": round(started, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -258,11 +270,11 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | file loads after | ready swaps after |")
+    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | file loads after (first ones) | ready swaps after |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p99_s']} | "
-              f"{r['cold_loads']} | {r['steady_loads']} | {r['steady_ready_swaps']} |")
+              f"{r['cold_loads']} | {r['steady_loads']} ({r['steady_first_loads']}) | {r['steady_ready_swaps']} |")
     print(f"after the first third, any-replica routing / affine: {json.dumps(result['steady_any_over_affine'])}; "
           f"load average {result['setup']['load_average_before_after']}; wrote {args.out}")
     return 0
