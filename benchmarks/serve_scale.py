@@ -270,7 +270,8 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | file loads after (first ones) | ready swaps after |")
+    print("| config | req/s | tok/s | p50 s | p99 s | loads from cold | file loads after (first ones) "
+          "| ready swaps after |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p99_s']} | "

@@ -54,7 +54,8 @@ def _start_both(root: Path) -> dict:
     named = [arg for n in ADAPTERS for arg in ("--adapter", f"{n}={paths[n]}")]
     threads = [threading.Thread(target=start, args=("one", *named)),
                threading.Thread(target=start, args=("ray", "--replicas", "2", "--threads-per-replica", "1",
-                                                    "--max-loras", "1", "--max-cpu-loras", "1", "--adapters-dir", str(root / "adapters"),
+                                                    "--max-loras", "1", "--max-cpu-loras", "1",
+                                                    "--adapters-dir", str(root / "adapters"),
                                                     "--enable-lora-loading", "--lora-root", str(root)))]
     for t in threads:
         t.start()

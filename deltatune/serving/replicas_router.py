@@ -12,9 +12,11 @@ plus host-memory tiers), merged with what the replicas report. A request for an 
 replicas holding it; a holder that is slow to answer is waited for, and a holder whose queue is full
 is waited for too (the request queues in Serve's router) unless another replica is far less busy
 (its queue below ``spill_below`` of its limit) and the adapter is hot (``HOT`` times the mean traffic
-of late): then it gets a second copy there, which takes load off its first replica for good. Spilling at once to any replica with room (the rule
-before) made the other replica load the adapter as well whenever both ran full, which with 64 clients
-on 2 replicas of 32 was nearly always. An adapter held nowhere goes to the replica it belongs to:
+of late): then it gets a second copy there, which takes load off its first replica for good.
+Spilling at once to any replica with room (the rule before) made the other replica load the adapter
+as well whenever both ran full, which with 64 clients on 2 replicas of 32 was nearly always, and
+spilling cold adapters only to a far less busy replica still doubled the loads (docs/replicas.md).
+An adapter held nowhere goes to the replica it belongs to:
 assigned when first seen to the replica whose adapters had the least traffic of late, among those
 with fewer assigned than their LRU holds (ties: rendezvous hashing), and kept there: the split stays
 within each replica's LRU, balances the load the hot adapters bring (with Zipf traffic the hottest

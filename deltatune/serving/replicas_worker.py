@@ -265,7 +265,8 @@ class EngineReplica:
             if handle is not None:
                 return handle
         raise ServingError(f"adapter {name!r} was evicted from replica {self.replica_id} before its request "
-                           "could start, four times: more adapters are in use at once than --max-loras + --max-cpu-loras hold")
+                           "could start, four times: more adapters are in use at once than "
+                           "--max-loras + --max-cpu-loras hold")
 
     def _heartbeat(self) -> None:
         """Sync with the board every ``POLL_S``: report, then apply the adapter changes since the last sync."""
