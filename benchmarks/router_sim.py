@@ -2,8 +2,9 @@
 simulation of the router, fed with the load cost and per-step cost that ``benchmarks/serve_scale.py``
 measured (or given by flags).
 
-The deployment: ``--replicas`` (64) engines, each holding ``--slots`` (8) adapters ready (its
-``max_loras``, Serve's ``max_num_models_per_replica``), ``--adapters`` (10,000) adapters, requests
+The deployment: ``--replicas`` (64) engines, each keeping ``--slots`` (8) adapters loaded (Serve's
+``max_num_models_per_replica``, which ``deltatune serve --replicas`` sets to ``max_loras +
+max_cpu_loras``: 8 is the issue's "8 ready each" with no host tier), ``--adapters`` (10,000) adapters, requests
 arriving as a Poisson process at ``--rate`` per second with adapters drawn from a Zipf law of
 exponent s. Each request decodes ``--tokens`` tokens at ``step`` seconds per token.
 

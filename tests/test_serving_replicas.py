@@ -1,6 +1,7 @@
 """``deltatune serve --replicas 2``: the same server over two engines on a local Ray Serve instance.
 
-One replicated server (its own local Ray cluster, 2 replicas x 1 thread, ``--max-loras 2``) and one
+One replicated server (its own local Ray cluster, 2 replicas x 1 thread, ``--max-loras 1
+--max-cpu-loras 1``: each engine 1 adapter ready and 1 in host memory, each replica's LRU 2) and one
 single-process server on the same tiny base and adapters, both real subprocesses on loopback ports,
 started once for the module. The tests run in file order: routing first (its load counts are read from
 a fresh cluster), the replica kill last.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -52,7 +54,8 @@ def _start_both(root: Path) -> dict:
     named = [arg for n in ADAPTERS for arg in ("--adapter", f"{n}={paths[n]}")]
     threads = [threading.Thread(target=start, args=("one", *named)),
                threading.Thread(target=start, args=("ray", "--replicas", "2", "--threads-per-replica", "1",
-                                                    "--max-loras", "2", "--adapters-dir", str(root / "adapters"),
+                                                    "--max-loras", "1", "--max-cpu-loras", "1",
+                                                    "--adapters-dir", str(root / "adapters"),
                                                     "--enable-lora-loading", "--lora-root", str(root)))]
     for t in threads:
         t.start()
@@ -85,7 +88,8 @@ def complete(server: Server, model: str, prompt, max_tokens: int = 12, key: str 
 
 
 def replicas(server: Server) -> dict:
-    """From /metrics: replica id -> {"pid", "resident": {adapter: version}, "loads": {adapter: n}}."""
+    """From /metrics: replica id -> {"pid", "resident": {adapter: version}, "loads": {adapter: n}, "reloads": ...,
+    "file_reads": n, "ready_swaps": n}."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     out = {rid: {"pid": int(pid), "resident": {}, "loads": {}, "reloads": {}}
            for rid, pid in re.findall(r'replica_info\{replica="(\w+)",pid="(\d+)"', text)}
@@ -95,6 +99,9 @@ def replicas(server: Server) -> dict:
     for kind in ("loads", "reloads"):
         for rid, name, n in re.findall(rf'replica_adapter_{kind}_total\{{replica="(\w+)",adapter="(\w+)"\}} (\S+)', text):
             out[rid][kind][name] = float(n)
+    for kind in ("file_reads", "ready_swaps"):
+        for rid, n in re.findall(rf'replica_adapter_{kind}_total\{{replica="(\w+)"\}} (\S+)', text):
+            out[rid][kind] = float(n)
     return out
 
 
@@ -218,6 +225,7 @@ def _router(queue: dict):
     router = AdapterAffinityRouter.__new__(AdapterAffinityRouter)
     router.initialize_state(max_loras=2)
     router.select_available_replicas = lambda rs: [r for r in rs if queue.get(r.replica_id, 0) < r.max_ongoing_requests]
+    router._queue_len = lambda r: queue.get(r.replica_id)
     route = lambda replicas, adapter: asyncio.run(router.choose_replicas(  # noqa: E731
         replicas, types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id=adapter))))
     return router, route
@@ -238,7 +246,7 @@ def test_the_router_keeps_each_adapter_where_it_sent_it_before_any_report():
     assert sorted(len([n for n in home if home[n] is r]) for r in (r1, r2)) == [2, 2]
     for name in "dcbaabcd" * 3:                      # every later request: the same replica, nothing reloads
         assert route([r1, r2], name) == [[home[name]]]
-    queue[home["a"].replica_id] = 4                   # a's replica is full: a spills to the other one
+    queue[home["a"].replica_id] = 4                   # a's replica is full, the other idle: a spills there
     other = r2 if home["a"] is r1 else r1
     assert route([r1, r2], "a") == [[other]]
     queue.clear()
@@ -247,8 +255,58 @@ def test_the_router_keeps_each_adapter_where_it_sent_it_before_any_report():
 
 
 
+
+def test_a_full_holder_keeps_its_adapter_unless_another_replica_is_far_less_busy():
+    """Both replicas full (64 clients on 2 x 32): the request queues at its adapter's holder, so the
+    other replica does not load it too; it spills only to a replica below spill_below of its limit."""
+    r1, r2 = _Replica("r1"), _Replica("r2")
+    queue: dict = {"r1": 0, "r2": 0}
+    router, route = _router(queue)
+    assert router.spill_below == 0.5
+    (first,) = route([r1, r2], "a")
+    holder = first[0]
+    other = r2 if holder is r1 else r1
+    queue[holder.replica_id], queue[other.replica_id] = 4, 4      # both full: wait for the holder
+    assert route([r1, r2], "a") == [[holder]]
+    queue[other.replica_id] = 2                                   # half busy: still not worth a second load
+    assert route([r1, r2], "a") == [[holder]]
+    assert "a" not in router.homes.get(other.replica_id, {})
+    queue[other.replica_id] = 1                                   # far less busy: spill, and remember it
+    assert route([r1, r2], "a") == [[other]]
+    assert "a" in router.homes[other.replica_id]
+    router.spill_below = 1.0                                      # the rule before: any replica with room
+    queue[other.replica_id] = 3
+    assert route([r1, r2], "b") in ([[r1]], [[r2]])
+    queue[r1.replica_id] = queue[r2.replica_id] = 4               # an adapter held nowhere, all full: its home
+    homes = {route([r1, r2], "new")[0][0] for _ in range(5)}
+    assert len(homes) == 1
+
+
+
+def test_new_adapters_go_where_the_traffic_is_lighter_within_each_replicas_room():
+    """A hot adapter's replica gets no new adapter while the other has room in its LRU (2 here)."""
+    import types
+
+    r1, r2 = _Replica("r1"), _Replica("r2")
+    router, route = _router({})
+    (hot,) = route([r1, r2], "hot")
+    other = r2 if hot[0] is r1 else r1
+    for _ in range(10):
+        router.on_request_routed(types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id="hot")),
+                                 hot[0].replica_id, None)
+    assert route([r1, r2], "x") == [[other]] and route([r1, r2], "y") == [[other]]
+    assert route([r1, r2], "z") == [[hot[0]]]           # the other replica's 2 slots are taken
+    for name in "xyz":
+        router.on_request_routed(types.SimpleNamespace(metadata=types.SimpleNamespace(multiplexed_model_id=name)),
+                                 None, None)
+    router.select_available_replicas = lambda rs: [r for r in rs if r is not hot[0]]   # hot's replica is full
+    assert route([r1, r2], "z") == [[hot[0]]]           # a cold adapter waits for its holder: no second load
+    assert route([r1, r2], "hot") == [[other]]          # the hot one spills: a second copy takes load off
+
 def test_requests_go_to_the_replica_holding_their_adapter(world):
-    """2 replicas, 4 adapters, max_loras=2: each adapter is loaded at most twice, not once per request."""
+    """2 replicas, 4 adapters, 1 ready + 1 in host memory each: each adapter's files are read at most twice
+    (once per replica), not once per request; switching the ready adapter comes from host memory. A
+    replica LRU sized by max_loras alone (1) could not keep 4 adapters on 2 replicas and reads them again."""
     server = world["ray"]
     before = settled(server)   # the loads counters run from the replicas' start: earlier tests loaded too
     assert len(before) == 2
@@ -261,7 +319,11 @@ def test_requests_go_to_the_replica_holding_their_adapter(world):
     loads = {name: sum(r["loads"].get(name, 0) - before.get(rid, {"loads": {}})["loads"].get(name, 0)
                        for rid, r in state.items()) for name in ADAPTERS}
     assert all(n <= 2 for n in loads.values()), (loads, before, state)
-    assert all(len(r["resident"]) <= 2 for r in state.values()), state  # each engine's LRU holds max_loras
+    assert all(len(r["resident"]) <= 2 for r in state.values()), state  # each LRU: max_loras + max_cpu_loras
+    delta = {k: sum(r[k] - before.get(rid, {}).get(k, 0) for rid, r in state.items()) for k in ("file_reads",
+                                                                                             "ready_swaps")}
+    assert delta["file_reads"] == sum(loads.values()), (delta, loads)  # no read from disk beyond the loads
+    assert delta["ready_swaps"] >= 4, delta     # the engines swapped their one ready slot from host memory
 
 
 # -- the same server -----------------------------------------------------------------------------------
@@ -358,29 +420,78 @@ def test_a_reload_under_load_gives_no_mixed_answers(world):
 
 # -- a replica dies ------------------------------------------------------------------------------------
 
+def _stream(server: Server, model: str, prompt, max_tokens: int, out: queue.Queue) -> None:
+    """A streamed greedy completion; each event's text (or ``("error", message)``) into ``out``, then None."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    out.put(("error", event["error"]["message"]))
+                elif event["choices"]:
+                    out.put(("text", event["choices"][0]["text"] or ""))
+    finally:
+        out.put(None)
+
+
+def _frozen_mid_request(server: Server, pid: int, tries: int = 3) -> tuple[queue.Queue, list]:
+    """Start a long streamed request for ``k`` (held by the replica ``pid`` only), freeze that replica
+    (SIGSTOP) once the request has streamed its first text, and return the stream with what it sent,
+    proven unfinished: the frozen replica sends nothing more, and the stream has not ended. A request
+    that ended before the freeze (a fast machine) is tried again with the replica thawed."""
+    for _ in range(tries):
+        events: queue.Queue = queue.Queue()
+        threading.Thread(target=_stream, args=(server, "k", [5, 9], 200, events), daemon=True).start()
+        first = events.get(timeout=60)
+        assert first is not None and first[0] == "text", first
+        os.kill(pid, signal.SIGSTOP)
+        seen = [first]
+        while True:           # drain what was on its way; the frozen replica adds nothing: quiet, then decide
+            try:
+                seen.append(events.get(timeout=1.5))
+            except queue.Empty:
+                break
+        if None not in seen:
+            return events, seen
+        os.kill(pid, signal.SIGCONT)   # it finished before the freeze: nothing was in flight, try again
+    pytest.fail(f"a 200-token request for 'k' finished before its replica could be frozen, {tries} times")
+
+
 def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(world):
-    server = world["ray"]
-    want = complete(world["one"], "a", [5, 9], 40).json()["choices"][0]["text"]
-    assert complete(server, "a", [5, 9], 40).json()["choices"][0]["text"] == want
-    deadline = time.monotonic() + 20        # replicas report residency every 0.2 s, later under load
-    before = replicas(server)
-    while not any("a" in r["resident"] for r in before.values()):
-        assert time.monotonic() < deadline, f"no replica reports 'a' resident: {before}"
+    """A request streaming on one replica when that replica is killed ends with a clear 503 error; the
+    requests sent while it was frozen are retried on the survivor and answered; new requests go to the
+    survivor; Ray brings up a replacement; nothing else fails."""
+    server, paths = world["ray"], world["paths"]
+    assert _load(server, "k", paths["v1"]).status_code == 200     # loaded on one replica only
+    full = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                      json={"model": "k", "prompt": [5, 9], "max_tokens": 200, "temperature": 0, "ignore_eos": True})
+    assert full.status_code == 200
+    deadline = time.monotonic() + 20
+    while len(holders := [rid for rid, r in replicas(server).items() if "k" in r["resident"]]) != 1:
+        assert time.monotonic() < deadline, f"'k' should be resident on one replica: {replicas(server)}"
         time.sleep(0.2)
-        before = replicas(server)
-    victim = next(rid for rid, r in before.items() if "a" in r["resident"])
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(complete, server, "a", [5, 9], 40) for _ in range(18)]
-        time.sleep(0.5)
-        os.kill(before[victim]["pid"], signal.SIGKILL)
+    (victim,) = holders
+    pid = replicas(server)[victim]["pid"]
+    want = {n: complete(world["one"], n, [5, 9], 20).json()["choices"][0]["text"] for n in ADAPTERS}
+    want["k"] = complete(server, "k", [5, 9], 20).json()["choices"][0]["text"]
+    events, seen = _frozen_mid_request(server, pid)
+    with ThreadPoolExecutor(8) as pool:   # sent while the victim is frozen: some reach it, none may fail
+        names = ["k", *ADAPTERS, "k", *ADAPTERS]
+        futures = [pool.submit(complete, server, n, [5, 9], 20) for n in names]
+        os.kill(pid, signal.SIGKILL)
         results = [f.result() for f in futures]
-    for r in results:  # answered in full, or refused with 503 saying why: never a wrong or cut answer
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["text"] == want
-        else:
-            assert r.status_code == 503 and "stopped" in r.json()["error"]["message"], r.text
-    after = [complete(server, "a", [5, 9], 40) for _ in range(3)]  # new requests reach the living replica
-    assert [r.json()["choices"][0]["text"] for r in after] == [want] * 3
+    while (item := events.get(timeout=60)) is not None:
+        seen.append(item)
+    errors = [e for kind, e in seen if kind == "error"]
+    assert len(errors) == 1 and "stopped after it had sent part of the answer" in errors[0], seen
+    text = "".join(t for kind, t in seen if kind == "text")
+    assert text and full.json()["choices"][0]["text"].startswith(text), (text, full.text)  # a true prefix, cut
+    assert [(r.status_code, r.json()["choices"][0]["text"]) for r in results] == [(200, want[n]) for n in names]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         now = replicas(server)
@@ -389,4 +500,4 @@ def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(world):
         time.sleep(1.0)
     else:
         pytest.fail(f"Ray did not bring up a replacement for replica {victim} in 120 s: {replicas(server)}")
-    assert complete(server, "c", [5, 9], 40).status_code == 200
+    assert [complete(server, n, [5, 9], 20).json()["choices"][0]["text"] for n in ("k", "c")] == [want["k"], want["c"]]

@@ -112,7 +112,9 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent-per-key", type=int, default=128,
                    help="requests in flight per API key (per client address without keys) before 429; 0 = no bound")
     p.add_argument("--max-loras", type=int, default=8, help="adapters in the ready bank at once")
-    p.add_argument("--max-cpu-loras", type=int, default=64, help="more adapters kept in host memory")
+    p.add_argument("--max-cpu-loras", type=int, default=64,
+                   help="more adapters kept in host memory (with --replicas: each replica keeps "
+                        "max-loras + max-cpu-loras adapters loaded, its routing LRU)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")

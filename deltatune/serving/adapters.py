@@ -155,6 +155,10 @@ class AdapterPool:
         self._clock = 0
         self._next_version: dict[str, int] = {}
         self._internal_ids = itertools.count(1)
+        # Counters (read by the replicas' reports): reads of adapter files (a new version, or a version
+        # dropped to disk read again) and promotions from host memory to ready (no file read).
+        self.file_reads = 0
+        self.ready_swaps = 0
 
     # -- lookups -------------------------------------------------------------------------------
     def resolve(self, name: str) -> Version:
@@ -187,6 +191,7 @@ class AdapterPool:
                     f"a{next(self._internal_ids)}", stamp if stamp is not None else file_stamp(path),
                     virtual_length(config))
         self._inject(v)
+        self.file_reads += 1
         self._next_version[name] = number
         old = self.current.get(name)
         self.current[name] = v
@@ -228,9 +233,14 @@ class AdapterPool:
             return True
         if len(self.ready) >= self.max_loras and not self._evict_one(busy):
             return False
-        if v.tensors is None:
+        from_disk = v.tensors is None
+        if from_disk:
             self._reread(v)
         self._inject(v)
+        if from_disk:
+            self.file_reads += 1
+        else:
+            self.ready_swaps += 1
         self._fit(busy | {v.internal})
         return True
 

@@ -7,7 +7,8 @@ the adapter catalog (names, paths, versions) and sends each request to a Ray Ser
 :class:`~deltatune.serving.replicas_worker.EngineReplica` (one engine each) through a deployment
 handle, with the adapter's name as Serve's ``multiplexed_model_id``: the deployment's request router
 (:class:`~deltatune.serving.replicas_router.AdapterAffinityRouter`) sends it to a replica that holds
-it, and each replica keeps an LRU of ``max_loras`` adapters (Serve's multiplexing).
+it, and each replica keeps an LRU of ``max_loras + max_cpu_loras`` adapters (Serve's multiplexing
+over the engine's ready and host-memory tiers).
 
 Requests come back as the same :class:`~deltatune.serving.RequestHandle` the engine gives, fed by a
 thread that reads the replica's stream. A replica that dies before sending a token is retried once on
@@ -17,6 +18,7 @@ Ray is imported only here and in ``replicas_worker``, and only when replicas are
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -290,6 +292,18 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+class _QueueingIsNormal(logging.Filter):
+    """Drops Serve's "Failed to route request after N attempts" warnings: with routing by adapter a
+    request waits for the replica holding its adapter while that one is full, by design (the router
+    spills only hot adapters), and Serve logs each such wait every 50 attempts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to route request after")
+
+
+_QUIET = _QueueingIsNormal()   # one instance: addFilter adds it once however often launch runs
+
+
 def check_counts(replicas: int | None, threads: int | None) -> None:
     """Raise ValueError naming the flag unless ``replicas`` and ``threads`` are None or integers >= 1."""
     for flag, value in (("--replicas", replicas), ("--threads-per-replica", threads)):
@@ -298,7 +312,8 @@ def check_counts(replicas: int | None, threads: int | None) -> None:
 
 
 def launch(base="default", *, replicas: int, threads: int | None = None, ray_address: str | None = None,
-           engine_kwargs: dict | None = None, affine: bool = True, name: str = APP) -> ReplicaEngine:
+           engine_kwargs: dict | None = None, affine: bool = True, spill_below: float = 0.5,
+           name: str = APP) -> ReplicaEngine:
     """Start ``replicas`` engines over ``base`` on Ray Serve and return the entry point's stand-in engine.
 
     Args:
@@ -308,8 +323,11 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
         threads: torch threads (and Ray CPUs) per replica; default the machine's cores / ``replicas``.
         ray_address: a running cluster (``"auto"``, ``"ray://host:10001"``); None starts a local one
             (stopped with the server). On a cluster, deltatune and the base must be on every node.
-        engine_kwargs: ``Engine`` keyword arguments (``max_loras`` is also each replica's multiplexing LRU).
+        engine_kwargs: ``Engine`` keyword arguments; each replica's multiplexing LRU holds
+            ``max_loras + max_cpu_loras`` adapters (``replicas_worker.adapters_per_replica``).
         affine: route by adapter (True) or to any replica (False).
+        spill_below: a request whose adapter's holders are all full goes to another replica only if
+            that one's queue is below this share of its limit (``AdapterAffinityRouter``; 1.0: any with room).
         name: the Serve application's name.
 
     Raises:
@@ -322,7 +340,7 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
 
     from deltatune import models
     from deltatune.serving.replicas_router import AdapterAffinityRouter
-    from deltatune.serving.replicas_worker import AdapterBoard, EngineReplica
+    from deltatune.serving.replicas_worker import AdapterBoard, EngineReplica, adapters_per_replica
 
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
     if base != models.DEFAULT and os.path.exists(base):
@@ -333,18 +351,21 @@ def launch(base="default", *, replicas: int, threads: int | None = None, ray_add
     elif owns:  # logical CPUs: each replica asks for `threads`, and all of them must fit on this machine
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas * threads), include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")   # the entry point is deltatune's own server, not Serve's proxy
+    logging.getLogger("ray.serve").addFilter(_QUIET)
     board = ray.remote(num_cpus=0)(AdapterBoard).remote()
     kwargs = dict(engine_kwargs or {})
     deployment = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=replicas, ray_actor_options={"num_cpus": threads},
         # A replica takes as many requests as its engine batches; the rest wait in Serve's queue (bounded
-        # like the engine's), where the router can still choose: a busy holder of an adapter spills to another.
+        # like the engine's), where the router can still choose: a full holder of an adapter spills only to a
+        # replica far less busy (spill_below), else its requests queue for it.
         max_ongoing_requests=kwargs.get("max_num_seqs", 32),
         max_queued_requests=replicas * kwargs.get("max_waiting", 256),
         health_check_period_s=1.0, health_check_timeout_s=10.0, graceful_shutdown_timeout_s=5.0,
         # Routing by adapter that knows where it sent each adapter at once (replicas_router.py).
         request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter,
-                                                  request_router_kwargs={"max_loras": kwargs.get("max_loras", 8)}))
+                                                  request_router_kwargs={"max_adapters": adapters_per_replica(kwargs),
+                                                                         "spill_below": spill_below}))
     handle = serve.run(deployment.bind(base, kwargs, threads, board), name=name, route_prefix=None)
     info = {**handle.describe.remote().result(), "max_queued": replicas * kwargs.get("max_waiting", 256)}
 

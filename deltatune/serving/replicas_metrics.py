@@ -1,7 +1,8 @@
 """``/metrics`` of the replicated server: the engines' counters summed over the live replicas (under the
 single-process names, so dashboards do not change), plus one series per replica: which adapters it
-holds (and their version), how many times it loaded each (a first load, or again after an eviction)
-and its own engine counters. Built from the replicas' reports to the board (``replicas_worker``)."""
+holds (and their version), how many times it loaded each (a first load, or again after an eviction),
+its engine's file reads and host-to-ready promotions, and its own engine counters. Built from the
+replicas' reports to the board (``replicas_worker``)."""
 from __future__ import annotations
 
 from deltatune.serving.metrics import PREFIX, _esc
@@ -47,6 +48,12 @@ def render_replicas(reports: list[dict]) -> list[str]:
                       for r in reports for a, n in sorted(r["reloads"].items())])
     lines += _family("replica_adapter_load_seconds_total", "counter", "Time a replica spent loading adapters.",
                      [({"replica": r["replica"]}, r.get("load_seconds", 0.0)) for r in reports])
+    lines += _family("replica_adapter_file_reads_total", "counter",
+                     "Reads of adapter files by a replica's engine (loads, reloads, re-reads from disk).",
+                     [({"replica": r["replica"]}, r.get("file_reads", 0)) for r in reports])
+    lines += _family("replica_adapter_ready_swaps_total", "counter",
+                     "Adapters a replica's engine made ready from host memory (no file read).",
+                     [({"replica": r["replica"]}, r.get("ready_swaps", 0)) for r in reports])
     for key, name in PER_REPLICA.items():
         lines += _family(f"replica_{name}", "counter" if name.endswith("_total") else "gauge",
                          f"Engine.stats()[{key!r}] of each replica.",

@@ -5,10 +5,14 @@ what they hold.
 
 Routing by adapter is Ray Serve's model multiplexing: the entry point sends a request for adapter
 ``x`` with ``multiplexed_model_id="x"``; Serve's router prefers a replica that reported ``x`` loaded.
-Inside a replica, ``serve.multiplexed(max_num_models_per_replica=max_loras)`` keeps the LRU of
-adapter *tokens*: a miss loads the adapter into the engine (``Engine.add_adapter``), an eviction
-unloads it (``Engine.remove_adapter``; requests already running on it finish on their version). The
-:class:`Residency` is this replica's truth about which version of which adapter its engine holds.
+Inside a replica, ``serve.multiplexed(max_num_models_per_replica=adapters_per_replica(...))`` keeps
+the LRU of adapter *tokens*: a miss reads the adapter's files into the engine (``Engine.add_adapter``),
+an eviction unloads it (``Engine.remove_adapter``; requests already running on it finish on their
+version). The LRU is as large as what the engine keeps in memory, its two tiers together: ``max_loras``
+ready (injected, what a batch can use) plus ``max_cpu_loras`` in host memory (made ready in
+milliseconds, no file read). Sizing it by ``max_loras`` alone would unload, and later read again from
+disk, adapters the engine could have kept. The :class:`Residency` is this replica's truth about which
+version of which adapter its engine holds.
 
 Versions: each request carries ``(name, path, version)`` from the entry point's catalog; a replica
 holding an older version reloads in place first (``replace=True``: requests already submitted keep
@@ -30,6 +34,12 @@ from deltatune.serving.errors import ServingError
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2          # how often a replica syncs with the board (adapter changes in, its report out)
+
+
+def adapters_per_replica(engine_kwargs: dict) -> int:
+    """Adapters one replica keeps loaded: its engine's ready tier plus its host-memory tier
+    (``max_loras + max_cpu_loras``, with ``Engine``'s defaults 8 and 64)."""
+    return int(engine_kwargs.get("max_loras", 8)) + int(engine_kwargs.get("max_cpu_loras", 64))
 
 
 class AdapterBoard:
@@ -161,9 +171,12 @@ class Residency:
             self.engine.remove_adapter(name)
 
     def report(self) -> dict:
+        pool = getattr(self.engine, "pool", None)
         with self.lock:
-            return {"resident": {name: v for name, (_, v) in self.held.items()}, "loads": dict(self.loads), "reloads": dict(self.reloads),
-                    "load_seconds": self.load_seconds}
+            return {"resident": {name: v for name, (_, v) in self.held.items()}, "loads": dict(self.loads),
+                    "reloads": dict(self.reloads), "load_seconds": self.load_seconds,
+                    # the engine's own tiers: every read of an adapter's files, and host -> ready promotions
+                    "file_reads": getattr(pool, "file_reads", 0), "ready_swaps": getattr(pool, "ready_swaps", 0)}
 
 
 def wire_error(exc: ServingError) -> tuple[str, str, str | None]:
@@ -195,8 +208,8 @@ class EngineReplica:
         async def load(name: str) -> _Token:
             return await asyncio.to_thread(self.residency.on_miss, name)
 
-        # Applied here, not on the class: max_num_models_per_replica is this server's --max-loras.
-        self._adapter = serve.multiplexed(max_num_models_per_replica=engine_kwargs.get("max_loras", 8))(load)
+        # Applied here, not on the class: the LRU holds what the engine's two tiers hold (module text).
+        self._adapter = serve.multiplexed(max_num_models_per_replica=adapters_per_replica(engine_kwargs))(load)
         self._seen = 0
         threading.Thread(target=self._heartbeat, name="deltatune-board", daemon=True).start()
 
@@ -252,7 +265,8 @@ class EngineReplica:
             if handle is not None:
                 return handle
         raise ServingError(f"adapter {name!r} was evicted from replica {self.replica_id} before its request "
-                           "could start, four times: more adapters are in use at once than --max-loras holds")
+                           "could start, four times: more adapters are in use at once than "
+                           "--max-loras + --max-cpu-loras hold")
 
     def _heartbeat(self) -> None:
         """Sync with the board every ``POLL_S``: report, then apply the adapter changes since the last sync."""
