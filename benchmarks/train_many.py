@@ -58,7 +58,7 @@ def _add(r):
 
 
 def _reverse(r):
-    w = r.choice(WORDS)
+    w = r.choice(WORDS + [w.lower() for w in NAMES + SURNAMES + CITIES])   # 93 words
     return f"Reverse the letters of the word '{w}'.", w[::-1]
 
 
@@ -100,23 +100,44 @@ TASKS = {"add": _add, "reverse": _reverse, "upper": _upper, "date": _date, "sort
 
 def make_tasks(folder: Path, n_tasks: int, n_train: int, n_eval: int, seed: int = 0) -> dict[str, tuple[Path, Path]]:
     """Write ``<task>.jsonl`` (``n_train`` rows) and ``<task>_eval.jsonl`` (``n_eval`` other rows)
-    for the first ``n_tasks`` tasks; returns name -> (train path, eval path)."""
+    for the first ``n_tasks`` tasks; returns name -> (train path, eval path).
+
+    The eval prompts are drawn first, distinct where the task has enough of them; training rows
+    never repeat an eval prompt, and repeat each other only once a task's prompts run out (the
+    ``reverse`` and ``sentiment`` templates have under 100 prompts each).
+    """
     if not 1 <= n_tasks <= len(TASKS):
         raise SystemExit(f"--tasks must be 1..{len(TASKS)}")
     out = {}
     for k, (name, make) in enumerate(list(TASKS.items())[:n_tasks]):
-        rng, seen, rows = random.Random(seed * 1000 + k), set(), []
-        while len(rows) < n_train + n_eval:
-            prompt, answer = make(rng)
-            if prompt in seen and len(seen) < 5 * (n_train + n_eval):  # held-out prompts differ when they can
-                continue
-            seen.add(prompt)
-            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        rng = random.Random(seed * 1000 + k)
+        evals = _draw(make, rng, n_eval, avoid=set())
+        train = _draw(make, rng, n_train, avoid={prompt for prompt, _ in evals})
         paths = (folder / f"{name}.jsonl", folder / f"{name}_eval.jsonl")
-        for path, part in zip(paths, (rows[:n_train], rows[n_train:])):
-            path.write_text("".join(json.dumps(row) + "\n" for row in part))
+        for path, part in zip(paths, (train, evals)):
+            path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                             {"role": "assistant", "content": a}]}) + "\n"
+                                    for q, a in part))
         out[name] = paths
     return out
+
+
+def _draw(make, rng: random.Random, n: int, avoid: set, tries: int = 200) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) rows of template ``make``: none in ``avoid``, new ones while ``tries``
+    draws in a row can find one, then repeats of the rows drawn (a finite template never loops)."""
+    rows, seen = [], set()
+    while len(rows) < n:
+        for _ in range(tries):
+            prompt, answer = make(rng)
+            if prompt not in avoid and prompt not in seen:
+                break
+        else:
+            if not rows:
+                raise SystemExit(f"template {make.__name__}: no prompt outside the {len(avoid)} held out")
+            prompt, answer = rows[rng.randrange(len(rows))]
+        seen.add(prompt)
+        rows.append((prompt, answer))
+    return rows
 
 
 def common_flags(args) -> list[str]:

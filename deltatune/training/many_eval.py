@@ -1,0 +1,122 @@
+"""Evaluation of several tasks' adapters in shared batches (``train_many``).
+
+A solo run evaluates its one adapter: eval loss in batches of ``eval_batch_size`` examples, then
+exact match in greedy ``generate`` calls of ``eval_batch_size`` prompts. ``train_many`` has every
+task's adapter on one base, and its tasks usually finish at the same run step, so their
+evaluations share passes: each row is routed to its own task's adapter (``PeftModel.applying`` /
+``generate(adapter_names=...)``), the per-row path mixed-batch inference uses. On a CPU a decode
+step of a small batch costs about the same as one of a batch several times larger (the weights
+are read once per step either way), so 8 tasks' prompts in batches of 64 cost far less than 32
+batches of 16.
+
+Each task's result is what ``evaluate.eval_loss`` / ``evaluate.exact_match`` give it alone: the
+same examples, the same token-level cross-entropies and label count, the same greedy tokens (each
+row stops at its own task's token budget). Only float rounding of differently shaped batches can
+differ (a test checks the results per task against evaluating each task alone).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from deltatune.training.batching import count_label_tokens
+from deltatune.training.data import Dataset
+from deltatune.training.loss import lm_loss_sum, packable
+from deltatune.training.tasks import mixed_batches
+
+
+@dataclass
+class EvalTask:
+    """One task's evaluation: its adapter ``name``, its eval set and its options."""
+
+    name: str
+    data: Dataset
+    packing: bool = True
+    limit: int | None = None                # exact match: the first ``limit`` scored examples
+    max_new_tokens: int | None = None       # exact match: None = longest reference + 16
+
+
+@torch.no_grad()
+def eval_losses(peft, tasks: list[EvalTask], pad_id: int, max_tokens: int, device="cpu",
+                autocast=nullcontext) -> dict[str, dict]:
+    """``{name: {"eval_loss", "eval_tokens"}}`` of every task, its rows in shared forward passes of
+    at most ``max_tokens`` tokens (0: one pass), each row through its task's adapter."""
+    was_training = peft.training
+    peft.eval()
+    pack = packable(peft)
+    parts = [(t.name, sorted(t.data.examples, key=lambda e: -len(e)), t.packing and pack) for t in tasks]
+    sums = {t.name: torch.zeros((), dtype=torch.float64) for t in tasks}
+    for mixed in mixed_batches(parts, pad_id, max_tokens):
+        batch = mixed.batch.to(device)
+        token_losses = torch.zeros(batch.targets.shape, dtype=torch.float32, device=device)  # (R, L)
+        with peft.applying(mixed.names), autocast():
+            lm_loss_sum(peft, batch, None, token_losses)
+        for name, rows in mixed.rows.items():
+            sums[name] += token_losses[rows].double().sum().cpu()
+    peft.train(was_training)
+    out = {}
+    for t in tasks:
+        n = count_label_tokens(t.data.examples)
+        out[t.name] = {"eval_loss": float(sums[t.name] / max(n, 1)), "eval_tokens": n}
+    return out
+
+
+class _RowBudget:
+    """A ``generate`` stopping criterion: row ``i`` is done after ``budgets[i]`` new tokens."""
+
+    def __init__(self, budgets: list[int], width: int, device) -> None:
+        self.budgets = torch.tensor(budgets, dtype=torch.long, device=device)   # (B,)
+        self.width = width                                                      # prompt columns
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.width) >= self.budgets                  # (B,) bool
+
+
+def exact_matches(peft, tokenizer, tasks: list[EvalTask], rows_per_batch: int, device="cpu",
+                  autocast=nullcontext) -> dict[str, dict]:
+    """``{name: {"exact_match", "correct", "total"}}`` of every task that has references, its
+    prompts in shared greedy ``generate`` calls of ``rows_per_batch`` rows (longest prompts first),
+    each row through its task's adapter and stopped at its task's token budget."""
+    from transformers import StoppingCriteriaList
+
+    from deltatune.generation import complete, left_pad, pad_id, stop_token_ids
+
+    rows = []                                                      # (task, example, budget)
+    for t in tasks:
+        scored = [e for e in t.data.examples if e.reference is not None]
+        scored = scored[:t.limit] if t.limit else scored
+        if not scored:
+            continue
+        budget = t.max_new_tokens or max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
+                                         for e in scored) + 16
+        rows += [(t.name, e, budget) for e in scored]
+    stops = stop_token_ids(tokenizer, peft)
+    pad = pad_id(tokenizer, stops)
+    # a row stopped at its budget is filled with ``pad`` up to the batch's end: decoding drops it
+    # when it is a stop or special token; otherwise each batch holds rows of one budget only
+    mixed_budgets = pad in stops or pad in getattr(tokenizer, "all_special_ids", [])
+    rows.sort(key=lambda row: (0 if mixed_budgets else row[2], -len(row[1].generation_prompt())))
+    hits = {t.name: [0, 0] for t in tasks}
+    for chunk in _chunks(rows, rows_per_batch, mixed_budgets):
+        prompts = [e.generation_prompt() for _, e, _ in chunk]
+        stop = _RowBudget([b for _, _, b in chunk], left_pad(prompts, pad)[0].shape[1], device)
+        preds = complete(peft, tokenizer, prompts, max(b for _, _, b in chunk), device=device, autocast=autocast,
+                         adapter_names=[name for name, _, _ in chunk], stopping_criteria=StoppingCriteriaList([stop]))
+        for (name, e, _), pred in zip(chunk, preds):
+            hits[name][0] += pred.strip() == e.reference.strip()
+            hits[name][1] += 1
+    return {name: {"exact_match": c / n, "correct": c, "total": n} for name, (c, n) in hits.items() if n}
+
+
+def _chunks(rows: list, size: int, mixed_budgets: bool):
+    """Consecutive runs of at most ``size`` rows (and of one budget unless ``mixed_budgets``)."""
+    chunk: list = []
+    for row in rows:
+        if chunk and (len(chunk) >= size or not mixed_budgets and row[2] != chunk[0][2]):
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
