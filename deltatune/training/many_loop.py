@@ -50,6 +50,7 @@ class ManyTrainer:
             run.start(peft.base_model.adapter_parameters(run.name), device, log=True)
         self.step = 0
         self.elapsed = 0.0
+        self.phases = {"train_s": 0.0, "eval_s": 0.0, "save_s": 0.0}   # this process's time in each
         self.total_steps = max(run.total_steps for run in runs)
 
     def fit(self) -> dict[str, dict]:
@@ -65,6 +66,7 @@ class ManyTrainer:
             dt = time.perf_counter() - t0
             self.step += 1
             self.elapsed += dt
+            self.phases["train_s"] += dt
             _show(progress, losses, tokens / max(dt, 1e-9))
             self._maybe_evaluate(active, progress)
             finished = [run for run in active if run.done]
@@ -72,7 +74,18 @@ class ManyTrainer:
                 self._finish(finished, progress)
             self._maybe_save()
         progress.close()
+        self._write_run_summary()
         return {run.name: run.result for run in self.runs}
+
+    def _write_run_summary(self) -> None:
+        """``<out>/run_summary.json``: run steps and where this process's loop time went."""
+        from deltatune.checkpoint.io import atomic_write_json
+
+        phases = {k: round(v, 2) for k, v in self.phases.items()}
+        atomic_write_json(Path(self.shared.out) / "run_summary.json",
+                          {"run_steps": self.step, **phases, "tasks": sorted(run.name for run in self.runs)})
+        print(f"train many: {self.step} run steps; train {fmt_duration(phases['train_s'])}, "
+              f"eval {fmt_duration(phases['eval_s'])}, save {fmt_duration(phases['save_s'])}", flush=True)
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, active: list[TaskRun]) -> tuple[dict[str, float], int]:
@@ -144,10 +157,12 @@ class ManyTrainer:
 
     def _eval_losses(self, runs: list[TaskRun]) -> dict[str, dict]:
         """Each run's eval loss, every task's rows in shared no-grad passes (``many_eval``)."""
+        t0 = time.perf_counter()
         tasks = [EvalTask(run.name, run.eval_data, run.packing) for run in runs]
         result = eval_losses(self.peft, tasks, self.pad_id, EVAL_TOKENS_PER_PASS * self.max_tokens, self.device,
                              self.autocast)
         self.peft.train()
+        self.phases["eval_s"] += time.perf_counter() - t0
         return result
 
     def _finish(self, runs: list[TaskRun], progress: Progress) -> None:
@@ -164,10 +179,12 @@ class ManyTrainer:
                                  "time_s": round(time.perf_counter() - self.started, 2)}
         evals = self._final_evals([run for run in runs if run.eval_data is not None])
         for run in runs:
+            t0 = time.perf_counter()
             result = {**results[run.name], **evals.get(run.name, {})}
             result["adapter"] = str(save_task_adapter(self.peft, run.name, run.out / "adapter"))
             plot_loss_curve(run.log, run.out / "loss_curve.png", title=f"task {run.name}")
             atomic_write_json(run.out / "summary.json", result)
+            self.phases["save_s"] += time.perf_counter() - t0
             run.result, run.best_params = result, None
             evaluated = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
             if "exact_match" in result:
@@ -205,10 +222,12 @@ class ManyTrainer:
                            max_new_tokens=run.config.max_new_tokens) for run in runs
                   if run.config.eval_exact_match and any(e.reference is not None for e in run.eval_data.examples)]
         if scored:
+            t0 = time.perf_counter()
             rows = EVAL_ROWS_PER_TASK_BATCH * max(run.config.eval_batch_size for run in runs)
             for name, em in exact_matches(self.peft, self.tokenizer, scored, rows, self.device, self.autocast).items():
                 evals[name].update(em)
             self.peft.train()
+            self.phases["eval_s"] += time.perf_counter() - t0
         return evals
 
     def _maybe_save(self) -> None:
