@@ -20,7 +20,15 @@ summed for ``solo``) and peak RSS (``os.wait4``'s ``ru_maxrss`` of each process;
 the largest). Per task: exact match, eval loss, final training loss. The multi run's per-task
 loss curves are drawn in one PNG.
 
-    python benchmarks/train_many.py                                # the full job (~20+ min on 2 busy cores)
+With ``--concurrent`` both contenders run at the same moment, the solo chain pinned to one core
+and the multi run to the other (``taskset``, one thread per process), so load from other jobs on a
+shared machine hits both alike; ``--rounds 2`` repeats it with the cores swapped. Each process's
+time is split into phases: solo ``startup_s`` (imports, base load, tokenizer, data), ``train_s``,
+``eval_save_s`` (final eval loss + exact match, adapter and plot writes), ``exit_s``; multi
+``train_s``, ``eval_s``, ``save_s`` (its ``run_summary.json``) and ``other_s``.
+
+    python benchmarks/train_many.py --concurrent --work /tmp/tm    # the full job (~40 min on 2 cores)
+    python benchmarks/train_many.py                                # sequential: each contender alone
     python benchmarks/train_many.py --tasks 2 --examples 16 --eval-examples 8 --out /tmp/tm  # smoke, < 2 min
 
 Writes benchmarks/results/train_many.json and train_many.png (``--out`` for elsewhere).
@@ -153,7 +161,8 @@ def run(argv: list[str], log: Path, core: int | None = None) -> dict:
     """Run a child to its end (pinned to ``core`` with ``taskset`` and one thread if given): its
     wall time, its own peak RSS (``wait4``) and when each output line came (for ``phases``)."""
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if core is not None else THREADS
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **threads)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               **threads)   # unbuffered: each line timestamped when written
     argv = ["taskset", "-c", str(core), *argv] if core is not None else argv
     lines = []
     t0 = time.perf_counter()
