@@ -95,9 +95,11 @@ def exact_matches(peft, tokenizer, tasks: list[EvalTask], rows_per_batch: int, d
     stops = stop_token_ids(tokenizer, peft)
     pad = pad_id(tokenizer, stops)
     # a row stopped at its budget is filled with ``pad`` up to the batch's end: decoding drops it
-    # when it is a stop or special token; otherwise each batch holds rows of one budget only
+    # when it is a stop or special token; otherwise each batch holds rows of one budget only.
+    # Rows are sorted by budget, then longest prompt first: a batch decodes until its longest
+    # budget (or every row's stop token), so rows of short-answer tasks share batches.
     mixed_budgets = pad in stops or pad in getattr(tokenizer, "all_special_ids", [])
-    rows.sort(key=lambda row: (0 if mixed_budgets else row[2], -len(row[1].generation_prompt())))
+    rows.sort(key=lambda row: (row[2], -len(row[1].generation_prompt())))
     hits = {t.name: [0, 0] for t in tasks}
     for chunk in _chunks(rows, rows_per_batch, mixed_budgets):
         prompts = [e.generation_prompt() for _, e, _ in chunk]
