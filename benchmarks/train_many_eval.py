@@ -1,22 +1,27 @@
-"""Shared evaluation of several adapters vs one task at a time (``train_many``'s final evaluation).
+"""Evaluating several adapters together vs one task at a time (``train_many``'s final evaluation).
 
-On the default model with ``--tasks`` LoRA r=16 all-linear adapters (random B, so each adapter
-changes the output), the benchmark tasks' eval sets (``train_many.make_tasks``), one process,
-``--threads`` threads. Interleaved ``--repeats`` times:
+On the default model with ``--tasks`` LoRA r=16 all-linear adapters (small random B, so each
+adapter changes the output) and the benchmark tasks' eval sets (``train_many.make_tasks``), in
+one process of ``--threads`` threads, ``--how``:
 
 * ``per_task``: each task alone, as a solo run evaluates: ``eval_loss`` then ``exact_match`` in
   batches of 16 under ``applying(task)``;
-* ``shared``: ``many_eval.eval_losses`` + ``exact_matches`` over every task at once (rows routed
-  per row), passes of 4x the training pass tokens and ``generate`` calls of 64 rows.
+* ``grouped``: ``many_eval`` (what ``train_many`` does): passes of 4x the training pass tokens and
+  ``generate`` calls of up to 64 rows, each holding one task's rows;
+* ``mixed``: ``many_eval`` with ``mix_tasks``: passes and calls hold several tasks' rows, each
+  routed to its own adapter (``generate(adapter_names=...)``).
 
-Checks that both give each task the same exact match count and eval loss, and prints the times.
+Prints the seconds, the process's peak RSS and each task's results (equal across ``--how``).
 
-    taskset -c 1 python benchmarks/train_many_eval.py --tasks 8 --eval-examples 16   # ~2 min, 1 core
+    for how in per_task grouped mixed; do
+        taskset -c 1 python benchmarks/train_many_eval.py --how $how --tasks 8 --eval-examples 16
+    done
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -57,12 +62,12 @@ def per_task(peft, tok, sets, autocast):
     return out
 
 
-def shared(peft, tok, sets, autocast):
+def together(peft, tok, sets, autocast, mix_tasks: bool, rows: int):
     from deltatune.training.many_eval import EvalTask, eval_losses, exact_matches
 
     tasks = [EvalTask(name, data) for name, data in sets.items()]
-    losses = eval_losses(peft, tasks, tok.pad_token_id, 4 * 512, autocast=autocast)
-    ems = exact_matches(peft, tok, tasks, 64, autocast=autocast)
+    losses = eval_losses(peft, tasks, tok.pad_token_id, 4 * 512, autocast=autocast, mix_tasks=mix_tasks)
+    ems = exact_matches(peft, tok, tasks, rows, autocast=autocast, mix_tasks=mix_tasks)
     return {name: {**losses[name], **ems[name]} for name in sets}
 
 
@@ -74,7 +79,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--eval-examples", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--how", choices=["per_task", "grouped", "mixed"], default="grouped")
+    p.add_argument("--rows", type=int, default=64, help="grouped/mixed: rows per generate call")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,21 +88,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = make_tasks(Path(tmp), args.tasks, 1, args.eval_examples)
         sets = {f"t{k}": load_dataset(str(evals), tok) for k, (_, evals) in enumerate(files.values())}
-    times = {"per_task": [], "shared": []}
-    for _ in range(args.repeats):
-        for how, fn in (("per_task", per_task), ("shared", shared)):
-            t0 = time.perf_counter()
-            results = fn(peft, tok, sets, nullcontext)
-            times[how].append(round(time.perf_counter() - t0, 2))
-            if how == "per_task":
-                want = results
-        for name in sets:
-            assert results[name]["correct"] == want[name]["correct"], (name, results[name], want[name])
-            assert abs(results[name]["eval_loss"] - want[name]["eval_loss"]) <= 1e-5 * want[name]["eval_loss"]
-    report = {"cpu": cpu_name(), "threads": args.threads, "tasks": args.tasks, "eval_examples": args.eval_examples,
-              "seconds": times, "per_task_results": want,
-              "speedup": round(min(times["per_task"]) / min(times["shared"]), 2)}
-    print(json.dumps(report, indent=1))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if args.how == "per_task":
+        results = per_task(peft, tok, sets, nullcontext)
+    else:
+        results = together(peft, tok, sets, nullcontext, mix_tasks=args.how == "mixed", rows=args.rows)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"cpu": cpu_name(), "threads": args.threads, "tasks": args.tasks, "how": args.how, "rows": args.rows,
+                      "eval_examples": args.eval_examples, "seconds": round(seconds, 2),
+                      "peak_rss_mb_before": round(rss0), "peak_rss_mb": round(rss),
+                      "results": {k: {m: round(v, 5) if isinstance(v, float) else v for m, v in r.items()}
+                                  for k, r in results.items()}}))
     return 0
 
 

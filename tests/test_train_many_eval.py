@@ -53,11 +53,12 @@ def eval_sets(tmp_path, tok, peft):
     return sets
 
 
-def test_shared_eval_loss_equals_each_task_alone(tmp_path, tok, peft):
+@pytest.mark.parametrize("mix_tasks", [True, False])
+def test_shared_eval_loss_equals_each_task_alone(tmp_path, tok, peft, mix_tasks):
     sets = eval_sets(tmp_path, tok, peft)
     tasks = [EvalTask(name, sets[name]) for name in NAMES]
-    for max_tokens in (0, 64):                       # one pass for all, and several mixed passes
-        got = eval_losses(peft, tasks, tok.pad_token_id, max_tokens)
+    for max_tokens in (0, 64):                       # one pass (per task, or for all), and several
+        got = eval_losses(peft, tasks, tok.pad_token_id, max_tokens, mix_tasks=mix_tasks)
         for name in NAMES:
             with peft.applying(name):
                 want = eval_loss(peft, sets[name], batch_size=4)
@@ -67,11 +68,12 @@ def test_shared_eval_loss_equals_each_task_alone(tmp_path, tok, peft):
     assert len(losses) == len(NAMES)                 # the adapters differ: routing per row matters
 
 
-def test_shared_exact_match_equals_each_task_alone(tmp_path, tok, peft):
+@pytest.mark.parametrize("mix_tasks", [True, False])
+def test_shared_exact_match_equals_each_task_alone(tmp_path, tok, peft, mix_tasks):
     sets = eval_sets(tmp_path, tok, peft)
     tasks = [EvalTask(name, sets[name], max_new_tokens=BUDGETS[name]) for name in NAMES]
-    for rows in (4, 30):                             # batches mixing tasks and budgets, and one batch
-        got = exact_matches(peft, tok, tasks, rows)
+    for rows in (4, 30):                             # with mix_tasks: batches mixing tasks and budgets
+        got = exact_matches(peft, tok, tasks, rows, mix_tasks=mix_tasks)
         for name in NAMES:
             with peft.applying(name):
                 want = exact_match(peft, tok, sets[name], max_new_tokens=BUDGETS[name], batch_size=4)
@@ -81,7 +83,7 @@ def test_shared_exact_match_equals_each_task_alone(tmp_path, tok, peft):
 
 def test_shared_exact_match_limit_and_default_budget(tmp_path, tok, peft):
     sets = eval_sets(tmp_path, tok, peft)
-    got = exact_matches(peft, tok, [EvalTask(name, sets[name], limit=4) for name in NAMES], 8)
+    got = exact_matches(peft, tok, [EvalTask(name, sets[name], limit=4) for name in NAMES], 8, mix_tasks=True)
     for name in NAMES:
         with peft.applying(name):
             want = exact_match(peft, tok, sets[name], limit=4, batch_size=16)

@@ -22,11 +22,15 @@ from deltatune.training.metrics import Progress, fmt_duration, plot_loss_curve
 from deltatune.training.tasks import MixedBatch, TaskRun, mixed_batches
 
 
-# Shared evaluation batches: a no-grad pass holds no activations for backward, so it may take
-# this many times a training pass's tokens; a shared ``generate`` call takes this many times a
-# task's ``eval_batch_size`` prompts (on a CPU a decode step of 64 rows costs little more than one
-# of 16: each step reads every weight once either way).
+# Evaluation batches: a no-grad pass holds no activations for backward, so it may take this many
+# times a training pass's tokens; a ``generate`` call takes this many times ``eval_batch_size``
+# prompts. Each pass and call holds one task's rows (``EVAL_MIX_TASKS`` False): mixing tasks in a
+# call routes each row through the gathered per-row path, which copies each row's factors for
+# every adapted layer (~20 MB a row in fp32 on the default model, LoRA r=16 all-linear). Measured
+# (8 tasks x 16 eval rows, 1 thread, benchmarks/train_many_eval.py): per task as a solo run 100.6 s
+# / 1311 MB peak RSS; one task per call 95.4 s / 1256 MB; tasks mixed 79.1 s / 3229 MB.
 EVAL_TOKENS_PER_PASS = 4
+EVAL_MIX_TASKS = False
 EVAL_ROWS_PER_TASK_BATCH = 4
 
 
@@ -160,7 +164,7 @@ class ManyTrainer:
         t0 = time.perf_counter()
         tasks = [EvalTask(run.name, run.eval_data, run.packing) for run in runs]
         result = eval_losses(self.peft, tasks, self.pad_id, EVAL_TOKENS_PER_PASS * self.max_tokens, self.device,
-                             self.autocast)
+                             self.autocast, mix_tasks=EVAL_MIX_TASKS)
         self.peft.train()
         self.phases["eval_s"] += time.perf_counter() - t0
         return result
@@ -224,7 +228,8 @@ class ManyTrainer:
         if scored:
             t0 = time.perf_counter()
             rows = EVAL_ROWS_PER_TASK_BATCH * max(run.config.eval_batch_size for run in runs)
-            for name, em in exact_matches(self.peft, self.tokenizer, scored, rows, self.device, self.autocast).items():
+            for name, em in exact_matches(self.peft, self.tokenizer, scored, rows, self.device, self.autocast,
+                                          mix_tasks=EVAL_MIX_TASKS).items():
                 evals[name].update(em)
             self.peft.train()
             self.phases["eval_s"] += time.perf_counter() - t0
