@@ -17,8 +17,21 @@ import torch
 from deltatune.training.config import TrainConfig
 from deltatune.training.loss import lm_loss_sum
 from deltatune.training.many_checkpoint import load_many, save_many
+from deltatune.training.many_eval import EvalTask, eval_losses, exact_matches
 from deltatune.training.metrics import Progress, fmt_duration, plot_loss_curve
 from deltatune.training.tasks import MixedBatch, TaskRun, mixed_batches
+
+
+# Evaluation batches: a no-grad pass holds no activations for backward, so it may take this many
+# times a training pass's tokens; a ``generate`` call takes this many times ``eval_batch_size``
+# prompts. Each pass and call holds one task's rows (``EVAL_MIX_TASKS`` False): mixing tasks in a
+# call routes each row through the gathered per-row path, which copies each row's factors for
+# every adapted layer (~20 MB a row in fp32 on the default model, LoRA r=16 all-linear). Measured
+# (8 tasks x 16 eval rows, 1 thread, benchmarks/train_many_eval.py): per task as a solo run 100.6 s
+# / 1311 MB peak RSS; one task per call 95.4 s / 1256 MB; tasks mixed 79.1 s / 3229 MB.
+EVAL_TOKENS_PER_PASS = 4
+EVAL_MIX_TASKS = False
+EVAL_ROWS_PER_TASK_BATCH = 4
 
 
 class ManyTrainer:
@@ -41,6 +54,7 @@ class ManyTrainer:
             run.start(peft.base_model.adapter_parameters(run.name), device, log=True)
         self.step = 0
         self.elapsed = 0.0
+        self.phases = {"train_s": 0.0, "eval_s": 0.0, "save_s": 0.0}   # this process's time in each
         self.total_steps = max(run.total_steps for run in runs)
 
     def fit(self) -> dict[str, dict]:
@@ -56,14 +70,26 @@ class ManyTrainer:
             dt = time.perf_counter() - t0
             self.step += 1
             self.elapsed += dt
+            self.phases["train_s"] += dt
             _show(progress, losses, tokens / max(dt, 1e-9))
-            for run in active:
-                self._maybe_evaluate(run, progress)
-                if run.done:
-                    self._finish(run, progress)
+            self._maybe_evaluate(active, progress)
+            finished = [run for run in active if run.done]
+            if finished:
+                self._finish(finished, progress)
             self._maybe_save()
         progress.close()
+        self._write_run_summary()
         return {run.name: run.result for run in self.runs}
+
+    def _write_run_summary(self) -> None:
+        """``<out>/run_summary.json``: run steps and where this process's loop time went."""
+        from deltatune.checkpoint.io import atomic_write_json
+
+        phases = {k: round(v, 2) for k, v in self.phases.items()}
+        atomic_write_json(Path(self.shared.out) / "run_summary.json",
+                          {"run_steps": self.step, **phases, "tasks": sorted(run.name for run in self.runs)})
+        print(f"train many: {self.step} run steps; train {fmt_duration(phases['train_s'])}, "
+              f"eval {fmt_duration(phases['eval_s'])}, save {fmt_duration(phases['save_s'])}", flush=True)
 
     # -- one step --------------------------------------------------------------------------------
     def _step(self, active: list[TaskRun]) -> tuple[dict[str, float], int]:
@@ -117,78 +143,97 @@ class ManyTrainer:
                          "grad_norm": grad_norm, "tokens": tokens, "run_step": self.step + 1})
 
     # -- around the steps ------------------------------------------------------------------------
-    def _maybe_evaluate(self, run: TaskRun, progress: Progress) -> None:
-        """Every ``eval_every`` of the task's steps (before its last): eval loss, early stopping."""
-        every = run.config.eval_every
-        if not every or run.eval_data is None or run.step % every or run.step >= run.total_steps:
+    def _maybe_evaluate(self, active: list[TaskRun], progress: Progress) -> None:
+        """The tasks due an evaluation (every ``eval_every`` of their steps, before their last):
+        eval loss, in shared passes, and early stopping."""
+        due = [run for run in active if run.config.eval_every and run.eval_data is not None
+               and run.step % run.config.eval_every == 0 and run.step < run.total_steps]
+        if not due:
             return
-        loss = self._eval_loss(run)["eval_loss"]
-        run.record_eval(loss)
-        run.log.log({"step": run.step, "epoch": round(run.epoch_float(), 4), "eval_loss": loss})
-        stop = f"; no better than {run.best_loss:.4f} (step {run.best_step}) {run.bad_evals} times: stopping" \
-            if run.stopped_early else ""
-        progress.write(f"task {run.name} step {run.step}: eval_loss={loss:.4f}{stop}")
+        losses = self._eval_losses(due)
+        for run in due:
+            loss = losses[run.name]["eval_loss"]
+            run.record_eval(loss)
+            run.log.log({"step": run.step, "epoch": round(run.epoch_float(), 4), "eval_loss": loss})
+            stop = f"; no better than {run.best_loss:.4f} (step {run.best_step}) {run.bad_evals} times: stopping" \
+                if run.stopped_early else ""
+            progress.write(f"task {run.name} step {run.step}: eval_loss={loss:.4f}{stop}")
 
-    def _eval_loss(self, run: TaskRun) -> dict:
-        from deltatune.training.evaluate import eval_loss
-
-        with self.peft.applying(run.name):
-            result = eval_loss(self.peft, run.eval_data, run.config.eval_batch_size, self.device, run.packing,
-                               autocast=self.autocast)
+    def _eval_losses(self, runs: list[TaskRun]) -> dict[str, dict]:
+        """Each run's eval loss, every task's rows in shared no-grad passes (``many_eval``)."""
+        t0 = time.perf_counter()
+        tasks = [EvalTask(run.name, run.eval_data, run.packing) for run in runs]
+        result = eval_losses(self.peft, tasks, self.pad_id, EVAL_TOKENS_PER_PASS * self.max_tokens, self.device,
+                             self.autocast, mix_tasks=EVAL_MIX_TASKS)
         self.peft.train()
+        self.phases["eval_s"] += time.perf_counter() - t0
         return result
 
-    def _finish(self, run: TaskRun, progress: Progress) -> None:
-        """Evaluate (if the task has eval data), write its adapter (its best, with early stopping)
-        and summary, free its optimizer."""
+    def _finish(self, runs: list[TaskRun], progress: Progress) -> None:
+        """Evaluate the finished tasks together (those with eval data), then write each one's
+        adapter (its best, with early stopping) and summary; their optimizers are freed."""
         from deltatune.checkpoint.io import atomic_write_json
 
-        run.stop_training()
-        losses = run.log.series("loss")[1]
-        result = {"steps": run.step, "run_step": self.step, "tokens": run.tokens_seen,
-                  "final_loss": losses[-1] if losses else None, "stopped_early": run.stopped_early,
-                  "time_s": round(time.perf_counter() - self.started, 2)}
-        if run.eval_data is not None:
-            result.update(self._final_eval(run))
-        result["adapter"] = str(save_task_adapter(self.peft, run.name, run.out / "adapter"))
-        plot_loss_curve(run.log, run.out / "loss_curve.png", title=f"task {run.name}")
-        atomic_write_json(run.out / "summary.json", result)
-        run.result, run.best_params = result, None
+        results = {}
+        for run in runs:
+            run.stop_training()
+            losses = run.log.series("loss")[1]
+            results[run.name] = {"steps": run.step, "run_step": self.step, "tokens": run.tokens_seen,
+                                 "final_loss": losses[-1] if losses else None, "stopped_early": run.stopped_early,
+                                 "time_s": round(time.perf_counter() - self.started, 2)}
+        evals = self._final_evals([run for run in runs if run.eval_data is not None])
+        for run in runs:
+            t0 = time.perf_counter()
+            result = {**results[run.name], **evals.get(run.name, {})}
+            result["adapter"] = str(save_task_adapter(self.peft, run.name, run.out / "adapter"))
+            plot_loss_curve(run.log, run.out / "loss_curve.png", title=f"task {run.name}")
+            atomic_write_json(run.out / "summary.json", result)
+            self.phases["save_s"] += time.perf_counter() - t0
+            run.result, run.best_params = result, None
+            evaluated = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
+            if "exact_match" in result:
+                evaluated += f", exact match {result['exact_match']:.1%}"
+            progress.write(f"task {run.name}: done after {run.step} steps (run step {self.step}, "
+                           f"{fmt_duration(result['time_s'])}), loss {result['final_loss']:.4f}"
+                           f"{evaluated}; adapter -> {result['adapter']}")
         if self.device.type == "cpu":
             from deltatune.training.loop import release_free_heap
 
-            release_free_heap()  # its optimizer state and grads are free now: give them back
-        evaluated = f", eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
-        if "exact_match" in result:
-            evaluated += f", exact match {result['exact_match']:.1%}"
-        progress.write(f"task {run.name}: done after {run.step} steps (run step {self.step}, "
-                       f"{fmt_duration(result['time_s'])}), loss {result['final_loss']:.4f}"
-                       f"{evaluated}; adapter -> {result['adapter']}")
+            release_free_heap()  # their optimizer state and grads are free now: give them back
 
-    def _final_eval(self, run: TaskRun) -> dict:
-        """Eval loss of the adapter to write: the last one, or with early stopping the best one
-        evaluated; then exact match of it where the eval set has references."""
-        best_step = run.step
-        if run.stopped_early:
-            run.restore_best()
-            best_step = run.best_step
-        ev = self._eval_loss(run)
-        if not run.stopped_early and run.patience is not None and run.best_loss is not None \
-                and run.best_loss < ev["eval_loss"]:
-            run.restore_best()
-            ev["eval_loss"], best_step = run.best_loss, run.best_step
-        if run.patience is not None:
-            ev["best_step"] = best_step
-        run.log.log({"step": run.step, "eval_loss": ev["eval_loss"]})
-        cfg = run.config
-        if cfg.eval_exact_match and any(e.reference is not None for e in run.eval_data.examples):
-            from deltatune.training.evaluate import exact_match
-
-            with self.peft.applying(run.name):
-                ev.update(exact_match(self.peft, self.tokenizer, run.eval_data, cfg.eval_limit, cfg.eval_batch_size,
-                                      cfg.max_new_tokens, self.device, autocast=self.autocast))
+    def _final_evals(self, runs: list[TaskRun]) -> dict[str, dict]:
+        """Each run's eval loss of the adapter to write (the last one, or with early stopping the
+        best one evaluated), then exact match of it where its eval set has references; every
+        task's rows in shared passes and ``generate`` calls."""
+        if not runs:
+            return {}
+        best_step = {run.name: run.step for run in runs}
+        for run in runs:
+            if run.stopped_early:
+                run.restore_best()
+                best_step[run.name] = run.best_step
+        evals = self._eval_losses(runs)
+        for run in runs:
+            ev = evals[run.name]
+            if not run.stopped_early and run.patience is not None and run.best_loss is not None \
+                    and run.best_loss < ev["eval_loss"]:
+                run.restore_best()
+                ev["eval_loss"], best_step[run.name] = run.best_loss, run.best_step
+            if run.patience is not None:
+                ev["best_step"] = best_step[run.name]
+            run.log.log({"step": run.step, "eval_loss": ev["eval_loss"]})
+        scored = [EvalTask(run.name, run.eval_data, limit=run.config.eval_limit,
+                           max_new_tokens=run.config.max_new_tokens) for run in runs
+                  if run.config.eval_exact_match and any(e.reference is not None for e in run.eval_data.examples)]
+        if scored:
+            t0 = time.perf_counter()
+            rows = EVAL_ROWS_PER_TASK_BATCH * max(run.config.eval_batch_size for run in runs)
+            for name, em in exact_matches(self.peft, self.tokenizer, scored, rows, self.device, self.autocast,
+                                          mix_tasks=EVAL_MIX_TASKS).items():
+                evals[name].update(em)
             self.peft.train()
-        return ev
+            self.phases["eval_s"] += time.perf_counter() - t0
+        return evals
 
     def _maybe_save(self) -> None:
         every = self.shared.save_every
