@@ -10,6 +10,7 @@ run steps (``many_checkpoint``) and resume from the latest one.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ class ManyTrainer:
         self.elapsed = 0.0
         self.phases = {"train_s": 0.0, "eval_s": 0.0, "save_s": 0.0}   # this process's time in each
         self.total_steps = max(run.total_steps for run in runs)
+        self.fast_linears = _fast_linears(peft, device, dtype)
 
     def fit(self) -> dict[str, dict]:
         """Step until every task is done (resuming first if ``resume``); returns each task's result."""
@@ -123,7 +125,8 @@ class ManyTrainer:
         """One forward/backward; adds each task's summed token loss and tokens to ``sums``/``tokens``."""
         batch = mixed.batch.to(self.device)
         token_losses = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)  # (R, L)
-        with self.peft.applying(mixed.names), self.autocast():
+        kernels = self.fast_linears.active() if self.fast_linears is not None else nullcontext()
+        with self.peft.applying(mixed.names), self.autocast(), kernels:
             total = lm_loss_sum(self.peft, batch, mixed.weights.to(self.device), token_losses)
         total.backward()
         for name, rows in mixed.rows.items():
@@ -258,6 +261,19 @@ class ManyTrainer:
         done = [run.name for run in self.runs if run.result is not None]
         print(f"resumed from {path} (run step {self.step}" + (f"; finished: {', '.join(done)}" if done else "") + ")",
               flush=True)
+
+
+def _fast_linears(peft, device, dtype):
+    """oneDNN's frozen linears (``cpu_linear.FastLinears``) where a solo run would use them: fp32 on
+    the CPU (train_many refuses FSDP, compile and gradient checkpointing), else None. Without them a
+    multi-task pass ran its frozen GEMMs slower than the solo runs it is compared with."""
+    from deltatune.training import cpu_linear
+    from deltatune.training.precision import bound_cpu_kernel_caches
+
+    if cpu_linear.why_not(device, dtype, False, False, False) is not None:
+        return None
+    bound_cpu_kernel_caches()  # oneDNN caches a kernel per shape, and row lengths vary
+    return cpu_linear.FastLinears(peft)
 
 
 def _show(progress: Progress, losses: dict[str, float], tokens_per_s: float) -> None:
