@@ -9,9 +9,11 @@ other processes on a shared core do not inflate). Both arms update the same adap
 are compared.
 
 Changes (``--change``): ``onednn`` (``training.cpu_linear``: frozen linears and the head's
-logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``).
+logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``); ``prefix``
+(``training.prefix``: the prompt prefix every example of a forward pass shares, run once).
 
     python benchmarks/train_kernels_ab.py --change onednn --rounds 6
+    taskset -c 1 python benchmarks/train_kernels_ab.py --change prefix --rounds 8
 
 Prints a markdown table and writes benchmarks/results/train_kernels_ab_<change>.json.
 """
@@ -37,8 +39,13 @@ def _env_toggle(name: str):
     return toggle
 
 
+def _prefix_toggle(trainer, on: bool) -> None:
+    """``training.prefix``: the shared prompt prefix once per forward pass, or in every row."""
+    trainer.prefix_off = None if on else "off for the A/B run"
+
+
 # change -> toggle(trainer, on): switch the change on or off between steps.
-CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR")}
+CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle}
 
 
 def timed_step(trainer, batch) -> tuple[float, float, float]:

@@ -73,6 +73,8 @@ class Batch:
             (already shifted), -100 where there is none.
         tokens: real (non-pad) tokens in the batch.
         label_tokens: positions carrying a target.
+        prefix: (P,) long, or None: tokens every row continues (``prefix.shared_collate``); the
+            rows then hold what follows them, positions from P on.
     """
 
     input_ids: torch.Tensor
@@ -80,10 +82,11 @@ class Batch:
     targets: torch.Tensor
     tokens: int
     label_tokens: int
+    prefix: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                     self.tokens, self.label_tokens)
+                     self.tokens, self.label_tokens, None if self.prefix is None else self.prefix.to(device))
 
 
 def shifted_targets(example: Example) -> list[int]:
@@ -107,13 +110,21 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[Example], packing: bool = True, pad_id: int = 0) -> Batch:
-    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row.
+def collate(examples: list[Example], packing: bool = True, pad_id: int = 0, share_prefix: bool = False) -> Batch:
+    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row; with
+    ``share_prefix``, their common unlabelled prefix once and one row per example after it
+    (``prefix.shared_collate``) where they share one of at least ``prefix.MIN_PREFIX`` tokens.
 
     Raises:
         compat.PackingUnsupportedError: ``packing`` with a transformers/torch whose attention masks
             would let packed sequences see each other.
     """
+    if share_prefix:
+        from deltatune.training.prefix import shared_collate
+
+        shared = shared_collate(examples, pad_id)
+        if shared is not None:
+            return shared
     if packing:
         check_packing_support()
     lengths = [len(e) for e in examples]

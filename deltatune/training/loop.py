@@ -148,6 +148,11 @@ class Trainer:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
         self.fast_linears = self._fast_linears()
+        from deltatune.training import prefix
+
+        # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)
+        self.prefix_off = prefix.why_not(model, self.packing, self.info.world, self.sharded,
+                                         self.compiler is not None, config.use_grad_checkpointing)
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -242,7 +247,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k in range(passes):
             extra = k >= len(pieces)  # a zero-weighted repeat, only to join the other ranks' collectives
-            batch = collate(pieces[min(k, len(pieces) - 1)], self.packing, self.pad_id).to(self.device)
+            batch = collate(pieces[min(k, len(pieces) - 1)], self.packing, self.pad_id,
+                            share_prefix=self.prefix_off is None).to(self.device)
             last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
             sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:
@@ -304,7 +310,8 @@ class Trainer:
                   "mfu": round(self.state.model_flops / max(self.state.elapsed_s, 1e-9) / self.peak, 6),
                   "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
                   "peak_gflops": round(self.peak / 1e9, 1),
-                  "final_loss": train_loss[-1] if train_loss else None}
+                  "final_loss": train_loss[-1] if train_loss else None,
+                  "prefix_sharing": self.prefix_off or "on"}
         if self.compiler is not None:  # compile time is inside train_time_s; this says how much of it
             from deltatune.training.compiling import compile_seconds
 
