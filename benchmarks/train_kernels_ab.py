@@ -10,7 +10,9 @@ are compared.
 
 Changes (``--change``): ``onednn`` (``training.cpu_linear``: frozen linears and the head's
 logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``); ``prefix``
-(``training.prefix``: the prompt prefix every example of a forward pass shares, run once).
+(``training.prefix``: the prompt prefix every example of a forward pass shares, run once);
+``budget`` (fp32 ``max_batch_tokens`` 640 against 512: with shared prefixes, a demo step's 8
+examples fit one pass).
 
     python benchmarks/train_kernels_ab.py --change onednn --rounds 6
     taskset -c 1 python benchmarks/train_kernels_ab.py --change prefix --rounds 8
@@ -44,8 +46,13 @@ def _prefix_toggle(trainer, on: bool) -> None:
     trainer.prefix_off = None if on else "off for the A/B run"
 
 
+def _budget_toggle(trainer, on: bool) -> None:
+    """fp32 ``max_batch_tokens`` 640 (on) against the former default 512 (off)."""
+    trainer.max_batch_tokens = 640 if on else 512
+
+
 # change -> toggle(trainer, on): switch the change on or off between steps.
-CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle}
+CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle, "budget": _budget_toggle}
 
 
 def timed_step(trainer, batch) -> tuple[float, float, float]:

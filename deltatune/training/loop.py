@@ -274,9 +274,13 @@ class Trainer:
         return loss, grad_norm, sum(lengths), lr, self.flops.step(lengths, n_labels).total
 
     def _pieces(self, global_batch: list[int], rank: int) -> list[list]:
-        """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``."""
+        """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``
+        (the tokens a pass computes: a prefix shared by its examples counts once)."""
+        from deltatune.training.prefix import split_shared
+
+        split = split_by_tokens if self.prefix_off is not None else split_shared
         return [piece for ids in micro_batches(global_batch, self.config.grad_accum, self.info.world, rank)
-                for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
+                for piece in split([self.train_data[i] for i in ids], self.max_batch_tokens)]
 
     def _unsharded(self):
         """Evaluation calls the decoder past the root's ``forward`` (``fsdp.as_root``)."""

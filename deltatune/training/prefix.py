@@ -139,3 +139,22 @@ def shared_hidden(decoder: nn.Module, call, batch) -> torch.Tensor:
     cache.batch_repeat_interleave(batch.input_ids.shape[0])                        # (R, kv, P, hd)
     rows = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=True, **{key: cache})
     return decoder(**call.prepare(rows, callee=decoder)).last_hidden_state       # (R, Ls, d)
+
+
+def split_shared(examples: list[Example], budget: int) -> list[list[Example]]:
+    """``batching.split_by_tokens`` for passes that run the examples' common prefix once: a pass
+    of k examples computes ``P + sum(len - P)`` tokens, and that is what ``budget`` bounds."""
+    from deltatune.training.batching import split_by_tokens
+
+    p = common_prefix(examples)
+    if budget <= 0 or p < MIN_PREFIX:
+        return split_by_tokens(examples, budget)
+    groups: list[list[Example]] = []
+    used = budget + 1
+    for ex in examples:
+        if used + len(ex) - p > budget:
+            groups.append([])
+            used = p
+        groups[-1].append(ex)
+        used += len(ex) - p
+    return groups
