@@ -12,7 +12,7 @@ Changes (``--change``): ``onednn`` (``training.cpu_linear``: frozen linears and 
 logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``); ``prefix``
 (``training.prefix``: the prompt prefix every example of a forward pass shares, run once);
 ``budget`` (fp32 ``max_batch_tokens`` 640 against 512: with shared prefixes, a demo step's 8
-examples fit one pass).
+examples fit one pass); ``swiglu`` (``training.fused``: SwiGLU MLPs keeping 2 activations, not 3).
 
     python benchmarks/train_kernels_ab.py --change onednn --rounds 6
     taskset -c 1 python benchmarks/train_kernels_ab.py --change prefix --rounds 8
@@ -51,8 +51,15 @@ def _budget_toggle(trainer, on: bool) -> None:
     trainer.max_batch_tokens = 640 if on else 512
 
 
+def _swiglu_toggle(trainer, on: bool) -> None:
+    """``training.fused.SwiGLU`` MLPs (on) against eager ``silu(gate) * up`` (off)."""
+    from deltatune.training.fused import FusedMLPs
+
+    trainer.fused_mlps = FusedMLPs(trainer.model) if on else None
+
+
 # change -> toggle(trainer, on): switch the change on or off between steps.
-CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle, "budget": _budget_toggle}
+CHANGES = {"swiglu": _swiglu_toggle, "onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle, "budget": _budget_toggle}
 
 
 def timed_step(trainer, batch) -> tuple[float, float, float]:

@@ -9,7 +9,7 @@ from deltatune import LoraConfig, get_peft_model
 from deltatune.training import TrainConfig, Trainer, load_dataset, prefix
 from deltatune.training.batching import collate
 from deltatune.training.data import IGNORE, Example
-from deltatune.training.loss import lm_loss_sum
+from deltatune.training.loss import label_only_parts, lm_loss_sum
 from test_training_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_training_helpers import chat_rows, make_tokenizer, tiny_causal_lm, write_jsonl
 
@@ -106,10 +106,14 @@ def test_rows_must_attend_to_the_prefix(tok, data):
 
 
 def test_why_not(tok):
-    assert prefix.why_not(lora_model(tok), True, 1, False, False, False) is None
-    assert "dropout" in prefix.why_not(lora_model(tok, dropout=0.1), True, 1, False, False, False)
-    assert "packing" in prefix.why_not(lora_model(tok), False, 1, False, False, False)
-    assert "compiled" in prefix.why_not(lora_model(tok), True, 1, False, True, False)
+    def why(model, packing=True, compiled=False):
+        return prefix.why_not(model, label_only_parts(model)[0], packing, 1, False, compiled, False)
+
+    assert why(lora_model(tok)) is None
+    assert "dropout" in why(lora_model(tok, dropout=0.1))
+    assert "packing" in why(lora_model(tok), packing=False)
+    assert "compiled" in why(lora_model(tok), compiled=True)
+    assert "KV cache" in prefix.why_not(lora_model(tok), None, True, 1, False, False, False)
 
 
 def test_trainer_shares_prefixes_with_the_same_result(tmp_path, tok, data, monkeypatch):

@@ -10,22 +10,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 
 from deltatune.training import distributed as D
 from deltatune.training.batching import collate, count_label_tokens, epoch_batches, micro_batches, \
-    split_by_tokens
+    split_by_tokens, split_shared
 from deltatune.training.checkpoints import TrainState, find_checkpoint, load_checkpoint, save_checkpoint, \
     trainable_parameters
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import Dataset
 from deltatune.training.evaluate import eval_loss, exact_match
 from deltatune.training.flops import FlopCounter, peak_flops
-from deltatune.training.loss import LossModule, packable, unwrap
+from deltatune.training.loss import LossModule, label_only_parts, packable, unwrap
 from deltatune.training.metrics import MetricsLog, Progress, fmt_duration, plot_loss_curve
 from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
@@ -148,10 +149,14 @@ class Trainer:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
         self.fast_linears = self._fast_linears()
+        from deltatune.training import fused
+
+        self.fused_mlps = fused.FusedMLPs(model) if os.environ.get(fused.ENV, "1") != "0" else None
         from deltatune.training import prefix
 
         # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)
-        self.prefix_off = prefix.why_not(model, self.packing, self.info.world, self.sharded,
+        parts = label_only_parts(model)
+        self.prefix_off = prefix.why_not(model, parts and parts[0], self.packing, self.info.world, self.sharded,
                                          self.compiler is not None, config.use_grad_checkpointing)
 
     # -- public ----------------------------------------------------------------------------------
@@ -276,8 +281,6 @@ class Trainer:
     def _pieces(self, global_batch: list[int], rank: int) -> list[list]:
         """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``
         (the tokens a pass computes: a prefix shared by its examples counts once)."""
-        from deltatune.training.prefix import split_shared
-
         split = split_by_tokens if self.prefix_off is not None else split_shared
         return [piece for ids in micro_batches(global_batch, self.config.grad_accum, self.info.world, rank)
                 for piece in split([self.train_data[i] for i in ids], self.max_batch_tokens)]
@@ -373,10 +376,16 @@ class Trainer:
         return compiling.LayerCompiler(self.model)
 
     def _kernels(self):
-        """The training forward's kernel switches: compiled layers, else oneDNN's frozen linears."""
+        """The training forward's kernel switches: compiled layers, else oneDNN's frozen linears
+        and ``fused.SwiGLU`` MLPs."""
         if self.compiler is not None and self.compiler.enabled:
             return self.compiler.active()
-        return self.fast_linears.active() if self.fast_linears is not None else nullcontext()
+        stack = ExitStack()
+        if self.fast_linears is not None:
+            stack.enter_context(self.fast_linears.active())
+        if self.fused_mlps is not None:
+            stack.enter_context(self.fused_mlps.active())
+        return stack
 
     def _fast_linears(self):
         """``cpu_linear.FastLinears`` where it applies (fp32 on the CPU, unsharded, eager), else None."""

@@ -126,6 +126,12 @@ def packable(model) -> bool:
     return registry.method_of(configs[active]).packable
 
 
+def label_only_parts(model: nn.Module):
+    """``(decoder, head, plain)`` of the model inside ``model`` where the loss calls its decoder
+    on its own (the label-only head path), else None."""
+    return _fast_parts(unwrap(model))
+
+
 def _fast_parts(hf: nn.Module):
     """``(decoder, head, plain)`` if the label-only path applies, else None."""
     get_decoder = getattr(hf, "get_decoder", None)

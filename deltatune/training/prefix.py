@@ -7,7 +7,7 @@ they are the same in every example; computing them once per forward pass and let
 example's remaining tokens attend to that one copy gives the same loss and the same gradients
 (fp32 rounding aside), with fewer tokens through every linear layer.
 
-How (``shared_collate`` + ``shared_hidden``): the longest common prefix of a forward pass's
+How (``batching.shared_collate`` + ``shared_hidden``): the longest common prefix of a forward pass's
 examples, cut so that it carries no label (none of its positions predicts a label token), runs
 through the decoder once as a (1, P) row with a KV cache; the cache is repeated over the rows and
 each example's suffix runs as its own row after it (positions from P on, padding at the row end,
@@ -80,11 +80,10 @@ def cache_kwarg(decoder: nn.Module) -> str | None:
     return None
 
 
-def why_not(model: nn.Module, packing: bool, world: int, sharded: bool, compiled: bool,
-            checkpointing: bool) -> str | None:
-    """Why a run does not share prompt prefixes, or None where it does (see the module doc)."""
-    from deltatune.training.loss import _fast_parts, unwrap
-
+def why_not(model: nn.Module, decoder: nn.Module | None, packing: bool, world: int, sharded: bool,
+            compiled: bool, checkpointing: bool) -> str | None:
+    """Why a run does not share prompt prefixes, or None where it does (see the module doc).
+    ``decoder``: the model's decoder where the loss calls it on its own (``loss.label_only_parts``)."""
     if not enabled_by_env():
         return f"{ENV}=0"
     if not packing:
@@ -93,32 +92,9 @@ def why_not(model: nn.Module, packing: bool, world: int, sharded: bool, compiled
         return "not with several processes, FSDP, compiled layers or gradient checkpointing"
     if dropout_active(model):
         return "dropout is on (shared positions would share one dropout mask)"
-    parts = _fast_parts(unwrap(model))
-    if parts is None or cache_kwarg(parts[0]) is None:
+    if decoder is None or cache_kwarg(decoder) is None:
         return "the model's decoder cannot be called on its own with a KV cache"
     return None
-
-
-def shared_collate(examples: list[Example], pad_id: int = 0):
-    """A ``Batch`` whose ``prefix`` (P,) holds the examples' shared prefix and whose rows hold
-    each example's rest (one example a row, positions from P on), or None where no prefix of at
-    least ``MIN_PREFIX`` tokens is shared."""
-    from deltatune.training.batching import Batch, shifted_targets
-
-    p = common_prefix(examples)
-    if p < MIN_PREFIX:
-        return None
-    lengths = [len(e) - p for e in examples]
-    width = max(lengths)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)              # (R, Ls)
-    pos = (torch.arange(width) + p).repeat(len(examples), 1)                       # (R, Ls)
-    tgt = torch.full((len(examples), width), IGNORE, dtype=torch.long)             # (R, Ls)
-    for r, (ex, n) in enumerate(zip(examples, lengths)):
-        ids[r, :n] = torch.tensor(ex.input_ids[p:])
-        tgt[r, :n] = torch.tensor(shifted_targets(ex)[p:])
-    prefix = torch.tensor(examples[0].input_ids[:p], dtype=torch.long)             # (P,)
-    # padding continues each row's positions: causal attention hides it from the real tokens
-    return Batch(ids, pos, tgt, sum(len(e) for e in examples), int((tgt != IGNORE).sum()), prefix)
 
 
 def shared_hidden(decoder: nn.Module, call, batch) -> torch.Tensor:
@@ -140,21 +116,3 @@ def shared_hidden(decoder: nn.Module, call, batch) -> torch.Tensor:
     rows = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=True, **{key: cache})
     return decoder(**call.prepare(rows, callee=decoder)).last_hidden_state       # (R, Ls, d)
 
-
-def split_shared(examples: list[Example], budget: int) -> list[list[Example]]:
-    """``batching.split_by_tokens`` for passes that run the examples' common prefix once: a pass
-    of k examples computes ``P + sum(len - P)`` tokens, and that is what ``budget`` bounds."""
-    from deltatune.training.batching import split_by_tokens
-
-    p = common_prefix(examples)
-    if budget <= 0 or p < MIN_PREFIX:
-        return split_by_tokens(examples, budget)
-    groups: list[list[Example]] = []
-    used = budget + 1
-    for ex in examples:
-        if used + len(ex) - p > budget:
-            groups.append([])
-            used = p
-        groups[-1].append(ex)
-        used += len(ex) - p
-    return groups
