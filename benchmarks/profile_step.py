@@ -9,6 +9,7 @@ the table also sums the time by kind (matmul, attention, elementwise, ...).
     python benchmarks/profile_step.py --dtype bfloat16
     python benchmarks/profile_step.py --dtype float32 --top 15
     taskset -c 1 python benchmarks/profile_step.py --dtype float32 --threads 1   # as --concurrent trains
+    taskset -c 1 python benchmarks/profile_step.py --dtype float32 --threads 1 --by-source [--contender hf]
 
 On a shared machine profile with ``--threads 1`` on a pinned core: with two threads, every small
 op waits for a thread the other processes hold, and elementwise ops looked like 45% of an fp32
@@ -29,7 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results"
+
+from profile_sources import by_source, tag_modules  # noqa: E402
 
 # Op name -> kind, for the summary (first match wins; names are aten's).
 KINDS = (
@@ -64,6 +68,8 @@ def main() -> int:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="train with compile=True")
+    p.add_argument("--by-source", action="store_true",
+                   help="also sum op time by the part of the model that ran it (profile_sources.py)")
     p.add_argument("--contender", default="deltatune", choices=["deltatune", "hf"],
                    help="hf: peft + a transformers training step (padded batch, full logits) instead")
     args = p.parse_args()
@@ -95,6 +101,8 @@ def main() -> int:
         model.train()
         batches = trainer._epoch_batches(0)[args.warmup:total]
         tokens = sum(len(train[i]) for b in batches for i in b)
+        if args.by_source:
+            tag_modules(model)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for b in batches:
@@ -133,6 +141,8 @@ def profile_hf(args):
 
     for b in batches[:args.warmup]:
         step(b)
+    if args.by_source:
+        tag_modules(model)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[args.warmup:])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -170,13 +180,18 @@ def report(args, prof, wall: float, tokens: int, n_steps: int) -> int:
     lines += ["", "| kind | share of step |", "|---|---|"]
     for kind, share in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {share:.1%} |")
+    sources = by_source(prof) if args.by_source else {}
+    if sources:
+        lines += ["", "| source (forward / backward) | time/step | share of step |", "|---|---|---|"]
+        lines += [f"| {src} | {1000 * s / n_steps:,.0f} ms | {s / wall:.1%} |" for src, s in sources.items()]
     md = "\n".join(lines)
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"profile_step_{'hf_' if args.contender == 'hf' else ''}{args.dtype}{'_compiled' if args.compile else ''}.json"
+    name = f"profile_step_{'sources_' if args.by_source else ''}{'hf_' if args.contender == 'hf' else ''}{args.dtype}{'_compiled' if args.compile else ''}.json"
     atomic_write_json(RESULTS / name, {"dtype": args.dtype, "threads": torch.get_num_threads(),
                                        "steps": n_steps, "step_s": step_s, "tokens": tokens,
                                        "load_average": os.getloadavg(), "ops": rows[:40], "kinds": kinds,
+                                       "sources_s_per_step": {k: v / n_steps for k, v in sources.items()},
                                        "table": md})
     return 0
 
