@@ -152,3 +152,15 @@ def test_fused_mlps_keep_the_model_and_its_gradients_the_same(tok):
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, msg=name)
+
+
+def test_trainer_fuses_mlps_except_under_gradient_checkpointing(tmp_path, tok, train_set):
+    def trainer(name, **kw):
+        cfg = TrainConfig(out=str(tmp_path / name), batch_size=4, lr=5e-3, max_steps=2, dtype="float32",
+                          progress=False, eval_exact_match=False, seed=0, **kw)
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_causal_lm(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        return Trainer(model, tok, cfg, train_set)
+
+    assert len(trainer("on").fused_mlps.mlps) == 2
+    assert trainer("ckpt", grad_checkpointing=True).fused_mlps is None

@@ -151,7 +151,9 @@ class Trainer:
         self.fast_linears = self._fast_linears()
         from deltatune.training import fused
 
-        self.fused_mlps = fused.FusedMLPs(model) if os.environ.get(fused.ENV, "1") != "0" else None
+        # not under gradient checkpointing: its recompute runs after active() has ended, eagerly
+        self.fused_mlps = fused.FusedMLPs(model) if os.environ.get(fused.ENV, "1") != "0" \
+            and not config.use_grad_checkpointing else None
         from deltatune.training import prefix
 
         # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)
