@@ -153,7 +153,8 @@ def child_deltatune(args, dtype: str, compile: bool = False) -> dict:
         cfg = TrainConfig(data=args.train_file, batch_size=args.batch, max_steps=args.steps, lr=args.lr,
                           schedule="linear", warmup_steps=0, seed=args.seed, dtype=dtype, out=out,
                           progress=False, r=16, alpha=32, target="all-linear", device=args.device,
-                          **({"compile": True} if compile else {}))
+                          **({"compile": True} if compile else {}),
+                          **({"max_batch_tokens": args.max_batch_tokens} if getattr(args, "max_batch_tokens", None) else {}))
         device = torch_device(args)
         model, tok = load_model(cfg, device)
         tok, train_ds, eval_ds = load_data(args)
