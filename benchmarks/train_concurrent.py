@@ -79,6 +79,16 @@ def overlap(a: dict, b: dict) -> float:
     return max(0.0, common) / min(s[1] - s[0] for s in spans)
 
 
+def cpu_ratio(base: dict, other: dict) -> float | None:
+    """``other``'s tokens per CPU second of training over ``base``'s: with one thread each, the
+    speed per unit of core time each got, which a third process that happens to sit on one of the
+    two cores does not skew (wall-clock ratios assume both cores are equally busy). None where a
+    child did not report its CPU time."""
+    if not base.get("train_cpu_s") or not other.get("train_cpu_s"):
+        return None
+    return (other["tokens"] / other["train_cpu_s"]) / (base["tokens"] / base["train_cpu_s"])
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -89,6 +99,7 @@ def summarize(names: list[str], rounds: list[dict]) -> dict:
     per_round = [{"round": i + 1, "cores": {n: r[n]["core"] for n in names},
                   "speed_ratio": r[other]["tokens_per_s"] / r[base]["tokens_per_s"],
                   "rss_ratio": r[other]["peak_rss_mb"] / r[base]["peak_rss_mb"],
+                  "cpu_speed_ratio": cpu_ratio(r[base], r[other]),
                   "training_overlap": overlap(r[base], r[other])} for i, r in enumerate(rounds)]
     contenders = {}
     for n in names:
@@ -99,7 +110,9 @@ def summarize(names: list[str], rounds: list[dict]) -> dict:
         contenders[n]["peak_rss_mb_max"] = max(contenders[n]["peak_rss_mb"])
     return {"baseline": base, "contender": other, "per_round": per_round, "contenders": contenders,
             "speed_ratio_geomean": _geomean([p["speed_ratio"] for p in per_round]),
-            "rss_ratio_geomean": _geomean([p["rss_ratio"] for p in per_round])}
+            "rss_ratio_geomean": _geomean([p["rss_ratio"] for p in per_round]),
+            "cpu_speed_ratio_geomean": _geomean([p["cpu_speed_ratio"] for p in per_round])
+            if all(p["cpu_speed_ratio"] for p in per_round) else None}
 
 
 def table(names: list[str], rounds: list[dict], summary: dict, label) -> str:
@@ -112,12 +125,17 @@ def table(names: list[str], rounds: list[dict], summary: dict, label) -> str:
             em = "-" if x.get("exact_match") is None else f"{x['exact_match']:.1%}"
             lines.append(f"| {x['round']} | {label(n)} | {x['core']} | {x['tokens_per_s']:,.0f} | {x['train_s']:.0f} | "
                          f"{x['peak_rss_mb']:,.0f} MB | {em} | {x['eval_loss']:.4f} |")
-    lines += ["", f"| round | {names[1]} / {names[0]} tokens/s | peak RSS ratio | training overlap |",
-              "|---|---|---|---|"]
+    lines += ["", f"| round | {names[1]} / {names[0]} tokens/s | tokens per CPU s | peak RSS ratio | training overlap |",
+              "|---|---|---|---|---|"]
+
+    def x_or_dash(v):
+        return "-" if v is None else f"{v:.2f}x"
+
     for p in summary["per_round"]:
-        lines.append(f"| {p['round']} | {p['speed_ratio']:.2f}x | {p['rss_ratio']:.2f}x | {p['training_overlap']:.0%} |")
+        lines.append(f"| {p['round']} | {p['speed_ratio']:.2f}x | {x_or_dash(p.get('cpu_speed_ratio'))} | "
+                     f"{p['rss_ratio']:.2f}x | {p['training_overlap']:.0%} |")
     lines.append(f"| geometric mean (cores swapped between rounds) | **{summary['speed_ratio_geomean']:.2f}x** | "
-                 f"**{summary['rss_ratio_geomean']:.2f}x** | |")
+                 f"{x_or_dash(summary.get('cpu_speed_ratio_geomean'))} | **{summary['rss_ratio_geomean']:.2f}x** | |")
     return "\n".join(lines)
 
 

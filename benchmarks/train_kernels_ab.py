@@ -9,9 +9,13 @@ other processes on a shared core do not inflate). Both arms update the same adap
 are compared.
 
 Changes (``--change``): ``onednn`` (``training.cpu_linear``: frozen linears and the head's
-logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``).
+logits through oneDNN instead of MKL; toggled by ``DELTATUNE_ONEDNN_LINEAR``); ``prefix``
+(``training.prefix``: the prompt prefix every example of a forward pass shares, run once);
+``budget`` (fp32 ``max_batch_tokens`` 640 against 512: with shared prefixes, a demo step's 8
+examples fit one pass); ``swiglu`` (``training.fused``: SwiGLU MLPs keeping 2 activations, not 3).
 
     python benchmarks/train_kernels_ab.py --change onednn --rounds 6
+    taskset -c 1 python benchmarks/train_kernels_ab.py --change prefix --rounds 8
 
 Prints a markdown table and writes benchmarks/results/train_kernels_ab_<change>.json.
 """
@@ -37,8 +41,25 @@ def _env_toggle(name: str):
     return toggle
 
 
+def _prefix_toggle(trainer, on: bool) -> None:
+    """``training.prefix``: the shared prompt prefix once per forward pass, or in every row."""
+    trainer.prefix_off = None if on else "off for the A/B run"
+
+
+def _budget_toggle(trainer, on: bool) -> None:
+    """fp32 ``max_batch_tokens`` 640 (on) against the former default 512 (off)."""
+    trainer.max_batch_tokens = 640 if on else 512
+
+
+def _swiglu_toggle(trainer, on: bool) -> None:
+    """``training.fused.SwiGLU`` MLPs (on) against eager ``silu(gate) * up`` (off)."""
+    from deltatune.training.fused import FusedMLPs
+
+    trainer.fused_mlps = FusedMLPs(trainer.model) if on else None
+
+
 # change -> toggle(trainer, on): switch the change on or off between steps.
-CHANGES = {"onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR")}
+CHANGES = {"swiglu": _swiglu_toggle, "onednn": _env_toggle("DELTATUNE_ONEDNN_LINEAR"), "prefix": _prefix_toggle, "budget": _budget_toggle}
 
 
 def timed_step(trainer, batch) -> tuple[float, float, float]:

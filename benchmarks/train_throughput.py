@@ -128,7 +128,8 @@ def child_command(name: str, args, peaks: dict, tmp: Path, core: int | None = No
     cmd = [sys.executable, __file__, "--child", name.split("@")[0], *extra, "--threads", str(args.threads),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--lr", str(args.lr), "--seed", str(args.seed), "--train-file", args.train_file,
-           "--eval-file", args.eval_file, "--device", args.device] + (["--exact-match"] if args.exact_match else [])
+           "--eval-file", args.eval_file, "--device", args.device] + (["--exact-match"] if args.exact_match else []) \
+        + (["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens is not None else [])
     if barrier is not None:
         cmd += ["--barrier", str(barrier), "--barrier-n", "2"]
     if core is not None:
@@ -237,6 +238,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="--concurrent: rounds, cores swapped between them")
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("A", "B"),
                    help="--concurrent: the two cores (taskset -c)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="deltatune contenders: TrainConfig.max_batch_tokens (default: deltatune's own)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs the children there)")
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--package-root", help=argparse.SUPPRESS)

@@ -90,3 +90,22 @@ def test_concurrent_arguments_pin_one_thread_and_score_exact_match(tmp_path):
     with pytest.raises(SystemExit):
         tt.parse_args(["--concurrent", "--only", "hf", "deltatune", "deltatune-fp32"])
     assert json.loads(json.dumps(tt.contender_order(args))) == ["hf", "deltatune"]
+
+
+def test_cpu_time_ratio_is_reported_beside_the_wall_clock_ratio():
+    """A third process on one core halves that contender's wall-clock speed, not its speed per
+    CPU second: the summary gives both (``cpu_speed_ratio``; None where a child gave no CPU time)."""
+    def res(tokens_per_s, cpu_s, core, rnd):
+        return {"tokens_per_s": tokens_per_s, "tokens": 1000, "train_s": 1000 / tokens_per_s, "train_cpu_s": cpu_s,
+                "train_end_unix": 100.0, "peak_rss_mb": 100.0, "exact_match": 0.5, "eval_loss": 1.0, "core": core,
+                "round": rnd}
+
+    rounds = [{"a": res(10, 100, 0, 1), "b": res(10, 50, 1, 1)}, {"a": res(10, 100, 1, 2), "b": res(20, 50, 0, 2)}]
+    summary = conc.summarize(["a", "b"], rounds)
+    assert [p["cpu_speed_ratio"] for p in summary["per_round"]] == [2.0, 2.0]
+    assert math.isclose(summary["cpu_speed_ratio_geomean"], 2.0)
+    assert math.isclose(summary["speed_ratio_geomean"], 2 ** 0.5)
+    del rounds[0]["a"]["train_cpu_s"]
+    summary = conc.summarize(["a", "b"], rounds)
+    assert summary["per_round"][0]["cpu_speed_ratio"] is None and summary["cpu_speed_ratio_geomean"] is None
+    assert "| 1 | 1.00x | - |" in conc.table(["a", "b"], rounds, summary, str)

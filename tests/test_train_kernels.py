@@ -111,3 +111,56 @@ def test_trainer_uses_fast_linears_only_for_eager_fp32_cpu_runs(tmp_path, tok, t
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)
     monkeypatch.delenv(cpu_linear.ENV)
     assert Trainer(wrapped(), tok, cfg("ckpt", grad_checkpointing=True), train_set).fast_linears is None
+
+
+def test_swiglu_matches_eager_forward_and_gradients():
+    from deltatune.training.fused import SwiGLU
+
+    torch.manual_seed(0)
+    gate = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)          # (B, T, I)
+    up = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 40, dtype=torch.float64)
+    (SwiGLU.apply(gate, up) * g).sum().backward()
+    ours = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    (F.silu(gate) * up * g).sum().backward()
+    torch.testing.assert_close(ours[0], gate.grad)
+    torch.testing.assert_close(ours[1], up.grad)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate[:1, :2, :6].detach().requires_grad_(),
+                                                   up[:1, :2, :6].detach().requires_grad_()))
+
+
+def test_fused_mlps_keep_the_model_and_its_gradients_the_same(tok):
+    from deltatune.training.fused import FusedMLPs
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_causal_lm(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    fused = FusedMLPs(model)
+    assert len(fused.mlps) == 2                                                     # one per layer
+    ids = torch.randint(3, len(tok), (2, 9))
+    results = []
+    for on in (True, False):
+        model.zero_grad(set_to_none=True)
+        with fused.active() if on else torch.enable_grad():
+            logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert all("forward" not in m.__dict__ for m in fused.mlps)                     # restored
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, msg=name)
+
+
+def test_trainer_fuses_mlps_except_under_gradient_checkpointing(tmp_path, tok, train_set):
+    def trainer(name, **kw):
+        cfg = TrainConfig(out=str(tmp_path / name), batch_size=4, lr=5e-3, max_steps=2, dtype="float32",
+                          progress=False, eval_exact_match=False, seed=0, **kw)
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_causal_lm(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        return Trainer(model, tok, cfg, train_set)
+
+    assert len(trainer("on").fused_mlps.mlps) == 2
+    assert trainer("ckpt", grad_checkpointing=True).fused_mlps is None

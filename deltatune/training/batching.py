@@ -17,6 +17,9 @@ which transformers' ``masking_utils`` turns into a block-diagonal causal mask wh
 before 5.0 only on torch >= 2.6). Older versions would let packed sequences attend to each other,
 so ``collate(packing=True)`` refuses them (``compat.check_packing_support``). Padding sits only at
 row ends, where causal attention makes it invisible to real tokens; padded positions carry no label.
+
+Shared prefix (``share_prefix``, ``training.prefix``): where a forward pass's examples start with
+the same unlabelled tokens, the batch carries them once and one row per example of what follows.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 from deltatune.training.compat import check_packing_support
 from deltatune.training.data import IGNORE, Example
+from deltatune.training.prefix import MIN_PREFIX, common_prefix
 
 
 def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
@@ -73,6 +77,8 @@ class Batch:
             (already shifted), -100 where there is none.
         tokens: real (non-pad) tokens in the batch.
         label_tokens: positions carrying a target.
+        prefix: (P,) long, or None: tokens every row continues (``shared_collate``); the
+            rows then hold what follows them, positions from P on.
     """
 
     input_ids: torch.Tensor
@@ -80,10 +86,11 @@ class Batch:
     targets: torch.Tensor
     tokens: int
     label_tokens: int
+    prefix: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                     self.tokens, self.label_tokens)
+                     self.tokens, self.label_tokens, None if self.prefix is None else self.prefix.to(device))
 
 
 def shifted_targets(example: Example) -> list[int]:
@@ -107,13 +114,19 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[Example], packing: bool = True, pad_id: int = 0) -> Batch:
-    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row.
+def collate(examples: list[Example], packing: bool = True, pad_id: int = 0, share_prefix: bool = False) -> Batch:
+    """Build a ``Batch`` from examples: packed rows (``packing``) or one sequence per row; with
+    ``share_prefix``, their common unlabelled prefix once and one row per example after it
+    (``shared_collate``) where they share one of at least ``prefix.MIN_PREFIX`` tokens.
 
     Raises:
         compat.PackingUnsupportedError: ``packing`` with a transformers/torch whose attention masks
             would let packed sequences see each other.
     """
+    if share_prefix:
+        shared = shared_collate(examples, pad_id)
+        if shared is not None:
+            return shared
     if packing:
         check_packing_support()
     lengths = [len(e) for e in examples]
@@ -159,3 +172,40 @@ def split_by_tokens(examples: list[Example], budget: int) -> list[list[Example]]
 def count_label_tokens(examples: list[Example]) -> int:
     """Targets in these examples (labels after the first position)."""
     return sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+
+
+def shared_collate(examples: list[Example], pad_id: int = 0) -> Batch | None:
+    """A ``Batch`` whose ``prefix`` (P,) holds the examples' shared prefix and whose rows hold
+    each example's rest (one example a row, positions from P on), or None where no prefix of at
+    least ``MIN_PREFIX`` tokens is shared."""
+    p = common_prefix(examples)
+    if p < MIN_PREFIX:
+        return None
+    lengths = [len(e) - p for e in examples]
+    width = max(lengths)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)              # (R, Ls)
+    pos = (torch.arange(width) + p).repeat(len(examples), 1)                       # (R, Ls)
+    tgt = torch.full((len(examples), width), IGNORE, dtype=torch.long)             # (R, Ls)
+    for r, (ex, n) in enumerate(zip(examples, lengths)):
+        ids[r, :n] = torch.tensor(ex.input_ids[p:])
+        tgt[r, :n] = torch.tensor(shifted_targets(ex)[p:])
+    prefix = torch.tensor(examples[0].input_ids[:p], dtype=torch.long)             # (P,)
+    # padding continues each row's positions: causal attention hides it from the real tokens
+    return Batch(ids, pos, tgt, sum(len(e) for e in examples), int((tgt != IGNORE).sum()), prefix)
+
+
+def split_shared(examples: list[Example], budget: int) -> list[list[Example]]:
+    """``split_by_tokens`` for passes that run the examples' common prefix once: a pass
+    of k examples computes ``P + sum(len - P)`` tokens, and that is what ``budget`` bounds."""
+    p = common_prefix(examples)
+    if budget <= 0 or p < MIN_PREFIX:
+        return split_by_tokens(examples, budget)
+    groups: list[list[Example]] = []
+    used = budget + 1
+    for ex in examples:
+        if used + len(ex) - p > budget:
+            groups.append([])
+            used = p
+        groups[-1].append(ex)
+        used += len(ex) - p
+    return groups

@@ -10,22 +10,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 
 from deltatune.training import distributed as D
 from deltatune.training.batching import collate, count_label_tokens, epoch_batches, micro_batches, \
-    split_by_tokens
+    split_by_tokens, split_shared
 from deltatune.training.checkpoints import TrainState, find_checkpoint, load_checkpoint, save_checkpoint, \
     trainable_parameters
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import Dataset
 from deltatune.training.evaluate import eval_loss, exact_match
 from deltatune.training.flops import FlopCounter, peak_flops
-from deltatune.training.loss import LossModule, packable, unwrap
+from deltatune.training.loss import LossModule, label_only_parts, packable, unwrap
 from deltatune.training.metrics import MetricsLog, Progress, fmt_duration, plot_loss_curve
 from deltatune.training.precision import autocast_for, bound_cpu_kernel_caches, resolve_dtype
 
@@ -148,6 +149,17 @@ class Trainer:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
         self.fast_linears = self._fast_linears()
+        from deltatune.training import fused
+
+        # not under gradient checkpointing: its recompute runs after active() has ended, eagerly
+        self.fused_mlps = fused.FusedMLPs(model) if os.environ.get(fused.ENV, "1") != "0" \
+            and not config.use_grad_checkpointing else None
+        from deltatune.training import prefix
+
+        # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)
+        parts = label_only_parts(model)
+        self.prefix_off = prefix.why_not(model, parts and parts[0], self.packing, self.info.world, self.sharded,
+                                         self.compiler is not None, config.use_grad_checkpointing)
 
     # -- public ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -242,7 +254,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k in range(passes):
             extra = k >= len(pieces)  # a zero-weighted repeat, only to join the other ranks' collectives
-            batch = collate(pieces[min(k, len(pieces) - 1)], self.packing, self.pad_id).to(self.device)
+            batch = collate(pieces[min(k, len(pieces) - 1)], self.packing, self.pad_id,
+                            share_prefix=self.prefix_off is None).to(self.device)
             last = k == passes - 1  # DDP all-reduces once per step, on each rank's last backward
             sync = nullcontext() if (last or not info.enabled or self.sharded) else self.loss_module.no_sync()
             with sync:
@@ -268,9 +281,11 @@ class Trainer:
         return loss, grad_norm, sum(lengths), lr, self.flops.step(lengths, n_labels).total
 
     def _pieces(self, global_batch: list[int], rank: int) -> list[list]:
-        """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``."""
+        """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``
+        (the tokens a pass computes: a prefix shared by its examples counts once)."""
+        split = split_by_tokens if self.prefix_off is not None else split_shared
         return [piece for ids in micro_batches(global_batch, self.config.grad_accum, self.info.world, rank)
-                for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens)]
+                for piece in split([self.train_data[i] for i in ids], self.max_batch_tokens)]
 
     def _unsharded(self):
         """Evaluation calls the decoder past the root's ``forward`` (``fsdp.as_root``)."""
@@ -304,7 +319,8 @@ class Trainer:
                   "mfu": round(self.state.model_flops / max(self.state.elapsed_s, 1e-9) / self.peak, 6),
                   "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
                   "peak_gflops": round(self.peak / 1e9, 1),
-                  "final_loss": train_loss[-1] if train_loss else None}
+                  "final_loss": train_loss[-1] if train_loss else None,
+                  "prefix_sharing": self.prefix_off or "on"}
         if self.compiler is not None:  # compile time is inside train_time_s; this says how much of it
             from deltatune.training.compiling import compile_seconds
 
@@ -362,10 +378,16 @@ class Trainer:
         return compiling.LayerCompiler(self.model)
 
     def _kernels(self):
-        """The training forward's kernel switches: compiled layers, else oneDNN's frozen linears."""
+        """The training forward's kernel switches: compiled layers, else oneDNN's frozen linears
+        and ``fused.SwiGLU`` MLPs."""
         if self.compiler is not None and self.compiler.enabled:
             return self.compiler.active()
-        return self.fast_linears.active() if self.fast_linears is not None else nullcontext()
+        stack = ExitStack()
+        if self.fast_linears is not None:
+            stack.enter_context(self.fast_linears.active())
+        if self.fused_mlps is not None:
+            stack.enter_context(self.fused_mlps.active())
+        return stack
 
     def _fast_linears(self):
         """``cpu_linear.FastLinears`` where it applies (fp32 on the CPU, unsharded, eager), else None."""

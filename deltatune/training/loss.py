@@ -126,6 +126,12 @@ def packable(model) -> bool:
     return registry.method_of(configs[active]).packable
 
 
+def label_only_parts(model: nn.Module):
+    """``(decoder, head, plain)`` of the model inside ``model`` where the loss calls its decoder
+    on its own (the label-only head path), else None."""
+    return _fast_parts(unwrap(model))
+
+
 def _fast_parts(hf: nn.Module):
     """``(decoder, head, plain)`` if the label-only path applies, else None."""
     get_decoder = getattr(hf, "get_decoder", None)
@@ -187,6 +193,9 @@ def _weighted_sum(ce: torch.Tensor, w: torch.Tensor | None, ce_out: torch.Tensor
 def _label_loss(hf, batch: Batch, call, sel, targets, w, ce_out) -> torch.Tensor:
     parts = _fast_parts(hf)
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if parts is None and batch.prefix is not None:
+        raise ValueError(f"{type(hf).__name__}: a batch with a shared prefix needs the decoder and head "
+                         "called separately (see training.prefix.why_not)")
     if parts is None:  # the whole model, called as PeftModel.forward calls it, without peft's extra
         # forward of the virtual tokens alone (their logits would be sliced away here)
         logits = hf(**call.prepare(kwargs)).logits[:, -sel.shape[1]:]  # (R, L, V)
@@ -194,7 +203,12 @@ def _label_loss(hf, batch: Batch, call, sel, targets, w, ce_out) -> torch.Tensor
     decoder, head, plain = parts
     inputs = call.prepare(kwargs, callee=decoder)                       # the method's inputs (virtual tokens)
     with cpu_bf16_attention(hf, batch.input_ids):
-        hidden = decoder(**inputs).last_hidden_state                            # (R, L, d)
+        if batch.prefix is None:
+            hidden = decoder(**inputs).last_hidden_state                        # (R, L, d)
+        else:  # the rows continue a prefix they share (training.prefix), which runs once
+            from deltatune.training.prefix import shared_hidden
+
+            hidden = shared_hidden(decoder, call, batch)                        # (R, L, d)
     hidden = hidden[sel]                                                        # (N, d)
     if plain:
         return linear_cross_entropy(hidden, head, targets, token_weights=w, ce_out=ce_out)
