@@ -300,15 +300,16 @@ def train_settings(dtype: str | None = None, seq_len: int = 2048) -> dict:
     """``plan`` keywords that mirror ``deltatune train`` on this machine's CPU.
 
     The compute dtype ``auto`` resolves to (bf16 on CPUs with AMX and bf16 GPUs, else fp32), its per-forward token
-    budget (``Trainer``: 1024 in bf16, 512 in fp32), and eager attention for bf16 rows up to
+    budget (``training.config.default_max_batch_tokens``), and eager attention for bf16 rows up to
     ``loss.EAGER_MAX_LEN`` tokens.
     """
     import torch
 
     from deltatune.devices import resolve_dtype
+    from deltatune.training.config import default_max_batch_tokens
     from deltatune.training.loss import EAGER_MAX_LEN
 
     resolved = resolve_dtype(dtype or "auto", torch.device("cpu"))
     bf16 = resolved == torch.bfloat16
-    return {"device": "cpu", "dtype": "bf16" if bf16 else "fp32", "max_batch_tokens": 1024 if bf16 else 512,
+    return {"device": "cpu", "dtype": "bf16" if bf16 else "fp32", "max_batch_tokens": default_max_batch_tokens(not bf16),
             "eager_attention": bf16 and seq_len <= EAGER_MAX_LEN}

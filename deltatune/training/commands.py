@@ -89,7 +89,7 @@ def _optimisation_flags(g) -> None:
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (default 8)")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--max-batch-tokens", type=int,
-                   help="tokens per forward pass; bigger micro-batches run in pieces (default 1024 in bf16, 512 in fp32; 0 = no limit)")
+                   help="tokens per forward pass; bigger micro-batches run in pieces (default 1024 in bf16, 600 in fp32; 0 = no limit)")
     g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--max-grad-norm", type=float, help="clip threshold, 0 = off (default 1)")

@@ -22,7 +22,7 @@ from deltatune.training.batching import collate, count_label_tokens, epoch_batch
     split_by_tokens, split_shared
 from deltatune.training.checkpoints import TrainState, find_checkpoint, load_checkpoint, save_checkpoint, \
     trainable_parameters
-from deltatune.training.config import TrainConfig
+from deltatune.training.config import TrainConfig, default_max_batch_tokens
 from deltatune.training.data import Dataset
 from deltatune.training.evaluate import eval_loss, exact_match
 from deltatune.training.flops import FlopCounter, peak_flops
@@ -114,7 +114,7 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self._autocast = autocast_for(self.dtype, self.device)
         self.max_batch_tokens = config.max_batch_tokens if config.max_batch_tokens is not None else \
-            (512 if self.dtype == torch.float32 else 1024)  # same activation bytes either way
+            default_max_batch_tokens(self.dtype == torch.float32)
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             bound_cpu_kernel_caches()
         self.params = list(trainable_parameters(model).values())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.training.config import TrainConfig
+from deltatune.training.config import TrainConfig, default_max_batch_tokens
 from deltatune.training.loss import lm_loss_sum
 from deltatune.training.many_checkpoint import load_many, save_many
 from deltatune.training.many_eval import EvalTask, eval_losses, exact_matches
@@ -50,7 +50,7 @@ class ManyTrainer:
         self.device, self.autocast = device, autocast
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_tokens = shared.max_batch_tokens if shared.max_batch_tokens is not None else \
-            (512 if dtype == torch.float32 else 1024)  # a solo run's default: the same activation bytes
+            default_max_batch_tokens(dtype == torch.float32)  # a solo run's default
         for run in runs:
             run.start(peft.base_model.adapter_parameters(run.name), device, log=True)
         self.step = 0
