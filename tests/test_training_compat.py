@@ -7,6 +7,8 @@ position, eager attention, and GPT-2, whose mask moved to ``masking_utils`` late
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import transformers
@@ -27,9 +29,16 @@ def examples(lengths=(9, 4, 3, 6, 2), vocab: int = 128, seed: int = 0) -> list[E
     return out
 
 
+def installed_transformers():
+    """The ``transformers`` module ``compat.installed_versions`` reads now: ``sys.modules``' entry,
+    which an earlier test file can leave different from the one imported when this file was
+    collected (seen after tests/test_training_loop.py), so patching that one changed nothing."""
+    return importlib.import_module("transformers")
+
+
 @pytest.mark.parametrize("old", ["4.46.0", "4.53.0", "4.54.1", "4.55.0.dev0"])
 def test_packing_refused_below_the_floor_naming_versions_and_why(monkeypatch, old):
-    monkeypatch.setattr(transformers, "__version__", old)
+    monkeypatch.setattr(installed_transformers(), "__version__", old)
     with pytest.raises(PackingUnsupportedError) as info:
         collate(examples(), packing=True)
     message = str(info.value)
@@ -42,13 +51,13 @@ def test_packing_refused_below_the_floor_naming_versions_and_why(monkeypatch, ol
 
 
 def test_packing_refused_on_old_torch_before_transformers_5(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    monkeypatch.setattr(installed_transformers(), "__version__", "4.57.6")
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     with pytest.raises(PackingUnsupportedError, match=r"torch 2\.5\.1\+cpu is installed.*torch>=2\.6"):
         check_packing_support()
     monkeypatch.setattr(torch, "__version__", "2.6.0+cpu")
     check_packing_support()
-    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    monkeypatch.setattr(installed_transformers(), "__version__", "5.0.0")
     monkeypatch.setattr(torch, "__version__", "2.5.1")
     check_packing_support()  # transformers 5 builds the packed mask on any torch it supports
 
