@@ -210,6 +210,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def reloads(row: dict) -> int:
+    """Steady-state loads of adapters some replica had loaded before (``steady_first_loads`` taken
+    out): the loads a router decides. An adapter whose first request comes after the warm-up (the
+    Zipf tail's rare ones) is loaded once under any routing."""
+    return row["steady_loads"] - row["steady_first_loads"]
+
+
 def ratios(rows: list[dict]) -> dict:
     """Per host tier: steady-state file loads (and engine file reads) of any-replica routing over affine."""
     out = {}
@@ -220,6 +227,7 @@ def ratios(rows: list[dict]) -> dict:
             out[f"cpu{cpu}"] = {"loads_any_over_affine": round(b["steady_loads"] / max(a["steady_loads"], 1), 2),
                                 "file_reads_any_over_affine": round(b["steady_file_reads"] /
                                                                     max(a["steady_file_reads"], 1), 2),
+                                "reloads_any_over_affine": round(reloads(b) / max(reloads(a), 1), 2),
                                 "target_4x_fewer_loads": bool(b["steady_loads"] >= 4 * a["steady_loads"])}
     return out
 
