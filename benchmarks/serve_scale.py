@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import queue
 import random
 import shlex
@@ -199,17 +198,6 @@ def run_config(base: str, dirs: dict, replicas: int, threads: int, modes: list[s
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def reloads(row: dict) -> int:
     """Steady-state loads of adapters some replica had loaded before (``steady_first_loads`` taken
     out): the loads a router decides. An adapter whose first request comes after the warm-up (the
@@ -268,7 +256,7 @@ def main(argv=None) -> int:
         "setup": {"model": "tiny random Llama (hidden 64, 2 layers, SmolLM2's tokenizer)" if args.model == "tiny"
                   else "SmolLM2-135M-Instruct", "adapters": args.adapters, "rank": 8, "clients": args.clients,
                   "requests": args.requests, "new_tokens": args.new_tokens, "max_loras": args.max_loras,
-                  "zipf_s": args.zipf, "cpu": cpu_name(), "cores": os.cpu_count(),
+                  "zipf_s": args.zipf, "cpu": mixed.cpu_name(), "cores": os.cpu_count(),
                   "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                   "torch": torch.__version__, "ray": ray.__version__},
         "rows": rows,
