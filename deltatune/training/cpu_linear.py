@@ -91,16 +91,22 @@ class FastLinears:
         self.layers = frozen_linears(model)
         self._forwards = [_forward(m) for m in self.layers]  # made once: active() is entered every pass
 
-    @contextmanager
     def active(self):
         """Within this context the frozen linear layers compute through oneDNN."""
-        for m, forward in zip(self.layers, self._forwards):
-            m.forward = forward
-        try:
-            yield
-        finally:
-            for m in self.layers:
-                m.__dict__.pop("forward", None)
+        return forwards_swapped(self.layers, self._forwards)
+
+
+@contextmanager
+def forwards_swapped(modules: list[nn.Module], forwards: list):
+    """Within this context each module runs its given forward (an instance attribute, made once by
+    the caller); the class's forward comes back on exit, also on an error."""
+    for m, forward in zip(modules, forwards):
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
 
 
 def why_not(device: torch.device, dtype: torch.dtype, sharded: bool, compiled: bool,

@@ -12,10 +12,10 @@ are the same ops in the same order as eager (``aten::silu``, ``silu_backward``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from deltatune.training.cpu_linear import forwards_swapped
 
 # activation classes that compute ``F.silu`` (torch's, and transformers 5's ``ACT2FN["silu"]``)
 SILU = ("SiLU", "SiLUActivation")
@@ -67,13 +67,6 @@ class FusedMLPs:
         self.mlps = swiglu_mlps(model)
         self._forwards = [_forward(m) for m in self.mlps]
 
-    @contextmanager
     def active(self):
         """Within this context the MLPs compute ``silu(gate) * up`` through ``SwiGLU``."""
-        for m, forward in zip(self.mlps, self._forwards):
-            m.forward = forward
-        try:
-            yield
-        finally:
-            for m in self.mlps:
-                m.__dict__.pop("forward", None)
+        return forwards_swapped(self.mlps, self._forwards)
