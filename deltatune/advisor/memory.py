@@ -12,7 +12,8 @@ Every figure is bytes on one device. The terms, per trainable/frozen parameter a
   2 B weights + 2 B gradients + 12 B fp32 master copy and moments = 16 B per parameter.
 * activations kept for backward, per token and decoder layer (a Llama block, counted tensor by
   tensor in ``_layer_bytes``), times tokens per forward pass; with gradient checkpointing only each
-  block's input is kept, plus one block recomputed during backward.
+  block's input is kept, plus one block recomputed during backward (on a CPU, what glibc's heap
+  holds of the recomputes, measured: ``CPU_CKPT_BLOCKS``).
 * the output head's loss as ``deltatune train`` computes it: chunks of at most 2^24 logits.
 * framework overhead: the CUDA context and kernels, or on a CPU the process itself (Python, torch,
   transformers), measured on this project's CI machine (see ``CPU_RUNTIME_BYTES``).
@@ -37,6 +38,15 @@ CPU_RUNTIME_BYTES = 350 * MiB
 # freed activation blocks of varying shapes. Calibrated on the default model with `deltatune train`
 # (tests/test_advisor_measured.py: one constant for both LoRA and QLoRA runs).
 CPU_TRAIN_RUNTIME_BYTES = 1000 * MiB
+# A CPU run under gradient checkpointing (QLoRA's default) grows ~4x faster with tokens per pass
+# than the tensors it keeps: in backward, glibc's heap holds the recomputed block, its gradients
+# and the freed recomputes of the blocks before it (~8 blocks' activations), and the chunked loss
+# ~4 chunk-sized buffers (logits, probabilities, their gradient, one freed). Fitted to `deltatune
+# train --quantize nf4`'s peak RSS on the default model at 135-1040 tokens per pass (fp32, AMD
+# EPYC, 3-4 runs at 520: 1,376-1,677 MiB), with the process's own part fitted with it.
+CPU_CKPT_BLOCKS = 8
+CPU_CKPT_LOSS_BUFFERS = 4
+CPU_CKPT_RUNTIME_BYTES = 750 * MiB
 LOSS_CHUNK_LOGITS = 1 << 24  # deltatune.training.loss: ~2^24 logits per chunk
 
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "sgd": 0.0}
@@ -208,12 +218,14 @@ def _activations(shape: ModelShape, setup: Setup, method: str, checkpointing: bo
         T += setup.batch * setup.virtual_tokens if setup.max_batch_tokens == 0 else setup.virtual_tokens
     per_layer = _layer_bytes(shape, setup, method) * T
     b, d = setup.dtype_bytes, shape.hidden
+    cpu_ckpt = checkpointing and setup.device == "cpu"  # the heap's share: see CPU_CKPT_BLOCKS
     if checkpointing:  # each block's input, plus one block recomputed and its gradients
-        kept = shape.layers * b * d * T + 2 * per_layer
+        kept = shape.layers * b * d * T + (CPU_CKPT_BLOCKS if cpu_ckpt else 2) * per_layer
     else:  # every block, plus the gradients flowing through one of them
         kept = shape.layers * per_layer + per_layer
     chunk = min(T, max(16, LOSS_CHUNK_LOGITS // shape.vocab))
-    loss = chunk * shape.vocab * (4 + (b if b < 4 else 0)) + 2 * T * d * b  # logits + hidden and its grad
+    logits = chunk * shape.vocab * (4 * CPU_CKPT_LOSS_BUFFERS if cpu_ckpt else 4 + (b if b < 4 else 0))
+    loss = logits + 2 * T * d * b  # logits + hidden and its grad
     return int(kept + loss)
 
 
@@ -283,7 +295,8 @@ def estimate(method: str, shape: ModelShape, setup: Setup) -> Estimate:
     if method == "prompt":
         notes.append("prompt tuning: gradients still flow through the whole frozen base, so activations "
                      "are those of LoRA; only the (already small) adapter state shrinks")
-    overhead = CUDA_RUNTIME_BYTES if setup.device == "cuda" else CPU_TRAIN_RUNTIME_BYTES
+    overhead = CUDA_RUNTIME_BYTES if setup.device == "cuda" else \
+        CPU_CKPT_RUNTIME_BYTES if ckpt else CPU_TRAIN_RUNTIME_BYTES
     load_peak = _cpu_load_peak(method, shape, setup, base) if setup.device == "cpu" else 0
     file_bytes = 2 * n if method in ("full", "full-bf16") else 4 * n  # a 16-bit model, or fp32 adapter tensors
     return Estimate(method, LABELS[method], base, adapter, grads, state, act_ck if ckpt else act_no, act_no,
