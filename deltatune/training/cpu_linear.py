@@ -119,3 +119,16 @@ def why_not(device: torch.device, dtype: torch.dtype, sharded: bool, compiled: b
     if not available():
         return f"no oneDNN linear kernel in this torch (or {ENV}=0)"
     return None
+
+
+def fast_linears_for(model: nn.Module, device: torch.device, dtype: torch.dtype, sharded: bool = False,
+                     compiled: bool = False, checkpointing: bool = False) -> FastLinears | None:
+    """``FastLinears`` of ``model`` where they apply (``why_not`` is None), else None: the one
+    builder for ``deltatune train`` and ``train_many``, so a multi-task pass runs its frozen GEMMs
+    as a solo run does."""
+    if why_not(device, dtype, sharded, compiled, checkpointing) is not None:
+        return None
+    from deltatune.training.precision import bound_cpu_kernel_caches
+
+    bound_cpu_kernel_caches()  # oneDNN caches a kernel per shape, and row lengths vary
+    return FastLinears(model)

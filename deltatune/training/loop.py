@@ -393,11 +393,8 @@ class Trainer:
         """``cpu_linear.FastLinears`` where it applies (fp32 on the CPU, unsharded, eager), else None."""
         from deltatune.training import cpu_linear
 
-        if cpu_linear.why_not(self.device, self.dtype, self.sharded, self.compiler is not None,
-                              self.config.use_grad_checkpointing) is not None:
-            return None
-        bound_cpu_kernel_caches()  # oneDNN caches a kernel per shape, and row lengths vary
-        return cpu_linear.FastLinears(self.model)
+        return cpu_linear.fast_linears_for(self.model, self.device, self.dtype, self.sharded,
+                                           self.compiler is not None, self.config.use_grad_checkpointing)
 
     def _enable_grad_checkpointing(self) -> None:
         hf = unwrap(self.model)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.training import cpu_linear
 from deltatune.training.config import TrainConfig, default_max_batch_tokens
 from deltatune.training.loss import lm_loss_sum
 from deltatune.training.many_checkpoint import load_many, save_many
@@ -57,7 +58,8 @@ class ManyTrainer:
         self.elapsed = 0.0
         self.phases = {"train_s": 0.0, "eval_s": 0.0, "save_s": 0.0}   # this process's time in each
         self.total_steps = max(run.total_steps for run in runs)
-        self.fast_linears = _fast_linears(peft, device, dtype)
+        # oneDNN's frozen linears as a solo fp32 run has them (train_many refuses FSDP, compile, checkpointing)
+        self.fast_linears = cpu_linear.fast_linears_for(peft, device, dtype)
 
     def fit(self) -> dict[str, dict]:
         """Step until every task is done (resuming first if ``resume``); returns each task's result."""
@@ -261,19 +263,6 @@ class ManyTrainer:
         done = [run.name for run in self.runs if run.result is not None]
         print(f"resumed from {path} (run step {self.step}" + (f"; finished: {', '.join(done)}" if done else "") + ")",
               flush=True)
-
-
-def _fast_linears(peft, device, dtype):
-    """oneDNN's frozen linears (``cpu_linear.FastLinears``) where a solo run would use them: fp32 on
-    the CPU (train_many refuses FSDP, compile and gradient checkpointing), else None. Without them a
-    multi-task pass ran its frozen GEMMs slower than the solo runs it is compared with."""
-    from deltatune.training import cpu_linear
-    from deltatune.training.precision import bound_cpu_kernel_caches
-
-    if cpu_linear.why_not(device, dtype, False, False, False) is not None:
-        return None
-    bound_cpu_kernel_caches()  # oneDNN caches a kernel per shape, and row lengths vary
-    return cpu_linear.FastLinears(peft)
 
 
 def _show(progress: Progress, losses: dict[str, float], tokens_per_s: float) -> None:
