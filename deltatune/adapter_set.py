@@ -186,3 +186,25 @@ def rows_for(slots: torch.Tensor, n: int) -> torch.Tensor:
     if n % R:
         raise length_error(R, n)
     return slots.repeat_interleave(n // R)
+
+
+_RUNS: tuple | None = None   # (slots, n, runs) of the last call: every layer of a forward asks alike
+
+
+def row_runs(slots: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
+    """Per-row ``slots`` (R,) fitted to ``n`` rows (``rows_for``) as runs ``(start, end, slot)``
+    of consecutive rows with one slot, in order (a mixed training pass keeps each task's rows
+    together: one run per task). Cached for the last ``slots`` tensor, so the host copy happens
+    once per forward call, not once per layer."""
+    global _RUNS
+    if _RUNS is not None and _RUNS[0] is slots and _RUNS[1] == n:
+        return _RUNS[2]
+    rows = rows_for(slots, n).tolist()
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or rows[i] != rows[start]:
+            runs.append((start, i, rows[start]))
+            start = i
+    _RUNS = (slots, n, runs)
+    return runs
+

@@ -5,6 +5,8 @@ fused gather-matmul kernel (punica/S-LoRA style) would replace this one function
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 def lora_matmul(x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor, scale=1.0,
@@ -127,3 +129,23 @@ def may_add_in_place(x: torch.Tensor, result: torch.Tensor) -> bool:
     """True when the delta may be added into the base output in place: no autograd, same dtype,
     and an output whose memory is its own layout (a fresh, contiguous tensor)."""
     return not torch.is_grad_enabled() and x.dtype == result.dtype and result.is_contiguous()
+
+
+def by_runs(x: torch.Tensor, runs: list[tuple[int, int, int]], out_features: int, delta_of) -> torch.Tensor:
+    """A mixed batch's delta computed run by run: ``delta_of(slot, x[start:end])`` for each run
+    ``(start, end, slot)`` of ``adapter_set.row_runs`` (None: those rows get zeros, the base's),
+    joined in row order; ``x`` (n, ..., in) -> (n, ..., out).
+
+    What training's mixed passes use (their rows come grouped by task): gathering every row's
+    factors from a stacked bank keeps an (n, in, r) and an (n, r, out) copy per layer for
+    backward and restacks the bank on every call, since the factors change at every step.
+    """
+    parts = []
+    for start, end, slot in runs:
+        y = delta_of(slot, x[start:end])
+        parts.append(x.new_zeros(end - start, *x.shape[1:-1], out_features) if y is None else y)
+    if len(parts) == 1:
+        return parts[0]
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+    return torch.cat([p.to(dtype) for p in parts])
+

@@ -12,6 +12,8 @@ are the same ops in the same order as eager (``aten::silu``, ``silu_backward``).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -70,3 +72,13 @@ class FusedMLPs:
     def active(self):
         """Within this context the MLPs compute ``silu(gate) * up`` through ``SwiGLU``."""
         return forwards_swapped(self.mlps, self._forwards)
+
+
+def fused_mlps_for(model: nn.Module, checkpointing: bool = False) -> FusedMLPs | None:
+    """``FusedMLPs`` of ``model`` for ``deltatune train`` and ``train_many`` alike, or None where
+    they do not apply: under gradient checkpointing (its recompute runs after ``active()`` has
+    ended, eagerly) or with ``DELTATUNE_FUSED_MLP=0``."""
+    if checkpointing or os.environ.get(ENV, "1") == "0":
+        return None
+    return FusedMLPs(model)
+

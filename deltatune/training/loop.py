@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import os
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -149,11 +148,9 @@ class Trainer:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
         self.fast_linears = self._fast_linears()
-        from deltatune.training import fused
+        from deltatune.training.fused import fused_mlps_for
 
-        # not under gradient checkpointing: its recompute runs after active() has ended, eagerly
-        self.fused_mlps = fused.FusedMLPs(model) if os.environ.get(fused.ENV, "1") != "0" \
-            and not config.use_grad_checkpointing else None
+        self.fused_mlps = fused_mlps_for(model, config.use_grad_checkpointing)
         from deltatune.training import prefix
 
         # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)

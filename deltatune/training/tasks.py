@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from deltatune.training.batching import Batch, collate, count_label_tokens, epoch_batches, split_by_tokens
+from deltatune.training.batching import (Batch, collate, count_label_tokens, epoch_batches, split_by_tokens,
+                                         split_shared)
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import IGNORE, Dataset, Example
 from deltatune.training.loop import lr_factor, make_optimizer
@@ -170,7 +171,7 @@ class MixedBatch:
 
 
 def mixed_batches(parts: list[tuple[str, list[Example], bool]], pad_id: int = 0,
-                  max_tokens: int = 0) -> list[MixedBatch]:
+                  max_tokens: int = 0, share_prefix: bool = False) -> list[MixedBatch]:
     """One step's forward passes over every task's examples (``(name, examples, packing)``).
 
     Each task's examples are cut into pieces of at most ``max_tokens`` tokens and collated as a
@@ -178,14 +179,21 @@ def mixed_batches(parts: list[tuple[str, list[Example], bool]], pad_id: int = 0,
     of one task or several, then share a pass while their tokens fit in ``max_tokens`` (0: one
     pass), each pass padded to its longest row. Every position of task ``k`` weighs ``1 / n_k``,
     ``n_k`` its label tokens in the whole step, so the passes' gradients add up to ``sum_k mean_k``.
+
+    ``share_prefix`` (where ``training.prefix.why_not`` allows it): a piece whose examples share
+    an unlabelled prefix is cut and collated as a solo run with sharing does (``split_shared``,
+    the prefix once per pass) and runs as a pass of its own: the prefix's hidden states depend on
+    the task's adapter, so one prefix cannot serve rows of two tasks.
     """
     labels = {name: max(1, count_label_tokens(examples)) for name, examples, _ in parts}
-    pieces = [(name, collate(piece, packing, pad_id), sum(len(e) for e in piece))
-              for name, examples, packing in parts for piece in split_by_tokens(examples, max_tokens)]
+    split = split_shared if share_prefix else split_by_tokens
+    pieces = [(name, collate(piece, packing, pad_id, share_prefix=share_prefix), sum(len(e) for e in piece))
+              for name, examples, packing in parts for piece in split(examples, max_tokens)]
     passes: list[list] = []
     used = max_tokens + 1
     for piece in pieces:
-        if max_tokens <= 0 and passes or 0 < max_tokens and used + piece[2] <= max_tokens:
+        alone = piece[1].prefix is not None or (passes and passes[-1][-1][1].prefix is not None)
+        if not alone and (max_tokens <= 0 and passes or 0 < max_tokens and used + piece[2] <= max_tokens):
             passes[-1].append(piece)
             used += piece[2]
         else:
@@ -218,5 +226,7 @@ def _join(pieces: list[tuple[str, Batch, int]], labels: dict[str, int], pad_id: 
         tokens[name] = tokens.get(name, 0) + n_tokens
         start += r
     targets = torch.cat(tgt)                                                              # (R, L)
-    batch = Batch(torch.cat(ids), torch.cat(pos), targets, sum(tokens.values()), int((targets != IGNORE).sum()))
+    prefix = pieces[0][1].prefix if len(pieces) == 1 else None    # a shared prefix: its piece is a pass alone
+    batch = Batch(torch.cat(ids), torch.cat(pos), targets, sum(tokens.values()), int((targets != IGNORE).sum()),
+                  prefix)
     return MixedBatch(batch, names, torch.cat(wts), rows, {n: labels[n] for n in rows}, tokens)
