@@ -207,4 +207,3 @@ def row_runs(slots: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
             start = i
     _RUNS = (slots, n, runs)
     return runs
-

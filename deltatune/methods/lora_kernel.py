@@ -148,4 +148,3 @@ def by_runs(x: torch.Tensor, runs: list[tuple[int, int, int]], out_features: int
         return parts[0]
     dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
     return torch.cat([p.to(dtype) for p in parts])
-

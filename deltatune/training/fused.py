@@ -81,4 +81,3 @@ def fused_mlps_for(model: nn.Module, checkpointing: bool = False) -> FusedMLPs |
     if checkpointing or os.environ.get(ENV, "1") == "0":
         return None
     return FusedMLPs(model)
-
