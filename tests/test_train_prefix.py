@@ -7,7 +7,7 @@ import torch
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.training import TrainConfig, Trainer, load_dataset, prefix
-from deltatune.training.batching import collate
+from deltatune.training.batching import collate, split_by_tokens
 from deltatune.training.data import IGNORE, Example
 from deltatune.training.loss import label_only_parts, lm_loss_sum
 from test_training_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -130,3 +130,12 @@ def test_trainer_shares_prefixes_with_the_same_result(tmp_path, tok, data, monke
     assert off_trainer.prefix_off is not None
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)
     assert on["tokens"] == off["tokens"]
+
+
+def test_split_by_tokens_counts_a_shared_prefix_once():
+    head = list(range(10, 20))                                             # 10 unlabelled tokens in common
+    exs = [Example(head + [30 + i] * 10, [IGNORE] * 10 + [30 + i] * 10) for i in range(4)]   # 20 tokens each
+    p = prefix.common_prefix(exs)
+    assert p == 9                                                          # position 9 predicts a label
+    assert [len(g) for g in split_by_tokens(exs, 42)] == [2, 2]            # 20 + 20 (+ 20 > 42)
+    assert [len(g) for g in split_by_tokens(exs, 42, share_prefix=True)] == [3, 1]   # 9 + 3 x 11 = 42

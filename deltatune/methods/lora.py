@@ -324,21 +324,16 @@ class LoraLinear(LoraLayer):
                 return out + self._rows(route, x, None).to(out.dtype)
             A, B, _ = self.gathered(route, n, gather_lora_as(x.dtype))    # (n, in, r), (n, r, out)
             return add_row_bias(lora_matmul(x, A, B, out=out), self.gathered(route, n, gather_bias), in_place=True)
-        if self.training:  # autograd: each adapter on its own rows, with its own factors
-            return self._segments(route, x)
+        if self.training:  # each run of rows through its adapter's own _one (lora_kernel.by_runs)
+            names = {slot: name for name, slot in self.adapter_set.slots.items() if name in self.lora_A}
+            return by_runs(x, row_runs(route, n), self.out_features,
+                           lambda slot, rows: self._one(names[slot], rows, None, True) if slot in names else None)
         A, B, p = self.gathered(route, n, gather_lora)          # (n, in, r), (n, r, out), (n,)
         h = x.reshape(n, -1, x.shape[-1]).to(A.dtype)           # (n, T, in)
         if self.training and bool((p > 0).any()):
             h = row_dropout(h, p)
         y = add_row_bias(lora_matmul(h, A, B), self.gathered(route, n, gather_bias))    # (n, T, out)
         return y.reshape(*x.shape[:-1], -1)                     # (..., out)
-
-    def _segments(self, route: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Each run of rows with one adapter through its own ``_one`` (its factors, dropout and
-        bias, as its solo run computes them); see ``lora_kernel.by_runs``."""
-        names = {slot: name for name, slot in self.adapter_set.slots.items() if name in self.lora_A}
-        return by_runs(x, row_runs(route, x.shape[0]), self.out_features,
-                       lambda slot, rows: self._one(names[slot], rows, None, True) if slot in names else None)
 
     def build_bank(self) -> dict[str, torch.Tensor]:
         """``A (slots, r_max, in)``, ``B (slots, out, r_max)`` with the scaling folded into B,

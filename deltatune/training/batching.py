@@ -150,22 +150,26 @@ def collate(examples: list[Example], packing: bool = True, pad_id: int = 0, shar
     return Batch(ids, pos, tgt, sum(lengths), label_tokens)
 
 
-def split_by_tokens(examples: list[Example], budget: int) -> list[list[Example]]:
+def split_by_tokens(examples: list[Example], budget: int, share_prefix: bool = False) -> list[list[Example]]:
     """Consecutive groups of at most ``budget`` tokens (at least one example each; 0 = no limit).
 
     Activation memory scales with the tokens in one forward pass; gradients of the pieces are
-    summed, so the step is the same as one pass over all of them.
+    summed, so the step is the same as one pass over all of them. ``share_prefix``: the passes run
+    the examples' common prefix once (``collate(share_prefix=True)``), so a group of k examples
+    computes ``P + sum(len - P)`` tokens, and that is what ``budget`` bounds.
     """
     if budget <= 0:
         return [examples]
+    p = common_prefix(examples) if share_prefix else 0
+    p = p if p >= MIN_PREFIX else 0
     groups: list[list[Example]] = []
     used = budget + 1
     for ex in examples:
-        if used + len(ex) > budget:
+        if used + len(ex) - p > budget:
             groups.append([])
-            used = 0
+            used = p
         groups[-1].append(ex)
-        used += len(ex)
+        used += len(ex) - p
     return groups
 
 
@@ -192,20 +196,3 @@ def shared_collate(examples: list[Example], pad_id: int = 0) -> Batch | None:
     prefix = torch.tensor(examples[0].input_ids[:p], dtype=torch.long)             # (P,)
     # padding continues each row's positions: causal attention hides it from the real tokens
     return Batch(ids, pos, tgt, sum(len(e) for e in examples), int((tgt != IGNORE).sum()), prefix)
-
-
-def split_shared(examples: list[Example], budget: int) -> list[list[Example]]:
-    """``split_by_tokens`` for passes that run the examples' common prefix once: a pass
-    of k examples computes ``P + sum(len - P)`` tokens, and that is what ``budget`` bounds."""
-    p = common_prefix(examples)
-    if budget <= 0 or p < MIN_PREFIX:
-        return split_by_tokens(examples, budget)
-    groups: list[list[Example]] = []
-    used = budget + 1
-    for ex in examples:
-        if used + len(ex) - p > budget:
-            groups.append([])
-            used = p
-        groups[-1].append(ex)
-        used += len(ex) - p
-    return groups

@@ -17,7 +17,7 @@ from MKL's only by summation order (fp32 rounding, ~1e-4 relative on these sizes
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -107,6 +107,17 @@ def forwards_swapped(modules: list[nn.Module], forwards: list):
     finally:
         for m in modules:
             m.__dict__.pop("forward", None)
+
+
+def all_active(*switches) -> ExitStack:
+    """Every given switch's ``active()`` entered (None: skipped), as one context: the training
+    forward's kernel switches (``FastLinears``, ``fused.FusedMLPs``), for ``deltatune train`` and
+    ``train_many`` alike."""
+    stack = ExitStack()
+    for switch in switches:
+        if switch is not None:
+            stack.enter_context(switch.active())
+    return stack
 
 
 def why_not(device: torch.device, dtype: torch.dtype, sharded: bool, compiled: bool,

@@ -11,14 +11,15 @@ import ctypes
 import ctypes.util
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from deltatune.training import distributed as D
+from deltatune.training import prefix
 from deltatune.training.batching import collate, count_label_tokens, epoch_batches, micro_batches, \
-    split_by_tokens, split_shared
+    split_by_tokens
 from deltatune.training.checkpoints import TrainState, find_checkpoint, load_checkpoint, save_checkpoint, \
     trainable_parameters
 from deltatune.training.config import TrainConfig, default_max_batch_tokens
@@ -147,12 +148,13 @@ class Trainer:
         else:
             self.loss_module = D.wrap_ddp(LossModule(self.model), self.info, self.device)
         self.compiler = self._layer_compiler() if config.compile else None
-        self.fast_linears = self._fast_linears()
+        from deltatune.training.cpu_linear import fast_linears_for
         from deltatune.training.fused import fused_mlps_for
 
+        # oneDNN's frozen linears where they apply (fp32 on the CPU, unsharded, eager); fused SwiGLU
+        self.fast_linears = fast_linears_for(model, self.device, self.dtype, self.sharded, self.compiler is not None,
+                                             config.use_grad_checkpointing)
         self.fused_mlps = fused_mlps_for(model, config.use_grad_checkpointing)
-        from deltatune.training import prefix
-
         # why a shared prompt prefix is not run once per forward pass (None: it is; training.prefix)
         parts = label_only_parts(model)
         self.prefix_off = prefix.why_not(model, parts and parts[0], self.packing, self.info.world, self.sharded,
@@ -280,9 +282,9 @@ class Trainer:
     def _pieces(self, global_batch: list[int], rank: int) -> list[list]:
         """Rank ``rank``'s forward passes of a step: its micro-batches cut to ``max_batch_tokens``
         (the tokens a pass computes: a prefix shared by its examples counts once)."""
-        split = split_by_tokens if self.prefix_off is not None else split_shared
         return [piece for ids in micro_batches(global_batch, self.config.grad_accum, self.info.world, rank)
-                for piece in split([self.train_data[i] for i in ids], self.max_batch_tokens)]
+                for piece in split_by_tokens([self.train_data[i] for i in ids], self.max_batch_tokens,
+                                             share_prefix=self.prefix_off is None)]
 
     def _unsharded(self):
         """Evaluation calls the decoder past the root's ``forward`` (``fsdp.as_root``)."""
@@ -317,7 +319,7 @@ class Trainer:
                   "model_flops_per_token": round(self.state.model_flops / max(self.state.tokens_seen, 1)),
                   "peak_gflops": round(self.peak / 1e9, 1),
                   "final_loss": train_loss[-1] if train_loss else None,
-                  "prefix_sharing": self.prefix_off or "on"}
+                  "prefix_sharing": prefix.status(self.prefix_off)}
         if self.compiler is not None:  # compile time is inside train_time_s; this says how much of it
             from deltatune.training.compiling import compile_seconds
 
@@ -379,19 +381,9 @@ class Trainer:
         and ``fused.SwiGLU`` MLPs."""
         if self.compiler is not None and self.compiler.enabled:
             return self.compiler.active()
-        stack = ExitStack()
-        if self.fast_linears is not None:
-            stack.enter_context(self.fast_linears.active())
-        if self.fused_mlps is not None:
-            stack.enter_context(self.fused_mlps.active())
-        return stack
+        from deltatune.training.cpu_linear import all_active
 
-    def _fast_linears(self):
-        """``cpu_linear.FastLinears`` where it applies (fp32 on the CPU, unsharded, eager), else None."""
-        from deltatune.training import cpu_linear
-
-        return cpu_linear.fast_linears_for(self.model, self.device, self.dtype, self.sharded,
-                                           self.compiler is not None, self.config.use_grad_checkpointing)
+        return all_active(self.fast_linears, self.fused_mlps)
 
     def _enable_grad_checkpointing(self) -> None:
         hf = unwrap(self.model)

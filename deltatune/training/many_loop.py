@@ -10,7 +10,6 @@ run steps (``many_checkpoint``) and resume from the latest one.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from deltatune.training import cpu_linear, prefix
 from deltatune.training.config import TrainConfig, default_max_batch_tokens
 from deltatune.training.fused import fused_mlps_for
+from deltatune.training.loop import TRIM_EVERY, release_free_heap
 from deltatune.training.loss import label_only_parts, lm_loss_sum
 from deltatune.training.many_checkpoint import load_many, save_many
 from deltatune.training.many_eval import EvalTask, eval_losses, exact_matches
@@ -98,7 +98,7 @@ class ManyTrainer:
         phases = {k: round(v, 2) for k, v in self.phases.items()}
         atomic_write_json(Path(self.shared.out) / "run_summary.json",
                           {"run_steps": self.step, **phases, "tasks": sorted(run.name for run in self.runs),
-                           "prefix_sharing": "on" if self.prefix_off is None else f"off: {self.prefix_off}"})
+                           "prefix_sharing": prefix.status(self.prefix_off)})
         print(f"train many: {self.step} run steps; train {fmt_duration(phases['train_s'])}, "
               f"eval {fmt_duration(phases['eval_s'])}, save {fmt_duration(phases['save_s'])}", flush=True)
 
@@ -124,9 +124,7 @@ class ManyTrainer:
                 if last[run.name] == i:
                     losses[run.name] = sums[run.name] / labels[run.name]
                     self._update(run, losses[run.name], lrs[run.name], tokens[run.name])
-        if self.device.type == "cpu" and (self.step + 1) % 10 == 0:
-            from deltatune.training.loop import release_free_heap
-
+        if self.device.type == "cpu" and (self.step + 1) % TRIM_EVERY == 0:
             release_free_heap()
         return losses, sum(tokens.values())
 
@@ -134,21 +132,13 @@ class ManyTrainer:
         """One forward/backward; adds each task's summed token loss and tokens to ``sums``/``tokens``."""
         batch = mixed.batch.to(self.device)
         token_losses = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)  # (R, L)
-        with self.peft.applying(mixed.names), self.autocast(), self._kernels():
+        with self.peft.applying(mixed.names), self.autocast(), \
+                cpu_linear.all_active(self.fast_linears, self.fused_mlps):
             total = lm_loss_sum(self.peft, batch, mixed.weights.to(self.device), token_losses)
         total.backward()
         for name, rows in mixed.rows.items():
             sums[name] += float(token_losses[rows].sum())
             tokens[name] += mixed.tokens[name]
-
-    def _kernels(self) -> ExitStack:
-        """The training forward's kernel switches, as a solo run's: oneDNN's frozen linears and
-        ``fused.SwiGLU`` MLPs (each where it applies)."""
-        stack = ExitStack()
-        for switch in (self.fast_linears, self.fused_mlps):
-            if switch is not None:
-                stack.enter_context(switch.active())
-        return stack
 
     def _update(self, run: TaskRun, loss: float, lr: float, tokens: int) -> None:
         """Clip and step task ``run``'s adapter alone (as its solo run would), then log."""
@@ -217,8 +207,6 @@ class ManyTrainer:
                            f"{fmt_duration(result['time_s'])}), loss {result['final_loss']:.4f}"
                            f"{evaluated}; adapter -> {result['adapter']}")
         if self.device.type == "cpu":
-            from deltatune.training.loop import release_free_heap
-
             release_free_heap()  # their optimizer state and grads are free now: give them back
 
     def _final_evals(self, runs: list[TaskRun]) -> dict[str, dict]:

@@ -97,6 +97,11 @@ def why_not(model: nn.Module, decoder: nn.Module | None, packing: bool, world: i
     return None
 
 
+def status(reason: str | None) -> str:
+    """What a run's summary says of prefix sharing: ``on``, or ``off: <why_not's reason>``."""
+    return "on" if reason is None else f"off: {reason}"
+
+
 def shared_hidden(decoder: nn.Module, call, batch) -> torch.Tensor:
     """The decoder's last hidden states (R, Ls, d) of ``batch``'s rows after its shared prefix.
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.training.batching import (Batch, collate, count_label_tokens, epoch_batches, split_by_tokens,
-                                         split_shared)
+from deltatune.training.batching import Batch, collate, count_label_tokens, epoch_batches, split_by_tokens
 from deltatune.training.config import TrainConfig
 from deltatune.training.data import IGNORE, Dataset, Example
 from deltatune.training.loop import lr_factor, make_optimizer
@@ -181,14 +180,14 @@ def mixed_batches(parts: list[tuple[str, list[Example], bool]], pad_id: int = 0,
     ``n_k`` its label tokens in the whole step, so the passes' gradients add up to ``sum_k mean_k``.
 
     ``share_prefix`` (where ``training.prefix.why_not`` allows it): a piece whose examples share
-    an unlabelled prefix is cut and collated as a solo run with sharing does (``split_shared``,
-    the prefix once per pass) and runs as a pass of its own: the prefix's hidden states depend on
+    an unlabelled prefix is cut and collated as a solo run with sharing does (the prefix once
+    per pass) and runs as a pass of its own: the prefix's hidden states depend on
     the task's adapter, so one prefix cannot serve rows of two tasks.
     """
     labels = {name: max(1, count_label_tokens(examples)) for name, examples, _ in parts}
-    split = split_shared if share_prefix else split_by_tokens
     pieces = [(name, collate(piece, packing, pad_id, share_prefix=share_prefix), sum(len(e) for e in piece))
-              for name, examples, packing in parts for piece in split(examples, max_tokens)]
+              for name, examples, packing in parts
+              for piece in split_by_tokens(examples, max_tokens, share_prefix=share_prefix)]
     passes: list[list] = []
     used = max_tokens + 1
     for piece in pieces:
